@@ -1,0 +1,47 @@
+"""Typed errors. Each carries a one-line message (naming the file or tensor) and an optional hint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RebasinError(Exception):
+    """Base error: ``message`` is one line, ``hint`` says what to do about it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None, *, source: str | None = None):
+        self.message = message
+        self.hint = hint
+        self.source = source
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The message as printed: ``<source>: <message>`` when a file is known."""
+        return f"{self.source}: {self.message}" if self.source else self.message
+
+
+class CheckpointError(RebasinError):
+    """A checkpoint cannot be read, written, or is unfit for merging."""
+
+
+class SpecError(RebasinError):
+    """A permutation spec is invalid or cannot be inferred; collects every problem."""
+
+    def __init__(
+        self,
+        problems: str | Iterable[str],
+        hint: str | None = None,
+        *,
+        source: str | None = None,
+    ):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems), hint, source=source)
+
+
+class MatchError(RebasinError):
+    """A matching algorithm was misconfigured or failed."""
+
+
+class ConfigError(RebasinError):
+    """Bad options or usage."""

@@ -1,0 +1,71 @@
+"""What every matcher returns: a permutation with its diagnostics (frozen)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Permutation = dict[str, torch.Tensor]
+
+Progress = Callable[[str, float, float], None]
+"""Progress callback: (description, completed, total)."""
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group's share of the objective at the identity and at the found permutation
+    (other groups held at the found permutation), and the fraction of units that moved."""
+
+    size: int
+    objective_before: float
+    objective_after: float
+    moved_fraction: float
+
+
+@dataclass(frozen=True)
+class RestartTrace:
+    """One run of coordinate descent."""
+
+    seed: list[int]
+    init: str
+    objective: float
+    sweeps: int
+    converged: bool
+    objective_per_sweep: list[float]
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """A found permutation of B (``p[i]`` = unit of B placed at position i) and its diagnostics."""
+
+    method: str
+    perm: Permutation
+    objective_identity: float
+    objective: float
+    groups: dict[str, GroupStats]
+    restarts: list[RestartTrace] = field(default_factory=list)
+    best_restart: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def converged(self) -> bool:
+        """Whether the best run stopped because no group could improve."""
+        return not self.restarts or self.restarts[self.best_restart].converged
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready diagnostics (the permutation itself is omitted)."""
+        return {
+            "method": self.method,
+            "options": self.options,
+            "objective_identity": self.objective_identity,
+            "objective": self.objective,
+            "converged": self.converged,
+            "best_restart": self.best_restart,
+            "seconds": round(self.seconds, 4),
+            "restarts": [r.__dict__ for r in self.restarts],
+            "groups": {g: s.__dict__ for g, s in self.groups.items()},
+        }

@@ -1,0 +1,56 @@
+"""Registry of spec families by name: each turns tensor shapes into a PermutationSpec."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from rebasin.errors import ConfigError
+from rebasin.spec.core import PermutationSpec
+
+Shapes = Mapping[str, tuple[int, ...]]
+SpecBuilder = Callable[[Shapes, Sequence[str] | None], PermutationSpec]
+
+
+class NotThisFamily(Exception):
+    """Raised by a spec builder whose family does not fit the tensors; the message says why."""
+
+
+@dataclass(frozen=True)
+class SpecFamily:
+    """A named way of inferring a spec from tensor names and shapes."""
+
+    name: str
+    description: str
+    build: SpecBuilder
+
+
+_FAMILIES: dict[str, SpecFamily] = {}
+
+
+def register_spec(name: str, description: str) -> Callable[[SpecBuilder], SpecBuilder]:
+    """Decorator registering a spec builder under ``name`` (a name may be registered once)."""
+
+    def deco(fn: SpecBuilder) -> SpecBuilder:
+        if name in _FAMILIES:
+            raise ValueError(f"spec family '{name}' is already registered")
+        _FAMILIES[name] = SpecFamily(name, description, fn)
+        return fn
+
+    return deco
+
+
+def list_specs() -> list[SpecFamily]:
+    """Registered spec families, in the order automatic inference tries them."""
+    return list(_FAMILIES.values())
+
+
+def get_spec_family(name: str) -> SpecFamily:
+    """Look a family up by name; unknown names fail with close matches."""
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    close = difflib.get_close_matches(name, list(_FAMILIES), n=3, cutoff=0.5)
+    known = ", ".join(_FAMILIES)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
+    raise ConfigError(f"unknown spec family '{name}' (known: {known}, or a spec file)", hint)
