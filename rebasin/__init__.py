@@ -1,0 +1,56 @@
+"""rebasin: merge neural networks modulo permutation symmetry.
+
+The public API is imported lazily, so ``import rebasin`` (and ``rebasin --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from rebasin._version import __version__
+
+_EXPORTS = {
+    "load_checkpoint": "rebasin.checkpoint",
+    "save_checkpoint": "rebasin.checkpoint",
+    "Checkpoint": "rebasin.checkpoint",
+    "PermutationSpec": "rebasin.spec.core",
+    "load_spec": "rebasin.spec.core",
+    "dump_spec": "rebasin.spec.core",
+    "infer_spec": "rebasin.spec.names",
+    "register_spec": "rebasin.spec.registry",
+    "list_specs": "rebasin.spec.registry",
+    "match": "rebasin.match",
+    "MatchResult": "rebasin.match.result",
+    "WeightMatching": "rebasin.match.weight",
+    "permute": "rebasin.permute",
+    "invert": "rebasin.permute",
+    "compose": "rebasin.permute",
+    "random_permutation": "rebasin.permute",
+    "interpolate": "rebasin.merge",
+    "average": "rebasin.merge",
+    "merge_checkpoints": "rebasin.pipeline",
+    "MergeOptions": "rebasin.pipeline",
+    "RebasinError": "rebasin.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from rebasin.errors import RebasinError
+    from rebasin.match import match
+    from rebasin.match.result import MatchResult
+    from rebasin.match.weight import WeightMatching
+    from rebasin.merge import average, interpolate
+    from rebasin.permute import compose, invert, permute, random_permutation
+    from rebasin.pipeline import MergeOptions, merge_checkpoints
+    from rebasin.spec.core import PermutationSpec, dump_spec, load_spec
+    from rebasin.spec.names import infer_spec
+    from rebasin.spec.registry import list_specs, register_spec
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rebasin' has no attribute {name!r}")

@@ -1,0 +1,129 @@
+"""Rendering for people: rich tables and progress on stderr. The only module that imports rich."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def error(line: str, hint: str | None = None) -> None:
+    """Print ``error: <line>`` (and ``hint: ...``) on stderr, plainly."""
+    print(f"error: {line}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def interactive() -> bool:
+    """Whether progress bars make sense: stderr is a terminal and we are not in CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Callable[[str, float, float], None] | None]:
+    """A progress callback drawing a rich bar on stderr, or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(desc: str, done: float, total: float) -> None:
+            key = desc.split(" (")[0]
+            if key not in tasks:
+                tasks[key] = bar.add_task(desc, total=total)
+            bar.update(tasks[key], description=desc, completed=done, total=total)
+
+        yield update
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def merge_summary(report: Mapping[str, Any]) -> None:
+    """Tables for a merge: inputs, groups (objective before/after, units moved), distances."""
+    m = report["match"]
+    spec = report["spec"]
+    t = Table(title=f"weight matching ({spec['source']}, {len(spec['groups'])} groups)", title_justify="left")
+    t.add_column("group")
+    t.add_column("size", justify="right")
+    t.add_column("objective before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("moved", justify="right")
+    for g, s in m["groups"].items():
+        t.add_row(g, str(s["size"]), _fmt(s["objective_before"]), _fmt(s["objective_after"]),
+                  f"{100 * s['moved_fraction']:.0f}%")
+    err.print(t)
+    d = report["distance"]
+    best = m["restarts"][m["best_restart"]]
+    err.print(
+        f"objective {_fmt(m['objective_identity'])} -> {_fmt(m['objective'])}; "
+        f"L2 distance {_fmt(d['l2_before'])} -> {_fmt(d['l2_after'])}; "
+        f"{best['sweeps']} sweeps ({'converged' if best['converged'] else 'max-iter reached'}), "
+        f"{len(m['restarts'])} run(s), {report['timings']['match_s']:.2f}s",
+        soft_wrap=True,
+    )
+    for kind, files in report["output"]["files"].items():
+        err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
+
+
+def spec_summary(spec: Mapping[str, Any], fixed: Sequence[str]) -> None:
+    """A table of groups and their members, then the tensors left fixed."""
+    t = Table(title=f"spec ({spec['source']}), {len(spec['groups'])} groups", title_justify="left")
+    t.add_column("group")
+    t.add_column("size", justify="right")
+    t.add_column("members (tensor:axis)")
+    for g, body in spec["groups"].items():
+        ms = body["members"]
+        shown = ", ".join(f"{m[0]}:{m[1]}" + (f"x{m[2]}" if len(m) > 2 else "") for m in ms[:4])
+        more = f" ... ({len(ms)} in all)" if len(ms) > 4 else ""
+        t.add_row(g, str(body["size"]), shown + more)
+    err.print(t)
+    shown = ", ".join(fixed[:8]) + (f" ... ({len(fixed)} in all)" if len(fixed) > 8 else "")
+    err.print(f"left fixed: {shown or 'none'}", soft_wrap=True)
+    err.print("(full member lists: rebasin spec CHECKPOINT -o spec.yaml, or --json)", soft_wrap=True)
+
+
+def inspect_summary(info: Mapping[str, Any]) -> None:
+    """Tensors with shapes and dtypes, totals, metadata."""
+    inp = info["input"]
+    t = Table(title=f"{inp['path']} ({inp['format']})", title_justify="left")
+    t.add_column("tensor")
+    t.add_column("shape")
+    t.add_column("dtype")
+    for row in info["tensors"]:
+        t.add_row(row["name"], "(" + ", ".join(map(str, row["shape"])) + ")", row["dtype"])
+    err.print(t)
+    dtypes = ", ".join(f"{k}: {v}" for k, v in inp["dtypes"].items())
+    fam = info.get("family")
+    err.print(
+        f"{inp['tensors']} tensors, {inp['parameters']:,} parameters ({dtypes}); "
+        f"architecture: {fam + ' (' + str(info['groups']) + ' groups)' if fam else 'not recognized'}"
+    )
+    if info["metadata"]:
+        err.print("metadata:")
+        for k, v in info["metadata"].items():
+            err.print(f"  {k}: {v}", soft_wrap=True)
+
+
+def permute_summary(report: Mapping[str, Any]) -> None:
+    """One line per output."""
+    spec = report["spec"]
+    err.print(
+        f"permuted {len(spec['groups'])} groups ({spec['source']}) with seed {report['seed']}; "
+        f"wrote {', '.join(report['output']['files'])}"
+    )
