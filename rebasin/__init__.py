@@ -34,7 +34,30 @@ _EXPORTS = {
     "RebasinError": "rebasin.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "Checkpoint",
+    "MatchResult",
+    "MergeOptions",
+    "PermutationSpec",
+    "RebasinError",
+    "WeightMatching",
+    "__version__",
+    "average",
+    "compose",
+    "dump_spec",
+    "infer_spec",
+    "interpolate",
+    "invert",
+    "list_specs",
+    "load_checkpoint",
+    "load_spec",
+    "match",
+    "merge_checkpoints",
+    "permute",
+    "random_permutation",
+    "register_spec",
+    "save_checkpoint",
+]
 
 if TYPE_CHECKING:
     from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

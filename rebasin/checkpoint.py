@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -157,9 +158,7 @@ def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
     return ck
 
 
-def _load_safetensors(
-    files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]
-) -> Checkpoint:
+def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
     handles: dict[str, object] = {}
@@ -170,7 +169,7 @@ def _load_safetensors(
     for f in files:
         label = name if len(files) == 1 and f == path else f"{name}/{f.name}"
         try:
-            h = safe_open(str(f), framework="pt", device="cpu")  # type: ignore[no-untyped-call]
+            h = safe_open(str(f), framework="pt", device="cpu")
             keys = list(h.keys())
             for k in keys:
                 sl = h.get_slice(k)
@@ -195,7 +194,7 @@ def _load_safetensors(
 
     def get(key: str) -> torch.Tensor:
         try:
-            return owner[key].get_tensor(key)  # type: ignore[attr-defined,no-any-return]
+            return owner[key].get_tensor(key)  # type: ignore[attr-defined]
         except Exception as e:  # corrupted data region
             raise CheckpointError(f"cannot read tensor '{key}' ({_clean(e)})", source=name) from None
 
@@ -222,18 +221,26 @@ def _st_dtype(code: str) -> torch.dtype:
         return _ST_DTYPES[code]
     for attr in ("float8_e4m3fn", "float8_e5m2"):
         if code.upper().replace("_", "") in attr.upper().replace("_", "") and hasattr(torch, attr):
-            return getattr(torch, attr)  # type: ignore[no-any-return]
+            dt: torch.dtype = getattr(torch, attr)
+            return dt
     return torch.uint8
 
 
 def _load_torch(p: Path, name: str) -> Checkpoint:
     try:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, ValueError) as e:
-            if "mmap" not in str(e) and "zip" not in str(e).lower():
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as fh:
+            magic = fh.read(1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read ({e.strerror or e})", source=name) from None
+    is_zip = zipfile.is_zipfile(p)
+    if not is_zip and magic != b"\x80":
+        raise CheckpointError(
+            "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)", source=name
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Unsupported" in str(e):
@@ -258,14 +265,16 @@ def _load_torch(p: Path, name: str) -> Checkpoint:
 
 
 def _is_tensor_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
 def _find_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
-    if _is_tensor_dict(obj):
-        return dict(obj)  # type: ignore[arg-type]
+    if isinstance(obj, dict) and _is_tensor_dict(obj):
+        return dict(obj)
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
             if _is_tensor_dict(obj.get(key)):
@@ -273,8 +282,7 @@ def _find_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
         keys = ", ".join(repr(k) for k in list(obj)[:6])
         raise CheckpointError(
             f"no state dict found (top-level keys: {keys or 'none'})",
-            "expected a mapping of tensor names to tensors, or a dict holding one under "
-            "'state_dict'",
+            "expected a mapping of tensor names to tensors, or a dict holding one under 'state_dict'",
             source=name,
         )
     raise CheckpointError(
@@ -370,27 +378,25 @@ def save_checkpoint(
     keys = sorted(state, key=natural_key)
     tmp_files: list[Path] = []
     shard_keys: list[list[str]] = []
+    shard_bytes: list[int] = []
     try:
         current: dict[str, torch.Tensor] = {}
         current_bytes = 0
-        seen_ptrs: set[int] = set()
         for i, k in enumerate(keys):
-            t = state[k].detach().to("cpu").contiguous()
-            ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-            if ptr in seen_ptrs:
-                t = t.clone()
-            seen_ptrs.add(ptr)
+            t = state[k].detach().to("cpu")
             nbytes = t.numel() * t.element_size()
             if limit is not None and current and current_bytes + nbytes > limit:
                 tmp_files.append(_write_tmp(current, directory, meta))
                 shard_keys.append(list(current))
-                current, current_bytes, seen_ptrs = {}, 0, set()
+                shard_bytes.append(current_bytes)
+                current, current_bytes = {}, 0
             current[k] = t
             current_bytes += nbytes
             if progress:
                 progress(i + 1, len(keys))
         tmp_files.append(_write_tmp(current, directory, meta))
         shard_keys.append(list(current))
+        shard_bytes.append(current_bytes)
         if len(tmp_files) == 1:
             os.replace(tmp_files[0], single)
             tmp_files.clear()
@@ -398,12 +404,10 @@ def save_checkpoint(
             return [single]
         n = len(tmp_files)
         finals = [directory / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        total = sum(os.path.getsize(f) for f in tmp_files)
+        total = sum(shard_bytes)
         index = {
             "metadata": {**meta, "total_size": str(total)},
-            "weight_map": {
-                k: finals[i].name for i, names in enumerate(shard_keys) for k in names
-            },
+            "weight_map": {k: finals[i].name for i, names in enumerate(shard_keys) for k in names},
         }
         index_path = directory / f"{stem}.safetensors.index.json"
         tmp_index = _write_text_tmp(json.dumps(index, indent=2, sort_keys=True) + "\n", directory)
@@ -419,16 +423,50 @@ def save_checkpoint(
             f.unlink(missing_ok=True)
 
 
-def _write_tmp(tensors: dict[str, torch.Tensor], directory: Path, meta: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_CODES[getattr(torch, _name)] = _code
 
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> None:
+    """Write the safetensors format deterministically (sorted header, sorted data, fixed padding),
+    so that the same tensors and metadata always give the same bytes."""
+    header: dict[str, object] = {}
+    if meta:
+        header["__metadata__"] = dict(sorted(meta.items()))
+    names = sorted(tensors)
+    offset = 0
+    for k in names:
+        t = tensors[k]
+        if t.dtype not in _ST_CODES:
+            raise CheckpointError(f"tensor '{k}' has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _ST_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for k in names:
+            t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+            if t.numel():
+                fh.write(t.view(torch.uint8).numpy().tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_tmp(tensors: dict[str, torch.Tensor], directory: Path, meta: dict[str, str]) -> Path:
     fd, name = tempfile.mkstemp(prefix=".rebasin-", suffix=".tmp", dir=directory)
     os.close(fd)
     tmp = Path(name)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_safetensors(tensors, tmp, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -73,10 +73,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
 SpecOpt = Annotated[
-    str, typer.Option("--spec", help="auto (infer from names), a family name (mlp, vgg, resnet) or a spec file.")
+    str,
+    typer.Option("--spec", help="auto (infer from names), a family name (mlp, vgg, resnet) or a spec file."),
 ]
 ShardOpt = Annotated[
-    str | None, typer.Option("--shard-size", help="Split outputs above this size (e.g. 2GB) into shards with an index.")
+    str | None,
+    typer.Option("--shard-size", help="Split outputs above this size (e.g. 2GB) into shards with an index."),
 ]
 
 
@@ -91,15 +93,23 @@ def _emit_json(report: Any) -> None:
 def merge(
     a: Annotated[Path, typer.Argument(help="Reference checkpoint A.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B, aligned to A before merging.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Merged checkpoint (.safetensors, or a directory).")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Merged checkpoint (.safetensors, or a directory)."),
+    ],
     method: Annotated[Method, typer.Option("--method", help="How to find the permutation.")] = Method.weight,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
-    restarts: Annotated[int, typer.Option("--restarts", min=1, help="Runs of weight matching; the best objective wins.")] = 1,
+    restarts: Annotated[
+        int,
+        typer.Option("--restarts", min=1, help="Runs of weight matching; the best objective wins."),
+    ] = 1,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Most sweeps per run.")] = 100,
     device: Annotated[str, typer.Option("--device", help="Device for cost matrices (cpu, cuda).")] = "cpu",
-    save_permuted: Annotated[Path | None, typer.Option("--save-permuted", help="Also write pi(B) alone.")] = None,
+    save_permuted: Annotated[
+        Path | None, typer.Option("--save-permuted", help="Also write pi(B) alone.")
+    ] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     shard_size: ShardOpt = None,
     force: ForceOpt = False,
@@ -116,8 +126,15 @@ def merge(
 
         check_output_path(report, [a, b], force)
     opts = MergeOptions(
-        method=method.value, alpha=alpha, spec=spec, seed=seed, restarts=restarts,
-        max_iter=max_iter, device=device, shard_size=shard_size, force=force,
+        method=method.value,
+        alpha=alpha,
+        spec=spec,
+        seed=seed,
+        restarts=restarts,
+        max_iter=max_iter,
+        device=device,
+        shard_size=shard_size,
+        force=force,
         save_permuted=save_permuted,
     )
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
@@ -158,7 +175,9 @@ def permute(
 def spec_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose spec to show.")],
     spec: SpecOpt = "auto",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Export the spec (.yaml or .json).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Export the spec (.yaml or .json).")
+    ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

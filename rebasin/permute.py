@@ -52,7 +52,9 @@ def axis_index(entry: Axis, p: torch.Tensor) -> torch.Tensor:
 
 
 def permute_tensor(
-    t: torch.Tensor, entries: tuple[Axis | None, ...], perm: Mapping[str, torch.Tensor],
+    t: torch.Tensor,
+    entries: tuple[Axis | None, ...],
+    perm: Mapping[str, torch.Tensor],
     skip: str | None = None,
 ) -> torch.Tensor:
     """Apply ``perm`` to every permuted axis of ``t`` (except group ``skip``)."""

@@ -149,7 +149,11 @@ def merge_checkpoints(
     outputs = [p for p in (out, opt.save_permuted) if p is not None]
     for o in outputs:
         check_output_path(o, [a_path, b_path], opt.force)
-    if out is not None and opt.save_permuted is not None and Path(out).resolve() == Path(opt.save_permuted).resolve():
+    if (
+        out is not None
+        and opt.save_permuted is not None
+        and Path(out).resolve() == Path(opt.save_permuted).resolve()
+    ):
         raise ConfigError("--save-permuted must differ from the output path")
 
     t = time.perf_counter()
@@ -165,9 +169,17 @@ def merge_checkpoints(
     timings["spec_s"] = time.perf_counter() - t
 
     result = match(
-        a.state, b.state, spec, opt.method, progress=progress,
-        seed=opt.seed, restarts=opt.restarts, max_iter=opt.max_iter, device=opt.device,
-        backend=opt.backend, **opt.extra,
+        a.state,
+        b.state,
+        spec,
+        opt.method,
+        progress=progress,
+        seed=opt.seed,
+        restarts=opt.restarts,
+        max_iter=opt.max_iter,
+        device=opt.device,
+        backend=opt.backend,
+        **opt.extra,
     )
     timings["match_s"] = result.seconds
 
@@ -231,9 +243,7 @@ def permute_checkpoint(
     report["inputs"] = {"a": input_info(ck)}
     report["spec"] = spec_info(s, source, list(ck.state))
     report["seed"] = seed
-    report["moved_fraction"] = {
-        g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()
-    }
+    report["moved_fraction"] = {g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()}
     report["output"] = {"files": [str(f) for f in files]}
     return report
 

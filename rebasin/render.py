@@ -34,7 +34,10 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[str, float, float], None] 
         yield None
         return
     columns = (
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
     )
     with Progress(*columns, console=err, transient=True) as bar:
         tasks: dict[str, Any] = {}
@@ -58,15 +61,23 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     """Tables for a merge: inputs, groups (objective before/after, units moved), distances."""
     m = report["match"]
     spec = report["spec"]
-    t = Table(title=f"weight matching ({spec['source']}, {len(spec['groups'])} groups)", title_justify="left")
+    t = Table(
+        title=f"weight matching ({spec['source']}, {len(spec['groups'])} groups)",
+        title_justify="left",
+    )
     t.add_column("group")
     t.add_column("size", justify="right")
     t.add_column("objective before", justify="right")
     t.add_column("after", justify="right")
     t.add_column("moved", justify="right")
     for g, s in m["groups"].items():
-        t.add_row(g, str(s["size"]), _fmt(s["objective_before"]), _fmt(s["objective_after"]),
-                  f"{100 * s['moved_fraction']:.0f}%")
+        t.add_row(
+            g,
+            str(s["size"]),
+            _fmt(s["objective_before"]),
+            _fmt(s["objective_after"]),
+            f"{100 * s['moved_fraction']:.0f}%",
+        )
     err.print(t)
     d = report["distance"]
     best = m["restarts"][m["best_restart"]]

@@ -46,10 +46,7 @@ def spec_info(spec: PermutationSpec, source: str, names: Sequence[str]) -> dict[
         "groups": {
             g: {
                 "size": spec.sizes[g],
-                "members": [
-                    [m.param, m.axis] if m.inner == 1 else [m.param, m.axis, m.inner]
-                    for m in ms
-                ],
+                "members": [[m.param, m.axis] if m.inner == 1 else [m.param, m.axis, m.inner] for m in ms],
             }
             for g, ms in spec.groups.items()
         },

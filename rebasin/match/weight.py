@@ -69,9 +69,7 @@ class WeightMatching:
             elif k == 0:
                 start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
             else:
-                start = {
-                    g: torch.from_numpy(rng.permutation(n)) for g, n in sorted(spec.sizes.items())
-                }
+                start = {g: torch.from_numpy(rng.permutation(n)) for g, n in sorted(spec.sizes.items())}
                 how = "random"
             perm, trace = self._descend(problem, start, rng, backend, progress, k)
             traces.append(RestartTrace(seed, how, *trace))
@@ -143,8 +141,11 @@ class WeightMatching:
                     improved = True
             history.append(problem.objective(perm))
             if progress:
-                progress(f"weight matching (run {k + 1}/{self.restarts}, sweep {sweep})",
-                         k + 1 - 1 / (sweep + 1), self.restarts)
+                progress(
+                    f"weight matching (run {k + 1}/{self.restarts}, sweep {sweep})",
+                    k + 1 - 1 / (sweep + 1),
+                    self.restarts,
+                )
             if not improved:
                 converged = True
                 break
@@ -198,4 +199,3 @@ def _unit_rows(t: torch.Tensor, m: Member) -> torch.Tensor:
     if m.inner > 1:
         t = t.reshape(n, m.inner, *t.shape[1:])
     return t.reshape(n, -1)
-

@@ -12,7 +12,11 @@ class MLP(nn.Module):
     """``depth`` hidden layers of width ``hidden`` with ReLU; ``norm`` is none, bn or ln."""
 
     def __init__(
-        self, in_features: int = 40, hidden: int = 256, depth: int = 3, num_classes: int = 10,
+        self,
+        in_features: int = 40,
+        hidden: int = 256,
+        depth: int = 3,
+        num_classes: int = 10,
         norm: str = "none",
     ):
         super().__init__()

@@ -27,7 +27,9 @@ class BasicBlock(nn.Module):
         self.bn2 = _norm(norm, planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), _norm(norm, planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride, bias=False), _norm(norm, planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -104,8 +106,12 @@ def resnet20(width: int = 1, in_channels: int = 3, num_classes: int = 10, norm: 
 
 @register_model("resnet")
 def resnet(
-    blocks: tuple[int, ...] = (2, 2), widths: tuple[int, ...] = (8, 16), in_channels: int = 3,
-    num_classes: int = 10, norm: str = "bn", bottleneck: bool = False,
+    blocks: tuple[int, ...] = (2, 2),
+    widths: tuple[int, ...] = (8, 16),
+    in_channels: int = 3,
+    num_classes: int = 10,
+    norm: str = "bn",
+    bottleneck: bool = False,
 ) -> nn.Module:
     """A configurable ResNet (basic or bottleneck blocks)."""
     return ResNet(tuple(blocks), tuple(widths), in_channels, num_classes, norm, bottleneck)

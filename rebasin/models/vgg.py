@@ -41,13 +41,11 @@ class VGG(nn.Module):
             c = int(item)
         self.features = nn.Sequential(*layers)
         flat = c * size**conv_dim
-        self.classifier = nn.Sequential(
-            nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         self.conv_dim = conv_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == self.conv_dim:  # (N, L) or (N, H*W)-less input: add a channel axis
+        if x.dim() == self.conv_dim + 1:  # no channel axis: (N, L) or (N, H, W)
             x = x.unsqueeze(1)
         return self.classifier(torch.flatten(self.features(x), 1))
 

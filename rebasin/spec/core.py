@@ -151,9 +151,7 @@ class PermutationSpec:
                 continue
             shape = tuple(shapes[p])
             if len(entries) > len(shape):
-                problems.append(
-                    f"tensor '{p}' has {len(shape)} axes, the spec names axis {len(entries) - 1}"
-                )
+                problems.append(f"tensor '{p}' has {len(shape)} axes, the spec names axis {len(entries) - 1}")
                 continue
             for axis, e in enumerate(entries):
                 if e is None:
@@ -181,8 +179,7 @@ class PermutationSpec:
             groups[g] = {
                 "size": self.sizes[g],
                 "members": [
-                    [m.param, m.axis] if m.inner == 1 else [m.param, m.axis, m.inner]
-                    for m in members
+                    [m.param, m.axis] if m.inner == 1 else [m.param, m.axis, m.inner] for m in members
                 ],
             }
         out: dict[str, Any] = {"format_version": FORMAT_VERSION}
@@ -247,8 +244,7 @@ class PermutationSpec:
                 inner = m[2] if len(m) == 3 else 1
                 if (param, axis) in claimed:
                     problems.append(
-                        f"'{param}' axis {axis} is claimed by both '{claimed[param, axis]}' "
-                        f"and '{g}'"
+                        f"'{param}' axis {axis} is claimed by both '{claimed[param, axis]}' and '{g}'"
                     )
                     continue
                 claimed[param, axis] = str(g)

@@ -23,8 +23,20 @@ FIXED_BUFFERS = ("num_batches_tracked",)
 
 # Where a top-level module name usually sits in the forward pass (lower runs first).
 _RANK = {
-    "input": 0, "inp": 0, "stem": 0, "embed": 0, "embedding": 0, "features": 1, "conv1": 1,
-    "bn1": 1, "classifier": 3, "head": 3, "output": 3, "out": 3, "logits": 3, "final": 3,
+    "input": 0,
+    "inp": 0,
+    "stem": 0,
+    "embed": 0,
+    "embedding": 0,
+    "features": 1,
+    "conv1": 1,
+    "bn1": 1,
+    "classifier": 3,
+    "head": 3,
+    "output": 3,
+    "out": 3,
+    "logits": 3,
+    "final": 3,
     "fc": 3,
 }
 
@@ -44,9 +56,7 @@ class Module:
             return "linear" if len(w) == 2 else "conv"
         if names and names <= set(NORM_PARAMS) | set(FIXED_BUFFERS):
             dims = {s[0] for k, s in self.params.items() if k not in FIXED_BUFFERS and len(s) == 1}
-            if len(dims) == 1 and all(
-                len(s) == 1 for k, s in self.params.items() if k not in FIXED_BUFFERS
-            ):
+            if len(dims) == 1 and all(len(s) == 1 for k, s in self.params.items() if k not in FIXED_BUFFERS):
                 return "norm"
         return "unknown"
 
@@ -79,14 +89,42 @@ def _ranked(name: str) -> tuple[int, list[tuple[int, int | str]]]:
     return (_RANK.get(head, _RANK.get(base, 2) if base != head else 2), natural_key(name))
 
 
+def _norms_after_layers(names: list[str], shapes: Shapes) -> list[str]:
+    """Move each norm module right after the layer sharing its number (fc1/norm1, conv2/bn2)."""
+    mods = split_modules(names, shapes)
+    layer_by_num: dict[tuple[str, str], str] = {}
+    for m in mods:
+        parent, _, leaf = m.prefix.rpartition(".")
+        num = re.search(r"(\d+)$", leaf)
+        if num and m.kind in ("linear", "conv"):
+            layer_by_num.setdefault((parent, num.group(1)), m.prefix)
+    anchor: dict[str, str] = {}
+    for m in mods:
+        parent, _, leaf = m.prefix.rpartition(".")
+        num = re.search(r"(\d+)$", leaf)
+        if num and m.kind == "norm" and (parent, num.group(1)) in layer_by_num:
+            anchor[m.prefix] = layer_by_num[(parent, num.group(1))]
+    if not anchor:
+        return names
+    order: list[str] = []
+    pending = {m.prefix: m for m in mods}
+    for m in mods:
+        if m.prefix in anchor:
+            continue
+        order.append(m.prefix)
+        order += [n for n, a in anchor.items() if a == m.prefix]
+    return [m.name(p) for prefix in order for p in pending[prefix].params]
+
+
 def candidate_orders(shapes: Shapes, order: Sequence[str] | None) -> list[list[str]]:
-    """Tensor orders to try as the forward order: the file's own, then a ranked natural sort."""
+    """Tensor orders to try as the forward order: the file's own, then ranked natural sorts."""
     out = []
     if order:
         out.append(list(order))
     ranked = sorted(shapes, key=_ranked)
-    if ranked not in out:
-        out.append(ranked)
+    for cand in (ranked, _norms_after_layers(ranked, shapes)):
+        if cand not in out:
+            out.append(cand)
     return out
 
 
@@ -220,9 +258,7 @@ def _chain(shapes: Shapes, order: Sequence[str] | None, family: str, convs: bool
 _NOT_CHAIN = re.compile(r"(^|\.)(downsample|shortcut|attn|attention|self_attn|embed_tokens|wte)(\.|$)")
 
 
-def _chain_in_order(
-    names: Sequence[str], shapes: Shapes, family: str, convs: bool
-) -> PermutationSpec:
+def _chain_in_order(names: Sequence[str], shapes: Shapes, family: str, convs: bool) -> PermutationSpec:
     odd = next((n for n in names if _NOT_CHAIN.search(n)), None)
     if odd:
         raise NotThisFamily(f"'{odd}' belongs to a residual or attention architecture")
@@ -327,6 +363,8 @@ def infer_spec(
     recognized and why each family did not fit.
     """
     shapes = shapes_of(state)
+    if order is None and state and isinstance(next(iter(state.values())), torch.Tensor):
+        order = list(state)  # an in-memory state dict keeps the module order
     fams = list_specs() if family == "auto" else [get_spec_family(family)]
     reasons = []
     for fam in fams:

@@ -1,0 +1,115 @@
+"""PermutationSpec: derived views, strict files, validation, and permutation algebra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rebasin.errors import SpecError
+from rebasin.permute import compose, identity, invert, permute, random_permutation
+from rebasin.spec import Axis, PermutationSpec, dump_spec, load_spec
+
+SPEC = PermutationSpec(
+    {
+        "fc1.weight": ["P1", None],
+        "fc1.bias": ["P1"],
+        "fc2.weight": ["P2", "P1"],
+        "fc3.weight": [None, Axis("P2", 3)],
+    },
+    {"P1": 4, "P2": 5},
+    family="test",
+)
+SHAPES = {"fc1.weight": (4, 2), "fc1.bias": (4,), "fc2.weight": (5, 4), "fc3.weight": (2, 15)}
+
+
+def test_group_view_is_derived() -> None:
+    assert SPEC.groups["P1"] == [("fc1.weight", 0, 1), ("fc1.bias", 0, 1), ("fc2.weight", 1, 1)]
+    assert SPEC.groups["P2"] == [("fc2.weight", 0, 1), ("fc3.weight", 1, 3)]
+    assert SPEC.neighbours == {"P1": {"P2"}, "P2": {"P1"}}
+    assert SPEC.fixed(["fc1.weight", "fc3.bias"]) == ["fc3.bias"]
+
+
+def test_round_trip_through_yaml_and_json(tmp_path: Path) -> None:
+    for suffix, as_json in ((".yaml", False), (".json", True)):
+        p = tmp_path / f"s{suffix}"
+        p.write_text(dump_spec(SPEC, ["fc3.bias"], as_json=as_json))
+        loaded = load_spec(p)
+        assert loaded == SPEC
+        assert loaded.digest() == SPEC.digest()
+
+
+def test_structural_problems_are_all_reported() -> None:
+    with pytest.raises(SpecError) as e:
+        PermutationSpec({"w": ["A", "B"]}, {"A": 0, "C": 3})
+    assert e.value.problems == [
+        "group 'A': size must be a positive integer, got 0",
+        "'w' axis 1: group 'B' has no size",
+        "group 'C' has no members",
+    ]
+
+
+def test_validate_against_shapes() -> None:
+    SPEC.validate(SHAPES)
+    bad = {**SHAPES, "fc2.weight": (6, 4), "fc3.weight": (2, 14)}
+    del bad["fc1.bias"]
+    assert SPEC.problems(bad) == [
+        "tensor 'fc1.bias' named in the spec is not in the checkpoint",
+        "tensor 'fc2.weight' axis 0 has length 6, group 'P2' has size 5",
+        "tensor 'fc3.weight' axis 1 has length 14, group 'P2' has size 5 x block 3",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("groups: {P: {size: 2, members: [[w, 0]]}}", "missing 'format_version'"),
+        ("format_version: 2\ngroups: {P: {size: 2, members: [[w, 0]]}}", "unsupported format_version 2 (this rebasin reads 1)"),
+        ("format_version: 1\ngroups: {}", "'groups' must be a non-empty mapping of group name to group"),
+        ("format_version: 1\ngroups: {P: {size: 2, members: [[w]]}}", "group 'P': member ['w'] must be [tensor_name, axis] or [tensor_name, axis, block_size]"),
+        ("format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]]}, Q: {size: 2, members: [[w, 0]]}}", "'w' axis 0 is claimed by both 'P' and 'Q'"),
+        ("format_version: 1\ngroups: {P: {size: 2, members: []}}", "group 'P': 'members' must be a non-empty list"),
+        ("format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]], note: x}}", "group 'P': unknown key 'note'"),
+    ],
+)
+def test_strict_file_format(tmp_path: Path, text: str, problem: str) -> None:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert problem in e.value.problems
+
+
+def test_unparseable_file(tmp_path: Path) -> None:
+    p = tmp_path / "s.yaml"
+    p.write_text("groups: [unclosed")
+    with pytest.raises(SpecError, match=r"cannot parse spec"):
+        load_spec(p)
+
+
+sizes_strategy = st.dictionaries(st.sampled_from(["P1", "P2"]), st.integers(1, 6), min_size=2, max_size=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_permutation_algebra(s1: int, s2: int) -> None:
+    state = {k: torch.randn(*v) for k, v in SHAPES.items()}
+    p, q = random_permutation(SPEC, s1), random_permutation(SPEC, s2)
+    pq = permute(permute(state, SPEC, p), SPEC, q)
+    direct = permute(state, SPEC, compose(p, q))
+    back = permute(permute(state, SPEC, p), SPEC, invert(p))
+    for k in state:
+        assert torch.equal(pq[k], direct[k])
+        assert torch.equal(back[k], state[k])
+    ident = permute(state, SPEC, identity(SPEC))
+    assert all(torch.equal(ident[k], state[k]) for k in state)
+
+
+def test_block_axis_moves_whole_blocks() -> None:
+    w = torch.arange(30.0).reshape(2, 15)
+    perm = {"P1": torch.arange(4), "P2": torch.tensor([4, 0, 1, 2, 3])}
+    out = permute({"fc3.weight": w}, SPEC, perm)["fc3.weight"]
+    assert out[0].tolist() == [12.0, 13.0, 14.0, *range(12)]
