@@ -131,7 +131,8 @@ def test_lazy_loading_reads_on_access(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("500MB", 500_000_000), ("2GB", 2_000_000_000), ("1GiB", 2**30), ("1024", 1024), ("1.5KB", 1500)]
+    ("text", "size"),
+    [("500MB", 500_000_000), ("2GB", 2_000_000_000), ("1GiB", 2**30), ("1024", 1024), ("1.5KB", 1500)],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size

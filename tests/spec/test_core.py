@@ -67,12 +67,27 @@ def test_validate_against_shapes() -> None:
     ("text", "problem"),
     [
         ("groups: {P: {size: 2, members: [[w, 0]]}}", "missing 'format_version'"),
-        ("format_version: 2\ngroups: {P: {size: 2, members: [[w, 0]]}}", "unsupported format_version 2 (this rebasin reads 1)"),
+        (
+            "format_version: 2\ngroups: {P: {size: 2, members: [[w, 0]]}}",
+            "unsupported format_version 2 (this rebasin reads 1)",
+        ),
         ("format_version: 1\ngroups: {}", "'groups' must be a non-empty mapping of group name to group"),
-        ("format_version: 1\ngroups: {P: {size: 2, members: [[w]]}}", "group 'P': member ['w'] must be [tensor_name, axis] or [tensor_name, axis, block_size]"),
-        ("format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]]}, Q: {size: 2, members: [[w, 0]]}}", "'w' axis 0 is claimed by both 'P' and 'Q'"),
-        ("format_version: 1\ngroups: {P: {size: 2, members: []}}", "group 'P': 'members' must be a non-empty list"),
-        ("format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]], note: x}}", "group 'P': unknown key 'note'"),
+        (
+            "format_version: 1\ngroups: {P: {size: 2, members: [[w]]}}",
+            "group 'P': member ['w'] must be [tensor_name, axis] or [tensor_name, axis, block_size]",
+        ),
+        (
+            "format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]]}, Q: {size: 2, members: [[w, 0]]}}",
+            "'w' axis 0 is claimed by both 'P' and 'Q'",
+        ),
+        (
+            "format_version: 1\ngroups: {P: {size: 2, members: []}}",
+            "group 'P': 'members' must be a non-empty list",
+        ),
+        (
+            "format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]], note: x}}",
+            "group 'P': unknown key 'note'",
+        ),
     ],
 )
 def test_strict_file_format(tmp_path: Path, text: str, problem: str) -> None:
