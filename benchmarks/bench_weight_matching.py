@@ -5,6 +5,7 @@ group per back-end. Prints medians of repeated runs. Usage: python benchmarks/be
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -21,7 +22,7 @@ def mlp_state(width: int, depth: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     dims = [40] + [width] * depth + [10]
     state = {}
-    for i, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         state[f"net.{2 * i}.weight"] = torch.randn(b, a, generator=g) / a**0.5
         state[f"net.{2 * i}.bias"] = torch.randn(b, generator=g) * 0.1
     return state

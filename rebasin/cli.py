@@ -31,6 +31,18 @@ class Method(str, Enum):
     weight = "weight"
 
 
+class BarrierMethod(str, Enum):
+    weight = "weight"
+    none = "none"
+
+
+class BNMode(str, Enum):
+    auto = "auto"
+    none = "none"
+    reset = "reset"
+    repair = "repair"
+
+
 def _handled(fn: F) -> F:
     """Turn library errors into one ``error:`` line (plus ``hint:``) and exit code 2."""
 
@@ -82,6 +94,44 @@ ShardOpt = Annotated[
 ]
 
 
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="mnist1d, digits, synthetic, a .safetensors/.npz file with x and y, or MODULE:FUNCTION.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Built-in model name or MODULE:FACTORY (default: the architecture recorded in A)."
+    ),
+]
+ModelArgsOpt = Annotated[str | None, typer.Option("--model-args", help="JSON object of factory arguments.")]
+BNOpt = Annotated[
+    BNMode,
+    typer.Option(
+        "--bn", help="BatchNorm handling: auto (reset where the model has BatchNorm), none, reset, repair."
+    ),
+]
+AlphasOpt = Annotated[int, typer.Option("--alphas", min=2, help="Points on the interpolation grid.")]
+MaxBarrierOpt = Annotated[
+    float | None,
+    typer.Option("--max-barrier", help="Exit 1 if the aligned test loss barrier exceeds this."),
+]
+
+
+def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
+    if limit is None or value is None:
+        return
+    if value > limit:
+        if not quiet:
+            from rebasin.render import err
+
+            err.print(f"gate failed: test loss barrier {value:.4f} > --max-barrier {limit}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
 def _emit_json(report: Any) -> None:
     from rebasin.report import to_json
 
@@ -112,13 +162,19 @@ def merge(
     ] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     shard_size: ShardOpt = None,
+    data: DataOpt = None,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    bn: BNOpt = BNMode.auto,
+    alphas: AlphasOpt = 25,
+    max_barrier: MaxBarrierOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Align B to A and write (1 - alpha) A + alpha pi(B)."""
+    """Align B to A and write (1 - alpha) A + alpha pi(B); with --data, also measure the barrier."""
     from rebasin import render
-    from rebasin.pipeline import MergeOptions, merge_checkpoints
+    from rebasin.pipeline import EvalOptions, MergeOptions, gate_value, merge_checkpoints
     from rebasin.report import write_report
 
     if report is not None:
@@ -137,14 +193,27 @@ def merge(
         force=force,
         save_permuted=save_permuted,
     )
+    evaluation = None
+    if (
+        data is not None
+        or model is not None
+        or bn in (BNMode.reset, BNMode.repair)
+        or max_barrier is not None
+    ):
+        evaluation = EvalOptions(
+            data=data, model=model, model_args=model_args, alphas=alphas, bn=bn.value, device=device
+        )
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
-        rep = merge_checkpoints(a, b, output, opts, progress)
+        rep = merge_checkpoints(a, b, output, opts, progress, evaluation)
     if report is not None:
         write_report(rep, report)
     if as_json:
         _emit_json(rep)
     elif not quiet:
         render.merge_summary(rep)
+        if "evaluation" in rep:
+            render.evaluation_summary(rep)
+    _gate(gate_value(rep), max_barrier, quiet or as_json)
 
 
 @app.command()
@@ -221,6 +290,195 @@ def inspect(
         _emit_json(info)
     else:
         render.inspect_summary(info)
+
+
+@app.command()
+@_handled
+def barrier(
+    a: Annotated[Path, typer.Argument(help="Checkpoint A (alpha = 0).")],
+    b: Annotated[Path, typer.Argument(help="Checkpoint B (alpha = 1).")],
+    data: DataOpt = None,
+    model: ModelOpt = None,
+    model_args: ModelArgsOpt = None,
+    method: Annotated[
+        BarrierMethod,
+        typer.Option("--method", help="Alignment for the aligned path; none draws the naive path only."),
+    ] = BarrierMethod.weight,
+    spec: SpecOpt = "auto",
+    alphas: AlphasOpt = 25,
+    bn: BNOpt = BNMode.auto,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    restarts: Annotated[int, typer.Option("--restarts", min=1)] = 1,
+    max_train: Annotated[
+        int | None, typer.Option("--max-train", help="Use at most N training examples.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the curves as PNG (and SVG beside it).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    max_barrier: MaxBarrierOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
+    from rebasin import render
+    from rebasin.checkpoint import check_output_path
+    from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints, gate_value
+    from rebasin.report import write_report
+
+    for out in (plot, report):
+        if out is not None:
+            check_output_path(out, [a, b], force)
+    opts = MergeOptions(spec=spec, seed=seed, restarts=restarts, device=device)
+    ev = EvalOptions(
+        data=data,
+        model=model,
+        model_args=model_args,
+        alphas=alphas,
+        bn=bn.value,
+        max_train=max_train,
+        device=device,
+    )
+    with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
+        rep = barrier_checkpoints(a, b, opts, ev, align=method != BarrierMethod.none, progress=progress)
+    written = []
+    if plot is not None:
+        from rebasin.plot import plot_curves
+
+        written += plot_curves(rep["evaluation"], plot)
+    if report is not None:
+        write_report(rep, report)
+        written.append(report)
+    if as_json:
+        _emit_json(rep)
+    elif not quiet:
+        render.evaluation_summary(rep)
+        if written:
+            render.wrote(written)
+    _gate(gate_value(rep), max_barrier, quiet or as_json)
+
+
+@app.command("train")
+@_handled
+def train_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
+    arch: Annotated[
+        str, typer.Option("--arch", help="Built-in model (mlp, vgg, resnet20, resnet) or MODULE:FACTORY.")
+    ] = "mlp",
+    arch_args: Annotated[
+        str | None, typer.Option("--arch-args", help="JSON object of model arguments.")
+    ] = None,
+    data: Annotated[str, typer.Option("--data", help="Data to train on.")] = "mnist1d",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialization and data order.")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model on built-in or user data (seeded); the checkpoint records how to rebuild it."""
+    from rebasin import render
+    from rebasin.demo import train_checkpoint
+    from rebasin.models.resolve import parse_model_args
+
+    args = parse_model_args(arch_args)
+    if arch == "mlp" and "in_features" not in args:
+        from rebasin.data import load_data
+
+        d = load_data(data, seed)
+        args = {"in_features": int(d.x_train[0].numel()), "num_classes": d.num_classes, **args}
+    with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
+        rep = train_checkpoint(
+            arch,
+            args,
+            data,
+            output,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            force=force,
+            progress=progress,
+        )
+    if as_json:
+        _emit_json(rep)
+    elif not quiet:
+        m = rep["metrics"]
+        render.err.print(
+            f"trained {arch} on {data} (seed {seed}, {epochs} epochs): "
+            f"train acc {100 * m['train']['acc']:.1f}%, "
+            f"test acc {100 * m['test']['acc']:.1f}%; wrote {output}",
+            soft_wrap=True,
+        )
+
+
+@app.command()
+@_handled
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, report and plot.")] = Path(
+        "rebasin-demo"
+    ),
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    alphas: AlphasOpt = 25,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train two MLPs on MNIST-1D, merge them, and show the barrier before and after alignment."""
+    from rebasin import render
+    from rebasin.demo import run_demo
+
+    if not (as_json or quiet):
+        render.err.print(
+            f"rebasin demo: training two MLPs (2 x 512 hidden units) on MNIST-1D with seeds 0 and 1, "
+            f"aligning B to A by weight matching, and measuring loss along both paths. Output: {out}/",
+            soft_wrap=True,
+        )
+    with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
+        rep = run_demo(out, epochs=epochs, alphas=alphas, force=force, progress=progress)
+    if as_json:
+        _emit_json(rep)
+    elif not quiet:
+        render.merge_summary(rep)
+        render.evaluation_summary(rep)
+
+
+@app.command()
+@_handled
+def batch(
+    plan: Annotated[Path, typer.Argument(help="YAML plan of merges and barriers.")],
+    max_barrier: MaxBarrierOpt = None,
+    as_json: JsonOpt = False,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Print one JSON line per item as it finishes.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many merges/barriers from a plan; exit 1 if any item failed or any gate failed."""
+    import json as _json
+
+    from rebasin import render
+    from rebasin.batch import load_plan, run_plan, summarize
+
+    p = load_plan(plan)
+    rows = []
+    for row in run_plan(p, max_barrier):
+        rows.append(row)
+        if jsonl:
+            sys.stdout.write(_json.dumps(row) + "\n")
+            sys.stdout.flush()
+    summary = summarize(p, rows)
+    if as_json:
+        _emit_json(summary)
+    elif not (quiet or jsonl):
+        render.batch_summary(summary)
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -122,8 +122,11 @@ def resolve_spec(spec: str | PermutationSpec, ck: Checkpoint) -> tuple[Permutati
     return s, source
 
 
+_KEEP = ("rebasin.arch", "rebasin.arch_args", "rebasin.data")
+
+
 def _metadata(base: dict[str, str], **items: Any) -> dict[str, str]:
-    out = {k: v for k, v in base.items() if not k.startswith("rebasin.")}
+    out = {k: v for k, v in base.items() if not k.startswith("rebasin.") or k in _KEEP}
     out["rebasin.version"] = __version__
     out.update({f"rebasin.{k}": str(v) for k, v in items.items() if v is not None})
     return out
@@ -138,8 +141,12 @@ def merge_checkpoints(
     out: PathLike | None,
     options: MergeOptions | None = None,
     progress: Progress | None = None,
+    evaluation: EvalOptions | None = None,
 ) -> dict[str, Any]:
-    """Align B to A, write ``(1 - alpha) A + alpha pi(B)`` to ``out`` (if given); return the report."""
+    """Align B to A, write ``(1 - alpha) A + alpha pi(B)`` to ``out`` (if given); return the report.
+
+    With ``evaluation``, also measure the naive and aligned paths (the barrier) and apply its
+    BatchNorm mode (reset or REPAIR) to the merged checkpoint."""
     opt = options or MergeOptions()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -167,6 +174,7 @@ def merge_checkpoints(
     check_weights(a, spec)
     check_weights(b, spec)
     timings["spec_s"] = time.perf_counter() - t
+    ev = make_evaluator(a, evaluation, opt.seed) if evaluation is not None else None
 
     result = match(
         a.state,
@@ -197,8 +205,7 @@ def merge_checkpoints(
     timings["distance_s"] = time.perf_counter() - t
 
     written: dict[str, list[str]] = {}
-    t = time.perf_counter()
-    common = {
+    common: dict[str, Any] = {
         "method": opt.method,
         "seed": opt.seed,
         "spec": source,
@@ -206,8 +213,24 @@ def merge_checkpoints(
         "input_a.sha256": report["inputs"]["a"]["sha256"],
         "input_b.sha256": report["inputs"]["b"]["sha256"],
     }
+    if ev is not None:
+        from rebasin.barrier import alpha_grid
+
+        t = time.perf_counter()
+        grid = alpha_grid(evaluation.alphas if evaluation else 25)
+        curves = {
+            "naive": ev.curve(a.state, b.state, grid, progress, "naive"),
+            "aligned": ev.curve(a.state, b_aligned, grid, progress, "aligned"),
+        }
+        report["evaluation"] = _evaluation_report(ev, curves)
+        timings["evaluate_s"] = time.perf_counter() - t
+        common["bn"] = ev.bn
+    t = time.perf_counter()
     if out is not None:
-        merged = interpolate(a.state, b_aligned, opt.alpha)
+        if ev is not None and ev.bn != "none":
+            merged: Any = ev.merged_state(a.state, b_aligned, opt.alpha)
+        else:
+            merged = interpolate(a.state, b_aligned, opt.alpha)
         meta = _metadata(a.metadata, command="merge", alpha=opt.alpha, **common)
         files = save_checkpoint(merged, out, meta, shard_size=shard, progress=_sub(progress, "writing"))
         written["merged"] = [str(f) for f in files]
@@ -279,3 +302,136 @@ def _sub(progress: Progress | None, desc: str) -> Callable[[int, int], None] | N
     if progress is None:
         return None
     return lambda done, total: progress(desc, done, total)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalOptions:
+    """What ``barrier`` (and ``merge --data``) evaluate on (see docs/cli.md)."""
+
+    data: str | None = None
+    model: str | None = None
+    model_args: str | dict[str, Any] | None = None
+    alphas: int = 25
+    bn: str = "auto"
+    batch_size: int = 1000
+    max_train: int | None = None
+    device: str = "cpu"
+
+
+def make_evaluator(a: Checkpoint, opt: EvalOptions, seed: int = 0) -> Any:
+    """A PathEvaluator for A's architecture on the chosen data, checked against both."""
+    from rebasin.barrier import PathEvaluator
+    from rebasin.data import load_data
+    from rebasin.evaluate import check_data_fits, load_into
+    from rebasin.models.resolve import DATA_KEY, resolve_model
+    from rebasin.repair import has_batchnorm
+
+    ref = resolve_model(opt.model, opt.model_args, a.metadata, a.name)
+    data_arg = opt.data or a.metadata.get(DATA_KEY)
+    if not data_arg:
+        raise ConfigError(
+            "no data: pass --data (mnist1d, digits, synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
+            source=a.name,
+        )
+    data = load_data(data_arg, seed)
+    factory = ref.factory()
+    probe = factory()
+    load_into(probe, a.state, a.name, ref.name)
+    check_data_fits(probe, data, ref.name)
+    bn = opt.bn
+    if bn == "auto":
+        bn = "reset" if has_batchnorm(probe) else "none"
+    ev = PathEvaluator(
+        factory,
+        data,
+        bn=bn,
+        batch_size=opt.batch_size,
+        max_train=opt.max_train,
+        device=opt.device,
+        model_name=ref.name,
+        model_args=ref.args,
+    )
+    return ev
+
+
+def _evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": {"name": ev.model_name, "args": ev.model_args},
+        "data": ev.data.describe() | ({"max_train": ev.max_train} if ev.max_train else {}),
+        "bn": ev.bn,
+        "paths": {name: c.to_dict() for name, c in curves.items()},
+    }
+    first = next(iter(curves.values()))
+    out["endpoints"] = {
+        "a": {s: {"loss": first.loss[s][0], "acc": first.acc[s][0]} for s in first.loss},
+        "b": {s: {"loss": first.loss[s][-1], "acc": first.acc[s][-1]} for s in first.loss},
+    }
+    return out
+
+
+def gate_value(report: dict[str, Any]) -> float | None:
+    """The number ``--max-barrier`` is compared with: the test loss barrier (linear definition)
+    of the aligned path (of the naive path when nothing was aligned)."""
+    ev = report.get("evaluation")
+    if not ev:
+        return None
+    path = "aligned" if "aligned" in ev["paths"] else "naive"
+    return float(ev["paths"][path]["barriers"]["test"]["loss"]["linear"])
+
+
+def barrier_checkpoints(
+    a_path: PathLike,
+    b_path: PathLike,
+    options: MergeOptions | None = None,
+    evaluation: EvalOptions | None = None,
+    align: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Loss/accuracy along the naive path and (when ``align``) the aligned path; return the report."""
+    from rebasin.barrier import alpha_grid
+
+    opt = options or MergeOptions()
+    ev_opt = evaluation or EvalOptions()
+    t0 = time.perf_counter()
+    alphas = alpha_grid(ev_opt.alphas)
+    a = load_checkpoint(a_path)
+    b = load_checkpoint(b_path)
+    check_pair(a, b)
+    report = new_report("barrier")
+    report["inputs"] = {"a": input_info(a), "b": input_info(b)}
+    ev = make_evaluator(a, ev_opt, opt.seed)
+    curves = {}
+    if align:
+        spec, source = resolve_spec(opt.spec, a)
+        check_weights(a, spec)
+        check_weights(b, spec)
+        result = match(
+            a.state,
+            b.state,
+            spec,
+            opt.method,
+            progress=progress,
+            seed=opt.seed,
+            restarts=opt.restarts,
+            max_iter=opt.max_iter,
+            device=opt.device,
+            backend=opt.backend,
+            **opt.extra,
+        )
+        report["spec"] = spec_info(spec, source, list(a.state))
+        report["method"] = {"name": opt.method, "options": result.options}
+        report["match"] = result.to_dict()
+        b_aligned = permute(b.state, spec, result.perm)
+    else:
+        check_weights(a)
+        check_weights(b)
+        report["method"] = {"name": "none"}
+    curves["naive"] = ev.curve(a.state, b.state, alphas, progress, "naive")
+    if align:
+        curves["aligned"] = ev.curve(a.state, b_aligned, alphas, progress, "aligned")
+    report["evaluation"] = _evaluation_report(ev, curves)
+    report["timings"] = {"total_s": round(time.perf_counter() - t0, 4)}
+    return report

@@ -138,3 +138,75 @@ def permute_summary(report: Mapping[str, Any]) -> None:
         f"permuted {len(spec['groups'])} groups ({spec['source']}) with seed {report['seed']}; "
         f"wrote {', '.join(report['output']['files'])}"
     )
+
+
+def evaluation_summary(report: Mapping[str, Any]) -> None:
+    """The barrier table: per path and split, both loss-barrier definitions, error barrier,
+    midpoint accuracy; then the endpoints."""
+    ev = report["evaluation"]
+    data = ev["data"]
+    t = Table(
+        title=f"linear mode connectivity: {ev['model']['name']} on {data['name']} "
+        f"(BatchNorm: {ev['bn']}, {len(next(iter(ev['paths'].values()))['alphas'])} alphas)",
+        title_justify="left",
+    )
+    for col, just in (
+        ("path", "left"),
+        ("split", "left"),
+        ("loss barrier", "right"),
+        ("(mean def.)", "right"),
+        ("error barrier", "right"),
+        ("midpoint acc", "right"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for name, curve in ev["paths"].items():
+        mid = min(range(len(curve["alphas"])), key=lambda i: abs(curve["alphas"][i] - 0.5))
+        for split in ("train", "test"):
+            b = curve["barriers"][split]
+            style = "bold" if name == "aligned" else None
+            t.add_row(
+                name,
+                split,
+                f"{b['loss']['linear']:.4f}",
+                f"{b['loss']['mean']:.4f}",
+                f"{100 * b['error']['linear']:.1f}%",
+                f"{100 * curve['acc'][split][mid]:.1f}%",
+                style=style,
+            )
+    err.print(t)
+    ends = ev["endpoints"]
+    err.print(
+        f"endpoints: A test acc {100 * ends['a']['test']['acc']:.1f}%, "
+        f"B test acc {100 * ends['b']['test']['acc']:.1f}%",
+        soft_wrap=True,
+    )
+    paths = ev["paths"]
+    if "naive" in paths and "aligned" in paths:
+        n = paths["naive"]["barriers"]["test"]["loss"]["linear"]
+        a = paths["aligned"]["barriers"]["test"]["loss"]["linear"]
+        if n > 0:
+            err.print(f"aligned test loss barrier is {100 * a / n:.0f}% of the naive one", soft_wrap=True)
+
+
+def wrote(paths: Sequence[Any]) -> None:
+    """One line naming written files."""
+    err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def batch_summary(summary: Mapping[str, Any]) -> None:
+    """One row per plan item: status, barrier, gate."""
+    t = Table(title=f"batch: {summary['plan']}", title_justify="left")
+    for col in ("item", "status", "test loss barrier", "gate", "detail"):
+        t.add_column(col)
+    for item in summary["items"]:
+        b = item.get("barrier")
+        t.add_row(
+            item["name"],
+            item["status"],
+            "-" if b is None else f"{b:.4f}",
+            "-" if item.get("max_barrier") is None else f"<= {item['max_barrier']}",
+            item.get("error", "") or ", ".join(item.get("outputs", [])),
+            style="red" if item["status"] != "ok" else None,
+        )
+    err.print(t)
+    err.print(f"{summary['passed']} passed, {summary['failed']} failed", soft_wrap=True)

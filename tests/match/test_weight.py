@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ def test_objective_never_decreases(name: str) -> None:
     result = match(a, b, spec, restarts=3, seed=5)
     for trace in result.restarts:
         h = trace.objective_per_sweep
-        assert all(y >= x - 1e-6 * abs(x) for x, y in zip(h, h[1:], strict=False)), h
+        assert all(y >= x - 1e-6 * abs(x) for x, y in itertools.pairwise(h)), h
         assert trace.sweeps == len(h) - 1
     assert result.objective == max(t.objective for t in result.restarts)
     assert result.objective == result.restarts[result.best_restart].objective

@@ -1,0 +1,192 @@
+"""The in-memory Dataset and how a data argument (name, file, or hook) becomes one."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rebasin.errors import ConfigError
+
+_BUILTIN: dict[str, Callable[[int], Dataset]] = {}
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors of a classification task."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``train`` or ``test`` tensors."""
+        return (self.x_train, self.y_train) if which == "train" else (self.x_test, self.y_test)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and sizes, for reports."""
+        return {
+            "name": self.name,
+            "train": len(self.y_train),
+            "test": len(self.y_test),
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+        }
+
+
+def register_data(name: str) -> Callable[[Callable[[int], Dataset]], Callable[[int], Dataset]]:
+    """Decorator registering a built-in data set loader ``fn(seed) -> Dataset``."""
+
+    def deco(fn: Callable[[int], Dataset]) -> Callable[[int], Dataset]:
+        if name in _BUILTIN:
+            raise ValueError(f"data set '{name}' is already registered")
+        _BUILTIN[name] = fn
+        return fn
+
+    return deco
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches over ``(x, y)``; shuffled reproducibly when asked."""
+    n = len(y)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        yield x[idx], y[idx]
+
+
+def load_data(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """Turn a data argument into a Dataset: a built-in name, a ``.safetensors``/``.npz`` file with
+    ``x``, ``y`` (and optionally ``x_test``, ``y_test``), or ``MODULE:FUNCTION`` returning a Dataset
+    or ``(x_train, y_train, x_test, y_test)``."""
+    from rebasin.data import builtin  # noqa: F401  (registers the built-ins)
+
+    if spec in _BUILTIN:
+        return validate(_BUILTIN[spec](seed), spec)
+    p = Path(spec)
+    if p.suffix in (".npz", ".safetensors"):
+        return validate(_from_file(p, seed, test_fraction), spec)
+    if ":" in spec:
+        return validate(_from_hook(spec, seed), spec)
+    close = difflib.get_close_matches(spec, list(_BUILTIN), n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
+    raise ConfigError(
+        f"unknown data '{spec}' (built-in: {', '.join(_BUILTIN)}; or a .safetensors/.npz file, "
+        "or MODULE:FUNCTION)",
+        hint,
+    )
+
+
+def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
+    name = str(p)
+    if not p.exists():
+        raise ConfigError("no such file", source=name)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
+        else:
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(p))
+    except Exception as e:
+        raise ConfigError(f"cannot read data ({str(e).splitlines()[0]})", source=name) from None
+    for k in ("x", "y"):
+        if k not in arrays and f"{k}_train" not in arrays:
+            raise ConfigError(
+                f"data file has no '{k}' array (found: {', '.join(arrays) or 'none'})", source=name
+            )
+    x = arrays.get("x_train", arrays.get("x"))
+    y = arrays.get("y_train", arrays.get("y"))
+    assert x is not None and y is not None
+    if "x_test" in arrays and "y_test" in arrays:
+        xt, yt = arrays["x_test"], arrays["y_test"]
+    else:
+        n = len(y)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_test = max(1, round(n * test_fraction)) if n > 1 else 0
+        test, train = order[:n_test], order[n_test:]
+        x, y, xt, yt = x[train], y[train], x[test], y[test]
+    return _make(name, x, y, xt, yt)
+
+
+def _from_hook(spec: str, seed: int) -> Dataset:
+    mod_name, _, fn_name = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.exists():
+                raise ConfigError("no such file", source=mod_name)
+            mspec = importlib.util.spec_from_file_location(path.stem, path)
+            assert mspec is not None and mspec.loader is not None
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules.setdefault(path.stem, module)
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import '{mod_name}' ({e})", source=spec) from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"'{mod_name}' has no function '{fn_name}'", source=spec)
+    out = fn()
+    if isinstance(out, Dataset):
+        return out
+    if isinstance(out, tuple | list) and len(out) == 4:
+        return _make(spec, *(torch.as_tensor(np.asarray(t)) for t in out))
+    raise ConfigError(
+        "the data hook must return a Dataset or (x_train, y_train, x_test, y_test)", source=spec
+    )
+
+
+def _make(name: str, x: Any, y: Any, xt: Any, yt: Any) -> Dataset:
+    x, xt = torch.as_tensor(x), torch.as_tensor(xt)
+    y, yt = torch.as_tensor(y), torch.as_tensor(yt)
+    if x.is_floating_point():
+        x, xt = x.float(), xt.float()
+    if y.is_floating_point() and bool((y == y.round()).all()):
+        y, yt = y.long(), yt.long()
+    k = int(max(int(y.max()) if len(y) else 0, int(yt.max()) if len(yt) else 0)) + 1
+    return Dataset(name, x, y.long() if not y.is_floating_point() else y, xt, yt.long(), k)
+
+
+def validate(d: Dataset, source: str) -> Dataset:
+    """Non-empty, matching lengths, integer labels in [0, num_classes)."""
+    if len(d.y_train) == 0 or len(d.x_train) == 0:
+        raise ConfigError("data is empty (no training examples)", source=source)
+    if len(d.y_test) == 0:
+        raise ConfigError("data has no test examples", source=source)
+    for split, x, y in (("train", d.x_train, d.y_train), ("test", d.x_test, d.y_test)):
+        if len(x) != len(y):
+            raise ConfigError(f"{split} split has {len(x)} inputs but {len(y)} labels", source=source)
+        if y.is_floating_point():
+            raise ConfigError(f"{split} labels must be integers, got {y.dtype}", source=source)
+        if bool((y < 0).any()) or bool((y >= d.num_classes).any()):
+            bad = int(y[(y < 0) | (y >= d.num_classes)][0])
+            raise ConfigError(f"{split} label {bad} is out of range [0, {d.num_classes})", source=source)
+        if not x.is_floating_point():
+            raise ConfigError(f"{split} inputs must be floating point, got {x.dtype}", source=source)
+    if d.x_train.shape[1:] != d.x_test.shape[1:]:
+        raise ConfigError(
+            f"train inputs have shape {tuple(d.x_train.shape[1:])}, test inputs {tuple(d.x_test.shape[1:])}",
+            source=source,
+        )
+    return d

@@ -1,0 +1,86 @@
+"""Run a model on data: loss and accuracy; load state dicts into models with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rebasin.data.core import Dataset, batches
+from rebasin.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Mean cross-entropy loss and accuracy over a data split."""
+
+    loss: float
+    acc: float
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Metrics:
+    """Loss and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, correct, n = 0.0, 0, 0
+    for xb, yb in batches(x, y, batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb).float()
+        total += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+        n += len(yb)
+    return Metrics(total / n, correct / n)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
+    own = model.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        problems.append("missing " + ", ".join(f"'{k}'" for k in missing[:3]))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:3]))
+    for k, v in own.items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            problems.append(f"'{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+            if len(problems) >= 3:
+                break
+    if problems:
+        raise ConfigError(
+            f"model '{model_name}' does not fit the checkpoint: " + "; ".join(problems),
+            "pass the --model (and --model-args) the checkpoint was trained with",
+            source=source,
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k].to(v.dtype))
+
+
+def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
+    """One forward pass on two examples: inputs must fit, outputs must cover every label."""
+    x = data.x_train[:2]
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.to(next(model.parameters()).device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(
+            f"inputs of shape {tuple(data.input_shape)} do not fit model '{model_name}' ({first})",
+            source=data.name,
+        ) from None
+    if out.dim() != 2:
+        raise ConfigError(
+            f"model '{model_name}' gives outputs of shape {tuple(out.shape[1:])} per example; "
+            "expected class logits",
+            source=data.name,
+        )
+    if out.shape[1] < data.num_classes:
+        raise ConfigError(
+            f"labels go up to {data.num_classes - 1} but model '{model_name}' has {out.shape[1]} outputs",
+            source=data.name,
+        )

@@ -1,0 +1,57 @@
+"""Plots of interpolation curves (matplotlib, imported on use, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+COLORS = {"naive": "#888888", "aligned": "#1f6fd1"}
+
+
+def plot_curves(
+    evaluation: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Draw loss and accuracy vs alpha for every path (train solid, test dashed), endpoints
+    marked; write ``path`` (PNG) and the same figure as SVG beside it. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for name, curve in evaluation["paths"].items():
+        color = COLORS.get(name)
+        alphas = curve["alphas"]
+        for split, style in (("train", "-"), ("test", "--")):
+            kw = {"color": color, "linestyle": style, "linewidth": 2 if split == "train" else 1.5}
+            b = curve["barriers"][split]["loss"]["linear"]
+            ax_loss.plot(alphas, curve["loss"][split], label=f"{name} {split} (barrier {b:.3f})", **kw)
+            ax_acc.plot(alphas, [100 * a for a in curve["acc"][split]], label=f"{name} {split}", **kw)
+    for ax in (ax_loss, ax_acc):
+        first = next(iter(evaluation["paths"].values()))
+        for split, marker in (("train", "o"), ("test", "s")):
+            ys = first["loss"][split] if ax is ax_loss else [100 * a for a in first["acc"][split]]
+            ax.scatter([0, 1], [ys[0], ys[-1]], color="black", marker=marker, zorder=5, s=28)
+        ax.set_xlabel("alpha  (0 = model A, 1 = model B)")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_xticklabels(["0\nA", "0.25", "0.5", "0.75", "1\nB"])
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_loss.set_title("loss along the linear path")
+    ax_acc.set_title("accuracy along the linear path")
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)
+    data = evaluation.get("data", {}).get("name", "")
+    bn = evaluation.get("bn", "none")
+    model = evaluation.get("model", {}).get("name", "")
+    fig.suptitle(title or f"linear mode connectivity: {model} on {data} (BatchNorm: {bn})")
+    png = Path(path)
+    svg = png.with_suffix(".svg")
+    fig.savefig(png, dpi=120)
+    fig.savefig(svg)
+    plt.close(fig)
+    return [png, svg]
