@@ -431,8 +431,9 @@ def demo(
 ) -> None:
     """Train two MLPs on MNIST-1D, merge them, and show the barrier before and after alignment."""
     from rebasin import render
-    from rebasin.demo import run_demo
+    from rebasin.demo import check_demo_folder, run_demo
 
+    check_demo_folder(out, force)
     if not (as_json or quiet):
         render.err.print(
             f"rebasin demo: training two MLPs (2 x 512 hidden units) on MNIST-1D with seeds 0 and 1, "

@@ -69,6 +69,17 @@ def train_checkpoint(
     return rep
 
 
+def check_demo_folder(out_dir: str | os.PathLike[str], force: bool) -> None:
+    """The demo writes into a new or empty folder unless ``force``."""
+    from rebasin.errors import CheckpointError
+
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError("exists and is not a folder", source=str(d))
+    if d.exists() and any(d.iterdir()) and not force:
+        raise CheckpointError("folder exists and is not empty", "pass --force to reuse it", source=str(d))
+
+
 def run_demo(
     out_dir: str | os.PathLike[str] = "rebasin-demo",
     *,
@@ -78,14 +89,12 @@ def run_demo(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train A (seed 0) and B (seed 1), merge, evaluate; write everything into ``out_dir``."""
-    from rebasin.errors import CheckpointError
     from rebasin.pipeline import EvalOptions, MergeOptions, merge_checkpoints
     from rebasin.plot import plot_curves
     from rebasin.report import write_report
 
     d = Path(out_dir)
-    if d.exists() and any(d.iterdir()) and not force:
-        raise CheckpointError("folder exists and is not empty", "pass --force to reuse it", source=str(d))
+    check_demo_folder(d, force)
     d.mkdir(parents=True, exist_ok=True)
     paths = {k: d / f"{k}.safetensors" for k in ("a", "b", "merged")}
     for seed, key in ((0, "a"), (1, "b")):

@@ -118,3 +118,33 @@ def mlp_pair(write_st: Callable[..., Path]) -> tuple[Path, Path]:
         m = build_model("mlp", in_features=20, hidden=32, depth=3)
         paths.append(write_st(m.state_dict(), f"m{seed}.safetensors"))
     return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
+def trained_mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two small MLPs trained on MNIST-1D with seeds 0 and 1 (about a second each), cached."""
+    from rebasin.demo import train_checkpoint
+
+    d = tmp_path_factory.mktemp("trained_mlp")
+    args = {"in_features": 40, "hidden": 128, "depth": 2, "num_classes": 10}
+    paths = []
+    for seed in (0, 1):
+        p = d / f"mlp{seed}.safetensors"
+        train_checkpoint("mlp", args, "mnist1d", p, seed=seed, epochs=8)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
+def trained_bn_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two small BatchNorm MLPs (3 hidden layers) trained on MNIST-1D, cached."""
+    from rebasin.demo import train_checkpoint
+
+    d = tmp_path_factory.mktemp("trained_bn")
+    args = {"in_features": 40, "hidden": 128, "depth": 3, "num_classes": 10, "norm": "bn"}
+    paths = []
+    for seed in (0, 1):
+        p = d / f"bn{seed}.safetensors"
+        train_checkpoint("mlp", args, "mnist1d", p, seed=seed, epochs=8)
+        paths.append(p)
+    return paths[0], paths[1]

@@ -1,0 +1,122 @@
+"""Barrier metrics on hand-made curves, one interpolation routine, and real trained pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rebasin.barrier import BarrierCurve, PathEvaluator, alpha_grid, barrier_metrics
+from rebasin.checkpoint import load_checkpoint
+from rebasin.data import load_data
+from rebasin.errors import ConfigError
+from rebasin.match import match
+from rebasin.models import build_model
+from rebasin.permute import permute, random_permutation
+from rebasin.spec import infer_spec
+
+
+def test_barrier_definitions_on_hand_made_curves() -> None:
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # a flat line has no barrier
+    assert barrier_metrics(alphas, [1.0] * 5) == {"linear": 0.0, "mean": 0.0}
+    # a bump of 2 above both ends at the midpoint
+    assert barrier_metrics(alphas, [1.0, 2.0, 3.0, 2.0, 1.0]) == {"linear": 2.0, "mean": 2.0}
+    # unequal ends: the linear baseline and the endpoint mean differ
+    b = barrier_metrics(alphas, [0.0, 1.0, 1.0, 2.0, 2.0])
+    assert b["linear"] == pytest.approx(0.5)  # at 0.25: 1.0 - 0.5
+    assert b["mean"] == pytest.approx(1.0)  # at 0.75 / 1.0: 2.0 - 1.0
+    # a convex path (below the line) has barrier 0 under the linear definition (its endpoints)
+    assert barrier_metrics(alphas, [1.0, 0.5, 0.2, 0.5, 1.0])["linear"] == 0.0
+
+
+def test_curve_barriers_use_error_for_accuracy() -> None:
+    c = BarrierCurve(
+        [0.0, 0.5, 1.0],
+        {"train": [0.1, 0.6, 0.1], "test": [0.2, 0.2, 0.2]},
+        {"train": [0.9, 0.5, 0.9], "test": [0.8, 0.8, 0.8]},
+    )
+    b = c.barriers()
+    assert b["train"]["loss"]["linear"] == pytest.approx(0.5)
+    assert b["train"]["error"]["linear"] == pytest.approx(0.4)
+    assert b["test"]["error"]["mean"] == pytest.approx(0.0)
+    assert c.at(0.5, "train") == (0.6, 0.5)
+
+
+def test_alpha_grid_contains_midpoint() -> None:
+    g = alpha_grid(25)
+    assert g[0] == 0.0 and g[-1] == 1.0 and 0.5 in g and len(g) == 25
+    with pytest.raises(ConfigError, match="--alphas must be at least 2, got 1"):
+        alpha_grid(1)
+
+
+def _evaluator(path: Path, bn: str = "none") -> PathEvaluator:
+    from rebasin.models.resolve import resolve_model
+
+    ck = load_checkpoint(path)
+    ref = resolve_model(None, None, ck.metadata, str(path))
+    return PathEvaluator(ref.factory(), load_data(ck.metadata["rebasin.data"]), bn=bn, model_name=ref.name)
+
+
+def test_aligned_barrier_is_below_naive_on_trained_pair(trained_mlp_pair: tuple[Path, Path]) -> None:
+    a, b = (load_checkpoint(p) for p in trained_mlp_pair)
+    ev = _evaluator(trained_mlp_pair[0])
+    spec = infer_spec(a.shapes)
+    result = match(a.state, b.state, spec, restarts=3)
+    grid = alpha_grid(11)
+    naive = ev.curve(a.state, b.state, grid)
+    aligned = ev.curve(a.state, permute(b.state, spec, result.perm), grid)
+    nb = naive.barriers()["test"]["loss"]["linear"]
+    ab = aligned.barriers()["test"]["loss"]["linear"]
+    assert nb > 0.3
+    assert ab < 0.5 * nb
+    # the endpoints are the same models on both paths
+    assert naive.loss["test"][0] == pytest.approx(aligned.loss["test"][0])
+    assert naive.loss["test"][-1] == pytest.approx(aligned.loss["test"][-1], rel=1e-5)
+    assert aligned.acc["test"][5] > naive.acc["test"][5] + 0.1
+
+
+def test_permuted_endpoint_gives_flat_path(trained_mlp_pair: tuple[Path, Path]) -> None:
+    a = load_checkpoint(trained_mlp_pair[0])
+    spec = infer_spec(a.shapes)
+    pa = dict(permute(a.state, spec, random_permutation(spec, 3)))
+    ev = _evaluator(trained_mlp_pair[0])
+    naive = ev.curve(a.state, pa, alpha_grid(5))
+    result = match(a.state, pa, spec)
+    aligned = ev.curve(a.state, permute(pa, spec, result.perm), alpha_grid(5))
+    assert naive.barriers()["test"]["loss"]["linear"] > 0.1
+    assert max(aligned.barriers()["test"]["loss"].values()) < 1e-5
+
+
+def test_bn_reset_recovers_midpoint_accuracy(trained_bn_pair: tuple[Path, Path]) -> None:
+    a, b = (load_checkpoint(p) for p in trained_bn_pair)
+    spec = infer_spec(a.shapes)
+    pb = permute(b.state, spec, match(a.state, b.state, spec).perm)
+    grid = [0.0, 0.5, 1.0]
+    plain = _evaluator(trained_bn_pair[0], "none").curve(a.state, pb, grid)
+    reset = _evaluator(trained_bn_pair[0], "reset").curve(a.state, pb, grid)
+    repaired = _evaluator(trained_bn_pair[0], "repair").curve(a.state, pb, grid)
+    # interpolated running statistics break the midpoint; recomputing them repairs it
+    assert reset.acc["test"][1] > plain.acc["test"][1] + 0.1
+    assert reset.loss["test"][1] < plain.loss["test"][1]
+    assert repaired.acc["test"][1] > plain.acc["test"][1] + 0.1
+    assert reset.acc["test"][1] > 0.8 * min(reset.acc["test"][0], reset.acc["test"][2])
+
+
+def test_repair_matches_target_statistics() -> None:
+    from rebasin.repair import channel_stats, repair, repair_targets
+
+    data = load_data("synthetic")
+    torch.manual_seed(0)
+    m = build_model("mlp", in_features=32, hidden=16, depth=2, num_classes=4).eval()
+    targets = repair_targets(m)
+    assert targets == ["net.0", "net.2"]
+    x = data.x_train[:500]
+    zero = {n: (torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)) for n in targets}
+    repair(m, zero, zero, 0.5, x)
+    after = channel_stats(m, targets, x)
+    for n in targets:
+        mean, std = after[n]
+        assert torch.allclose(mean, torch.zeros(16, dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(std, torch.ones(16, dtype=torch.float64), atol=1e-3)
