@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from rebasin.match import WeightMatching
+from rebasin.matching import WeightMatching
 from rebasin.models import build_model
-from rebasin.permute import invert, permute, random_permutation
+from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec
 
 CONFIGS = {

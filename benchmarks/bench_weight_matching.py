@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 
-from rebasin.match import WeightMatching
-from rebasin.match.assignment import solve_assignment
-from rebasin.permute import permute, random_permutation
+from rebasin.matching import WeightMatching
+from rebasin.matching.assignment import solve_assignment
+from rebasin.permutation import permute, random_permutation
 from rebasin.spec import infer_spec
 
 

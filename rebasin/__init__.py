@@ -20,13 +20,13 @@ _EXPORTS = {
     "infer_spec": "rebasin.spec.names",
     "register_spec": "rebasin.spec.registry",
     "list_specs": "rebasin.spec.registry",
-    "match": "rebasin.match",
-    "MatchResult": "rebasin.match.result",
-    "WeightMatching": "rebasin.match.weight",
-    "permute": "rebasin.permute",
-    "invert": "rebasin.permute",
-    "compose": "rebasin.permute",
-    "random_permutation": "rebasin.permute",
+    "match": "rebasin.matching",
+    "MatchResult": "rebasin.matching.result",
+    "WeightMatching": "rebasin.matching.weight",
+    "permute": "rebasin.permutation",
+    "invert": "rebasin.permutation",
+    "compose": "rebasin.permutation",
+    "random_permutation": "rebasin.permutation",
     "interpolate": "rebasin.merge",
     "average": "rebasin.merge",
     "merge_checkpoints": "rebasin.pipeline",
@@ -62,11 +62,11 @@ __all__ = [
 if TYPE_CHECKING:
     from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from rebasin.errors import RebasinError
-    from rebasin.match import match
-    from rebasin.match.result import MatchResult
-    from rebasin.match.weight import WeightMatching
+    from rebasin.matching import match
+    from rebasin.matching.result import MatchResult
+    from rebasin.matching.weight import WeightMatching
     from rebasin.merge import average, interpolate
-    from rebasin.permute import compose, invert, permute, random_permutation
+    from rebasin.permutation import compose, invert, permute, random_permutation
     from rebasin.pipeline import MergeOptions, merge_checkpoints
     from rebasin.spec.core import PermutationSpec, dump_spec, load_spec
     from rebasin.spec.names import infer_spec

@@ -16,7 +16,7 @@ from torch import nn
 from rebasin.data.core import Dataset
 from rebasin.errors import ConfigError
 from rebasin.evaluate import evaluate, load_into
-from rebasin.match.result import Progress
+from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
 from rebasin.repair import channel_stats, repair, repair_targets, reset_batchnorm
 

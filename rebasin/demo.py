@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rebasin.match.result import Progress
+from rebasin.matching.result import Progress
 
 DEMO_MODEL = {"in_features": 40, "hidden": 512, "depth": 2, "num_classes": 10}
 

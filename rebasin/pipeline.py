@@ -21,10 +21,10 @@ from rebasin.checkpoint import (
     save_checkpoint,
 )
 from rebasin.errors import CheckpointError, ConfigError, SpecError
-from rebasin.match import match
-from rebasin.match.result import Progress
+from rebasin.matching import match
+from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
-from rebasin.permute import permute, random_permutation
+from rebasin.permutation import permute, random_permutation
 from rebasin.report import input_info, l2_distance, new_report, spec_info
 from rebasin.spec.core import PermutationSpec, load_spec
 from rebasin.spec.names import infer_spec

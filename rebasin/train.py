@@ -9,7 +9,7 @@ from torch import nn
 
 from rebasin.data.core import Dataset, batches
 from rebasin.evaluate import Metrics, evaluate
-from rebasin.match.result import Progress
+from rebasin.matching.result import Progress
 
 
 @dataclass(frozen=True)

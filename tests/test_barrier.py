@@ -11,9 +11,9 @@ from rebasin.barrier import BarrierCurve, PathEvaluator, alpha_grid, barrier_met
 from rebasin.checkpoint import load_checkpoint
 from rebasin.data import load_data
 from rebasin.errors import ConfigError
-from rebasin.match import match
+from rebasin.matching import match
 from rebasin.models import build_model
-from rebasin.permute import permute, random_permutation
+from rebasin.permutation import permute, random_permutation
 from rebasin.spec import infer_spec
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import CASES, Case
 
-from rebasin.match import match
+from rebasin.matching import match
 from rebasin.merge import interpolate
-from rebasin.permute import invert, permute, random_permutation
+from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec, list_specs
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rebasin.match import WeightMatching, match
-from rebasin.match.assignment import solve_assignment
+from rebasin.matching import WeightMatching, match
+from rebasin.matching.assignment import solve_assignment
 from rebasin.models import build_model
-from rebasin.permute import permute
+from rebasin.permutation import permute
 from rebasin.spec import infer_spec
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rebasin.errors import SpecError
-from rebasin.permute import compose, identity, invert, permute, random_permutation
+from rebasin.permutation import compose, identity, invert, permute, random_permutation
 from rebasin.spec import Axis, PermutationSpec, dump_spec, load_spec
 
 SPEC = PermutationSpec(

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from rebasin.errors import ConfigError
-from rebasin.match.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
-from rebasin.match.weight import WeightMatching
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
+from rebasin.matching.weight import WeightMatching
 from rebasin.spec.core import PermutationSpec
 
 METHODS = ("weight",)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from rebasin.errors import MatchError
-from rebasin.match.assignment import resolve_backend, solve_assignment
-from rebasin.match.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
-from rebasin.permute import permute_tensor
+from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
+from rebasin.permutation import permute_tensor
 from rebasin.spec.core import Member, PermutationSpec
 
 
