@@ -42,9 +42,10 @@ def main() -> None:
             rep = barrier_checkpoints(*paths, MergeOptions(restarts=3), EvalOptions(alphas=alphas, bn=bn))
             paths_ = rep["evaluation"]["paths"]
             mid = len(paths_["aligned"]["alphas"]) // 2
+            aligned, naive = paths_["aligned"], paths_["naive"]
             print(
-                f"{label:<16} {bn:<7} {paths_['aligned']['barriers']['test']['loss']['linear']:>21.3f} "
-                f"{100 * paths_['aligned']['acc']['test'][mid]:>15.1f}% {100 * paths_['naive']['acc']['test'][mid]:>13.1f}%"
+                f"{label:<16} {bn:<7} {aligned['barriers']['test']['loss']['linear']:>21.3f} "
+                f"{100 * aligned['acc']['test'][mid]:>15.1f}% {100 * naive['acc']['test'][mid]:>13.1f}%"
             )
 
 

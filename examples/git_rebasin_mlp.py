@@ -29,7 +29,7 @@ def main() -> None:
         train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
         paths.append(p)
     report = barrier_checkpoints(*paths, MergeOptions(restarts=5), EvalOptions(alphas=alphas))
-    plot_curves(report["evaluation"], args.out / "mlp_barrier.png", "MLP 3 x %d on MNIST-1D" % hidden)
+    plot_curves(report["evaluation"], args.out / "mlp_barrier.png", f"MLP 3 x {hidden} on MNIST-1D")
     print(f"{'path':<8} {'split':<6} {'loss barrier':>12} {'error barrier':>13} {'midpoint acc':>12}")
     for name, curve in report["evaluation"]["paths"].items():
         mid = len(curve["alphas"]) // 2
