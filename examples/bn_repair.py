@@ -30,7 +30,8 @@ def main() -> None:
         "MLP, no norm": ({"in_features": 40, "hidden": hidden, "depth": 3}, ("none", "repair")),
     }
     print(
-        f"{'model':<16} {'--bn':<7} {'aligned test barrier':>21} {'aligned mid acc':>16} {'naive mid acc':>14}"
+        f"{'model':<16} {'--bn':<7} {'aligned test barrier':>21} "
+        + f"{'aligned mid acc':>16} {'naive mid acc':>14}"
     )
     for label, (arch, modes) in models.items():
         paths = []

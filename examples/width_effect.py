@@ -21,7 +21,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     widths, epochs, alphas = ((1,), 1, 3) if args.quick else ((1, 2, 4), 15, 11)
     print(
-        f"{'width':>5} {'test acc A/B':>13} {'naive barrier':>14} {'aligned barrier':>16} {'aligned mid acc':>16}"
+        f"{'width':>5} {'test acc A/B':>13} {'naive barrier':>14} "
+        + f"{'aligned barrier':>16} {'aligned mid acc':>16}"
     )
     for w in widths:
         arch = {"width": w, "in_channels": 1, "num_classes": 10}
