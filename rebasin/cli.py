@@ -86,7 +86,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or prog
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
 SpecOpt = Annotated[
     str,
-    typer.Option("--spec", help="auto (infer from names), a family name (mlp, vgg, resnet) or a spec file."),
+    typer.Option(
+        "--spec",
+        help="auto (infer from names), a family name (mlp, vgg, resnet, transformer) or a spec file.",
+    ),
 ]
 ShardOpt = Annotated[
     str | None,
@@ -365,7 +368,10 @@ def barrier(
 def train_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
     arch: Annotated[
-        str, typer.Option("--arch", help="Built-in model (mlp, vgg, resnet20, resnet) or MODULE:FACTORY.")
+        str,
+        typer.Option(
+            "--arch", help="Built-in model (mlp, vgg, resnet20, resnet, transformer) or MODULE:FACTORY."
+        ),
     ] = "mlp",
     arch_args: Annotated[
         str | None, typer.Option("--arch-args", help="JSON object of model arguments.")

@@ -94,6 +94,12 @@ CASES = [
         lambda: build_model("resnet", blocks=(2, 1), widths=(4, 8), bottleneck=True),
         (2, 3, 8, 8),
     ),
+    Case(
+        "transformer",
+        "transformer",
+        lambda: build_model("transformer", seq_len=12, dim=16, depth=2, heads=2),
+        (3, 12),
+    ),
 ]
 
 

@@ -378,7 +378,7 @@ def test_unknown_spec_family_suggests(mlp_pair: tuple[Path, Path], tmp_path: Pat
     a, b = mlp_pair
     expect_error(
         ["merge", a, b, "-o", tmp_path / "o.safetensors", "--spec", "resnt"],
-        "unknown spec family 'resnt' (known: resnet, mlp, vgg, or a spec file)",
+        "unknown spec family 'resnt' (known: resnet, mlp, vgg, transformer, or a spec file)",
         "did you mean 'resnet'?",
     )
 

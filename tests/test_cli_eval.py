@@ -263,7 +263,7 @@ def test_model_is_needed_for_a_barrier(mlp_pair: tuple[Path, Path]) -> None:
     expect_error(
         ["barrier", a, b, "--data", "mnist1d"],
         f"{a}: no model definition: the checkpoint records no architecture",
-        "pass --model NAME (built-in: mlp, resnet20, resnet, vgg) or --model MODULE:FACTORY",
+        "pass --model NAME (built-in: mlp, resnet20, resnet, transformer, vgg) or --model MODULE:FACTORY",
     )
 
 

@@ -383,3 +383,59 @@ def infer_spec(
         "write a spec file and pass --spec spec.yaml (see docs/spec-format.md)",
         source=source,
     )
+
+
+# ---------------------------------------------------------------------------------- transformer
+
+_TBLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+@register_spec(
+    "transformer",
+    "rebasin's small pre-LN transformer: embed, pos, blocks.N.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}, ln_f, head",
+)
+def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
+    """One residual-stream group for the whole network and one group per MLP hidden layer.
+    Attention dims stay fixed."""
+    need = ("embed.weight", "pos", "ln_f.weight", "head.weight")
+    missing = [n for n in need if n not in shapes]
+    if missing:
+        raise NotThisFamily(f"no '{missing[0]}'")
+    d = shapes["embed.weight"][0]
+    res = "P_residual"
+    axes: dict[str, list[AxisEntry]] = {
+        "embed.weight": [Axis(res), None],
+        "pos": [None, None, Axis(res)],
+        "ln_f.weight": [Axis(res)],
+        "head.weight": [None, Axis(res)],
+    }
+    sizes = {res: d}
+    for opt in ("embed.bias", "ln_f.bias"):
+        if opt in shapes:
+            axes[opt] = [Axis(res)]
+    blocks = sorted({int(m.group(1)) for n in shapes if (m := _TBLOCK.match(n))})
+    if not blocks:
+        raise NotThisFamily("no 'blocks.N.*'")
+    for i in blocks:
+        p = f"blocks.{i}"
+        for ln in ("ln1", "ln2"):
+            axes[f"{p}.{ln}.weight"] = [Axis(res)]
+            axes[f"{p}.{ln}.bias"] = [Axis(res)]
+        axes[f"{p}.attn.qkv.weight"] = [None, Axis(res)]
+        axes[f"{p}.attn.proj.weight"] = [Axis(res), None]
+        axes[f"{p}.attn.proj.bias"] = [Axis(res)]
+        hid = f"P_{p}.mlp"
+        sizes[hid] = shapes.get(f"{p}.mlp.fc1.weight", (0,))[0]
+        axes[f"{p}.mlp.fc1.weight"] = [Axis(hid), Axis(res)]
+        axes[f"{p}.mlp.fc1.bias"] = [Axis(hid)]
+        axes[f"{p}.mlp.fc2.weight"] = [Axis(res), Axis(hid)]
+        axes[f"{p}.mlp.fc2.bias"] = [Axis(res)]
+    known = set(axes) | {"head.bias", *(f"blocks.{i}.attn.qkv.bias" for i in blocks)}
+    extra = [n for n in shapes if n not in known]
+    if extra:
+        raise NotThisFamily(f"'{extra[0]}' {_shape(shapes[extra[0]])} fits no transformer layer")
+    spec = PermutationSpec(axes, sizes, family="transformer")
+    problems = spec.problems(shapes)
+    if problems:
+        raise NotThisFamily(problems[0])
+    return spec
