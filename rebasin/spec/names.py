@@ -392,7 +392,7 @@ _TBLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 @register_spec(
     "transformer",
-    "rebasin's small pre-LN transformer: embed, pos, blocks.N.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}, ln_f, head",
+    "rebasin's small pre-LN transformer: embed, pos, blocks.N.{ln1,attn,ln2,mlp}, ln_f, head",
 )
 def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
     """One residual-stream group for the whole network and one group per MLP hidden layer.
