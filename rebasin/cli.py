@@ -29,10 +29,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class Method(str, Enum):
     weight = "weight"
+    activation = "activation"
 
 
 class BarrierMethod(str, Enum):
     weight = "weight"
+    activation = "activation"
     none = "none"
 
 
@@ -242,6 +244,50 @@ def permute(
         render.permute_summary(rep)
 
 
+@app.command("merge-many")
+@_handled
+def merge_many(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the merged checkpoint.")],
+    spec: SpecOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rounds over all models.")] = 20,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    shard_size: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """MergeMany: align every model to the mean of the others, repeat, write the mean."""
+    from rebasin import render
+    from rebasin.pipeline import merge_many_checkpoints
+    from rebasin.report import write_report
+
+    if report is not None:
+        from rebasin.checkpoint import check_output_path
+
+        check_output_path(report, checkpoints, force)
+    with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
+        rep = merge_many_checkpoints(
+            checkpoints,
+            output,
+            spec=spec,
+            seed=seed,
+            max_rounds=max_rounds,
+            device=device,
+            force=force,
+            shard_size=shard_size,
+            progress=progress,
+        )
+    if report is not None:
+        write_report(rep, report)
+    if as_json:
+        _emit_json(rep)
+    elif not quiet:
+        render.many_summary(rep)
+
+
 @app.command("spec")
 @_handled
 def spec_cmd(
@@ -334,7 +380,13 @@ def barrier(
     for out in (plot, report):
         if out is not None:
             check_output_path(out, [a, b], force)
-    opts = MergeOptions(spec=spec, seed=seed, restarts=restarts, device=device)
+    opts = MergeOptions(
+        method=method.value if method != BarrierMethod.none else "weight",
+        spec=spec,
+        seed=seed,
+        restarts=restarts,
+        device=device,
+    )
     ev = EvalOptions(
         data=data,
         model=model,

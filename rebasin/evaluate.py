@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from rebasin.data.core import Dataset, batches
 from rebasin.errors import ConfigError
+from rebasin.spec.core import PermutationSpec
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,58 @@ def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
             f"labels go up to {data.num_classes - 1} but model '{model_name}' has {out.shape[1]} outputs",
             source=data.name,
         )
+
+
+def _channel_axis(m: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding):
+        return out.dim() - 1
+    return 1
+
+
+def activation_features(
+    make_model: Callable[[], nn.Module],
+    spec: PermutationSpec,
+    x: torch.Tensor,
+    batch_size: int = 500,
+    device: str = "cpu",
+    source: str = "checkpoint",
+    model_name: str = "model",
+) -> Callable[[Mapping[str, torch.Tensor]], Iterator[dict[str, list[torch.Tensor]]]]:
+    """A features function for activation matching: runs a state dict on ``x`` (fixed order) and
+    yields, per batch, each group's tap outputs as (rows, units). Taps are the modules whose weight
+    axis 0 belongs to a group (layer outputs and the norms that follow them)."""
+
+    def features(state: Mapping[str, torch.Tensor]) -> Iterator[dict[str, list[torch.Tensor]]]:
+        model = make_model().to(device)
+        load_into(model, state, source, model_name)
+        model.eval()
+        taps = []
+        for name, m in model.named_modules():
+            e = spec.entry(f"{name}.weight", 0) if name else None
+            if e is not None and e.inner == 1:
+                taps.append((name, m, e.group))
+        if not taps:
+            raise ConfigError(f"no module of model '{model_name}' outputs a permuted group", source=source)
+        current: dict[str, list[torch.Tensor]] = {}
+
+        def make_hook(group: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+                axis = _channel_axis(mod, out)
+                current.setdefault(group, []).append(
+                    out.detach().movedim(axis, -1).reshape(-1, out.shape[axis])
+                )
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(g)) for _, m, g in taps]
+        try:
+            with torch.no_grad():
+                for xb, _ in batches(x, torch.zeros(len(x)), batch_size):
+                    current.clear()
+                    model(xb.to(device))
+                    yield dict(current)
+        finally:
+            for h in handles:
+                h.remove()
+
+    return features

@@ -174,6 +174,7 @@ def merge_checkpoints(
     check_weights(a, spec)
     check_weights(b, spec)
     timings["spec_s"] = time.perf_counter() - t
+    features = data_features(opt.method, a, spec, evaluation, opt.seed)
     ev = make_evaluator(a, evaluation, opt.seed) if evaluation is not None else None
 
     result = match(
@@ -182,6 +183,7 @@ def merge_checkpoints(
         spec,
         opt.method,
         progress=progress,
+        features=features,
         seed=opt.seed,
         restarts=opt.restarts,
         max_iter=opt.max_iter,
@@ -267,6 +269,53 @@ def permute_checkpoint(
     report["spec"] = spec_info(s, source, list(ck.state))
     report["seed"] = seed
     report["moved_fraction"] = {g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()}
+    report["output"] = {"files": [str(f) for f in files]}
+    return report
+
+
+def merge_many_checkpoints(
+    paths: Sequence[PathLike],
+    out: PathLike,
+    *,
+    spec: str | PermutationSpec = "auto",
+    seed: int = 0,
+    max_rounds: int = 20,
+    device: str = "cpu",
+    force: bool = False,
+    shard_size: str | int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Align N checkpoints to a common reference (MergeMany) and write the mean of the aligned models."""
+    from rebasin.matching import MergeMany
+    from rebasin.merge import average
+
+    if len(paths) < 2:
+        raise ConfigError("merge-many needs at least two checkpoints")
+    check_output_path(out, paths, force)
+    cks = [load_checkpoint(p) for p in paths]
+    for ck in cks[1:]:
+        check_pair(cks[0], ck)
+    s, source = resolve_spec(spec, cks[0])
+    for ck in cks:
+        check_weights(ck, s)
+    result = MergeMany(max_rounds=max_rounds, seed=seed, device=device).match(
+        [c.state for c in cks], s, progress
+    )
+    aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
+    meta = _metadata(
+        cks[0].metadata,
+        command="merge-many",
+        method="merge-many",
+        seed=seed,
+        spec=source,
+        spec_digest=s.digest(),
+        models=len(cks),
+    )
+    files = save_checkpoint(average(aligned), out, meta, shard_size=parse_size(shard_size))
+    report = new_report("merge-many")
+    report["inputs"] = [input_info(c) for c in cks]
+    report["spec"] = spec_info(s, source, list(cks[0].state))
+    report["merge_many"] = result.to_dict()
     report["output"] = {"files": [str(f) for f in files]}
     return report
 
@@ -372,6 +421,37 @@ def _evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def data_features(
+    method: str, a: Checkpoint, spec: PermutationSpec, evaluation: EvalOptions | None, seed: int
+) -> Any:
+    """For data-driven methods, the function that runs a state dict on training data and yields
+    each group's activations; None for weight-only methods."""
+    from rebasin.evaluate import activation_features
+    from rebasin.matching import DATA_METHODS
+    from rebasin.models.resolve import ARCH_KEY, DATA_KEY
+
+    if method not in DATA_METHODS:
+        return None
+    eo = evaluation or EvalOptions()
+    if not (eo.data or a.metadata.get(DATA_KEY)):
+        raise ConfigError(
+            f"method '{method}' needs data to run both models on: pass --data (mnist1d, digits, "
+            "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
+            source=a.name,
+        )
+    if not (eo.model or ARCH_KEY in a.metadata):
+        raise ConfigError(
+            f"method '{method}' runs the models: pass --model NAME or MODULE:FACTORY "
+            "(the checkpoint records no architecture)",
+            source=a.name,
+        )
+    ev = make_evaluator(a, eo, seed)
+    x = ev.data.x_train[: eo.max_train] if eo.max_train else ev.data.x_train
+    return activation_features(
+        ev.make_model, spec, x, device=eo.device, source=a.name, model_name=ev.model_name
+    )
+
+
 def gate_value(report: dict[str, Any]) -> float | None:
     """The number ``--max-barrier`` is compared with: the test loss barrier (linear definition)
     of the aligned path (of the naive path when nothing was aligned)."""
@@ -414,6 +494,7 @@ def barrier_checkpoints(
             spec,
             opt.method,
             progress=progress,
+            features=data_features(opt.method, a, spec, ev_opt, opt.seed),
             seed=opt.seed,
             restarts=opt.restarts,
             max_iter=opt.max_iter,

@@ -62,7 +62,7 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     m = report["match"]
     spec = report["spec"]
     t = Table(
-        title=f"weight matching ({spec['source']}, {len(spec['groups'])} groups)",
+        title=f"{m['method']} matching ({spec['source']}, {len(spec['groups'])} groups)",
         title_justify="left",
     )
     t.add_column("group")
@@ -80,12 +80,15 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         )
     err.print(t)
     d = report["distance"]
-    best = m["restarts"][m["best_restart"]]
+    runs = ""
+    if m["restarts"]:
+        best = m["restarts"][m["best_restart"]]
+        state = "converged" if best["converged"] else "max-iter reached"
+        runs = f"{best['sweeps']} sweeps ({state}), {len(m['restarts'])} run(s), "
     err.print(
         f"objective {_fmt(m['objective_identity'])} -> {_fmt(m['objective'])}; "
         f"L2 distance {_fmt(d['l2_before'])} -> {_fmt(d['l2_after'])}; "
-        f"{best['sweeps']} sweeps ({'converged' if best['converged'] else 'max-iter reached'}), "
-        f"{len(m['restarts'])} run(s), {report['timings']['match_s']:.2f}s",
+        f"{runs}{report['timings']['match_s']:.2f}s",
         soft_wrap=True,
     )
     for kind, files in report["output"]["files"].items():
@@ -186,6 +189,23 @@ def evaluation_summary(report: Mapping[str, Any]) -> None:
         a = paths["aligned"]["barriers"]["test"]["loss"]["linear"]
         if n > 0:
             err.print(f"aligned test loss barrier is {100 * a / n:.0f}% of the naive one", soft_wrap=True)
+
+
+def many_summary(report: Mapping[str, Any]) -> None:
+    """Per-model movement and the distance to the mean."""
+    r = report["merge_many"]
+    t = Table(title=f"merge-many of {len(report['inputs'])} models", title_justify="left")
+    t.add_column("model")
+    t.add_column("units moved", justify="right")
+    for inp, moved in zip(report["inputs"], r["moved_fraction"], strict=True):
+        frac = sum(moved.values()) / max(1, len(moved))
+        t.add_row(inp["path"], f"{100 * frac:.0f}%")
+    err.print(t)
+    err.print(
+        f"total distance to the mean {_fmt(r['distance_before'])} -> {_fmt(r['distance_after'])} "
+        f"in {r['rounds']} round(s); wrote {', '.join(report['output']['files'])}",
+        soft_wrap=True,
+    )
 
 
 def wrote(paths: Sequence[Any]) -> None:

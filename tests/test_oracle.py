@@ -72,3 +72,21 @@ def test_merge_is_mean_of_a_and_permuted_b(case: Case) -> None:
     # pi(B) is a permutation of B: same multiset of values in every tensor
     for k in spec.params:
         assert torch.equal(torch.sort(pb[k].flatten()).values, torch.sort(b[k].flatten()).values)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_activation_matching_recovers_planted_permutation(case: Case) -> None:
+    from rebasin.evaluate import activation_features
+
+    model = case.make(0)
+    state = model.state_dict()
+    spec = infer_spec(state)
+    perm = random_permutation(spec, 11)
+    b = dict(permute(state, spec, perm))
+    x = torch.cat([case.inputs(s) for s in range(8)])
+    features = activation_features(lambda: case.make(3), spec, x, batch_size=7)
+    result = match(state, b, spec, "activation", features=features)
+    want = invert(perm)
+    for g in spec.sizes:
+        assert torch.equal(result.perm[g], want[g]), g
+    assert result.objective == pytest.approx(sum(spec.sizes.values()), rel=1e-6)  # correlations of 1

@@ -1,0 +1,109 @@
+"""Activation matching (Ainsworth et al., "Git Re-Basin", ICLR 2023, section 3.1).
+
+Run A and B on the same inputs, correlate each group's hidden units (Pearson correlation, streamed
+in float64: no activations are kept), and solve one assignment per group. Groups are independent.
+All taps of a group (e.g. every block writing into a residual stream) pool their statistics.
+
+The matcher runs nothing itself: it receives ``features(state)``, an iterator over batches that
+yields, per group, the list of that group's tap activations as (rows, units) matrices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rebasin.errors import MatchError
+from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.result import GroupStats, MatchResult, Progress
+from rebasin.spec.core import PermutationSpec
+
+Features = Callable[[Mapping[str, torch.Tensor]], Iterable[dict[str, list[torch.Tensor]]]]
+
+
+class _Moments:
+    """Streaming first and second moments of two aligned activation matrices."""
+
+    def __init__(self, n: int):
+        z = torch.zeros
+        self.count = 0
+        self.sa, self.sb = z(n, dtype=torch.float64), z(n, dtype=torch.float64)
+        self.saa, self.sbb = z(n, dtype=torch.float64), z(n, dtype=torch.float64)
+        self.sab = z(n, n, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        self.count += a.shape[0]
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+
+    def correlation(self, eps: float = 1e-12) -> np.ndarray:
+        n = self.count
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - torch.outer(ma, mb)
+        sa = (self.saa / n - ma * ma).clamp_min(0).sqrt()
+        sb = (self.sbb / n - mb * mb).clamp_min(0).sqrt()
+        return (cov / (torch.outer(sa, sb) + eps)).numpy()
+
+
+@dataclass(frozen=True)
+class ActivationMatching:
+    """Configured activation matcher (``backend``: linear-assignment back-end)."""
+
+    backend: str = "auto"
+
+    def match(
+        self,
+        a: Mapping[str, torch.Tensor],
+        b: Mapping[str, torch.Tensor],
+        spec: PermutationSpec,
+        features: Features,
+        progress: Progress | None = None,
+    ) -> MatchResult:
+        """Permutation of ``b``'s units maximizing their correlation with ``a``'s, per group."""
+        backend = resolve_backend(self.backend)
+        t0 = time.perf_counter()
+        moments = {g: _Moments(n) for g, n in spec.sizes.items()}
+        batches = 0
+        for fa, fb in zip(features(a), features(b), strict=True):
+            for g, taps_a in fa.items():
+                if g not in moments:
+                    continue
+                for ta, tb in zip(taps_a, fb[g], strict=True):
+                    if ta.shape != tb.shape or ta.shape[-1] != spec.sizes[g]:
+                        raise MatchError(f"activations of group '{g}' have shape {tuple(ta.shape)}")
+                    moments[g].add(ta, tb)
+            batches += 1
+            if progress:
+                progress("collecting activations", batches, batches)
+        missing = [g for g, m in moments.items() if m.count == 0]
+        if missing:
+            raise MatchError(f"no activations were recorded for group '{missing[0]}'")
+        perm, groups = {}, {}
+        for g, m in moments.items():
+            c = m.correlation()
+            p = solve_assignment(c, backend)
+            n = spec.sizes[g]
+            perm[g] = torch.from_numpy(p)
+            groups[g] = GroupStats(
+                size=n,
+                objective_before=float(np.trace(c)),
+                objective_after=float(c[np.arange(n), p].sum()),
+                moved_fraction=float((p != np.arange(n)).mean()),
+            )
+        return MatchResult(
+            method="activation",
+            perm=perm,
+            objective_identity=sum(s.objective_before for s in groups.values()),
+            objective=sum(s.objective_after for s in groups.values()),
+            groups=groups,
+            options={"backend": backend, "batches": batches},
+            seconds=time.perf_counter() - t0,
+        )

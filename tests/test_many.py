@@ -1,0 +1,107 @@
+"""Activation matching and MergeMany on trained models, and their command lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import expect_error, run
+
+from rebasin.checkpoint import load_checkpoint
+from rebasin.data import load_data
+from rebasin.evaluate import evaluate
+from rebasin.matching import MergeMany
+from rebasin.merge import average
+from rebasin.models import build_model
+from rebasin.permutation import permute, random_permutation
+from rebasin.spec import infer_spec
+
+ARGS = {"in_features": 40, "hidden": 128, "depth": 2, "num_classes": 10}
+
+
+@pytest.fixture(scope="session")
+def trained_trio(trained_mlp_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from rebasin.demo import train_checkpoint
+
+    p = tmp_path_factory.mktemp("trio") / "mlp2.safetensors"
+    train_checkpoint("mlp", ARGS, "mnist1d", p, seed=2, epochs=8)
+    return [*trained_mlp_pair, p]
+
+
+def _loss(state: object) -> float:
+    m = build_model("mlp", **ARGS)
+    m.load_state_dict({k: v for k, v in state.items()})  # type: ignore[attr-defined]
+    return evaluate(m, *load_data("mnist1d").split("test")).loss
+
+
+def test_merge_many_beats_naive_average(trained_trio: list[Path]) -> None:
+    states = [load_checkpoint(p).state for p in trained_trio]
+    spec = infer_spec(states[0])
+    result = MergeMany(seed=0).match(states, spec)
+    assert result.distance_after < result.distance_before
+    aligned = [permute(s, spec, p) for s, p in zip(states, result.perms, strict=True)]
+    naive, merged = _loss(average(states)), _loss(average(aligned))
+    assert merged < naive - 0.2, (merged, naive)
+
+
+def test_merge_many_recovers_planted_permutations(trained_mlp_pair: tuple[Path, Path]) -> None:
+    a = dict(load_checkpoint(trained_mlp_pair[0]).state)
+    spec = infer_spec(a)
+    perms = [random_permutation(spec, s) for s in (1, 2, 3)]
+    states = [a] + [dict(permute(a, spec, p)) for p in perms]
+    result = MergeMany(seed=0).match(states, spec)
+    # every model lands on a common ordering: aligned copies are identical
+    aligned = [dict(permute(s, spec, p)) for s, p in zip(states, result.perms, strict=True)]
+    for s in aligned[1:]:
+        for k in a:
+            assert torch.equal(s[k], aligned[0][k]), k
+    assert result.distance_after == pytest.approx(0.0, abs=1e-4)
+
+
+def test_activation_method_from_the_command_line(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = trained_mlp_pair
+    code, stdout, err = run("barrier", a, b, "--method", "activation", "--alphas", "5", "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)["evaluation"]["paths"]
+    assert (
+        ev["aligned"]["barriers"]["test"]["loss"]["linear"]
+        < 0.5 * ev["naive"]["barriers"]["test"]["loss"]["linear"]
+    )
+    out = tmp_path / "m.safetensors"
+    code, _, err = run("merge", a, b, "-o", out, "--method", "activation")
+    assert code == 0, err
+    assert "activation matching" in err
+
+
+def test_data_driven_method_without_data(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = mlp_pair
+    expect_error(
+        ["merge", a, b, "-o", tmp_path / "o.safetensors", "--method", "activation"],
+        f"{a}: method 'activation' needs data to run both models on: pass --data (mnist1d, digits, "
+        "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
+    )
+    expect_error(
+        ["merge", a, b, "-o", tmp_path / "o.safetensors", "--method", "activation", "--data", "mnist1d"],
+        f"{a}: method 'activation' runs the models: pass --model NAME or MODULE:FACTORY "
+        "(the checkpoint records no architecture)",
+    )
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merge_many_command(trained_trio: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "mm.safetensors"
+    code, stdout, err = run("merge-many", *trained_trio, "-o", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert len(report["inputs"]) == 3
+    assert len(report["merge_many"]["moved_fraction"]) == 3
+    assert report["merge_many"]["distance_after"] < report["merge_many"]["distance_before"]
+    merged = load_file(out)
+    assert set(merged) == set(load_file(trained_trio[0]))
+    expect_error(
+        ["merge-many", trained_trio[0], "-o", tmp_path / "x.safetensors"],
+        "merge-many needs at least two checkpoints",
+    )
