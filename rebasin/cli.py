@@ -30,11 +30,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Method(str, Enum):
     weight = "weight"
     activation = "activation"
+    ste = "ste"
+    sinkhorn = "sinkhorn"
+
+
+class Cost(str, Enum):
+    l2 = "l2"
+    mid = "mid"
+    rnd = "rnd"
 
 
 class BarrierMethod(str, Enum):
     weight = "weight"
     activation = "activation"
+    ste = "ste"
+    sinkhorn = "sinkhorn"
     none = "none"
 
 
@@ -126,6 +136,18 @@ MaxBarrierOpt = Annotated[
 ]
 
 
+CostOpt = Annotated[
+    Cost,
+    typer.Option(
+        "--cost", help="Sinkhorn cost: l2 (data-free), mid (midpoint loss), rnd (random-lambda loss)."
+    ),
+]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option("--steps", min=1, help="Optimizer steps for ste / sinkhorn (defaults 200 / 300)."),
+]
+
+
 def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
     if limit is None or value is None:
         return
@@ -153,6 +175,8 @@ def merge(
         typer.Option("--output", "-o", help="Merged checkpoint (.safetensors, or a directory)."),
     ],
     method: Annotated[Method, typer.Option("--method", help="How to find the permutation.")] = Method.weight,
+    cost: CostOpt = Cost.l2,
+    steps: StepsOpt = None,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
@@ -197,6 +221,8 @@ def merge(
         shard_size=shard_size,
         force=force,
         save_permuted=save_permuted,
+        cost=cost.value,
+        steps=steps,
     )
     evaluation = None
     if (
@@ -353,6 +379,8 @@ def barrier(
         BarrierMethod,
         typer.Option("--method", help="Alignment for the aligned path; none draws the naive path only."),
     ] = BarrierMethod.weight,
+    cost: CostOpt = Cost.l2,
+    steps: StepsOpt = None,
     spec: SpecOpt = "auto",
     alphas: AlphasOpt = 25,
     bn: BNOpt = BNMode.auto,
@@ -386,6 +414,8 @@ def barrier(
         seed=seed,
         restarts=restarts,
         device=device,
+        cost=cost.value,
+        steps=steps,
     )
     ev = EvalOptions(
         data=data,

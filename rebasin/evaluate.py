@@ -130,13 +130,52 @@ def activation_features(
 
         handles = [m.register_forward_hook(make_hook(g)) for _, m, g in taps]
         try:
-            with torch.no_grad():
-                for xb, _ in batches(x, torch.zeros(len(x)), batch_size):
-                    current.clear()
+            for xb, _ in batches(x, torch.zeros(len(x)), batch_size):
+                current.clear()
+                with torch.no_grad():  # never held across a yield: grad mode is thread-global
                     model(xb.to(device))
-                    yield dict(current)
+                yield dict(current)
         finally:
             for h in handles:
                 h.remove()
 
     return features
+
+
+def task_loss_fns(
+    make_model: Callable[[], nn.Module],
+    reference: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "cpu",
+    score_examples: int = 2000,
+) -> tuple[
+    Callable[[dict[str, torch.Tensor], int], torch.Tensor], Callable[[dict[str, torch.Tensor]], float]
+]:
+    """Differentiable task loss of a model given as a dict of float tensors (``task_loss(params,
+    step)`` on the step's mini-batch, cycling through shuffled data) and a no-grad ``score(params)``
+    on the first ``score_examples`` examples. Tensors missing from ``params`` (integer buffers)
+    come from ``reference``."""
+    from torch.func import functional_call
+
+    model = make_model().to(device).eval()
+    fixed = {k: v.to(device) for k, v in reference.items() if not v.is_floating_point()}
+    n = len(y)
+    per_epoch = max(1, (n + batch_size - 1) // batch_size)
+
+    def task_loss(params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        out = functional_call(model, {**fixed, **params}, (x[idx].to(device),))
+        return nn.functional.cross_entropy(out, y[idx].to(device))
+
+    def score(params: dict[str, torch.Tensor]) -> float:
+        with torch.no_grad():
+            xs, ys = x[:score_examples].to(device), y[:score_examples].to(device)
+            out = functional_call(model, {**fixed, **params}, (xs,))
+            return float(nn.functional.cross_entropy(out, ys))
+
+    return task_loss, score

@@ -48,6 +48,8 @@ class MergeOptions:
     shard_size: str | int | None = None
     force: bool = False
     save_permuted: PathLike | None = None
+    cost: str = "l2"
+    steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,7 +176,7 @@ def merge_checkpoints(
     check_weights(a, spec)
     check_weights(b, spec)
     timings["spec_s"] = time.perf_counter() - t
-    features = data_features(opt.method, a, spec, evaluation, opt.seed)
+    data_kw = data_callables(opt, a, spec, evaluation)
     ev = make_evaluator(a, evaluation, opt.seed) if evaluation is not None else None
 
     result = match(
@@ -183,7 +185,9 @@ def merge_checkpoints(
         spec,
         opt.method,
         progress=progress,
-        features=features,
+        cost=opt.cost,
+        steps=opt.steps,
+        **data_kw,
         seed=opt.seed,
         restarts=opt.restarts,
         max_iter=opt.max_iter,
@@ -421,35 +425,45 @@ def _evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def data_features(
-    method: str, a: Checkpoint, spec: PermutationSpec, evaluation: EvalOptions | None, seed: int
-) -> Any:
-    """For data-driven methods, the function that runs a state dict on training data and yields
-    each group's activations; None for weight-only methods."""
-    from rebasin.evaluate import activation_features
+def data_callables(
+    opt: MergeOptions, a: Checkpoint, spec: PermutationSpec, evaluation: EvalOptions | None
+) -> dict[str, Any]:
+    """What data-driven methods receive from the model and data side: ``features`` (activation
+    matching), ``task_loss`` (STE, Sinkhorn mid/rnd) and ``score`` (STE). Empty for data-free runs."""
+    from rebasin.evaluate import activation_features, task_loss_fns
     from rebasin.matching import DATA_METHODS
     from rebasin.models.resolve import ARCH_KEY, DATA_KEY
 
-    if method not in DATA_METHODS:
-        return None
+    method = opt.method
+    needs = method in DATA_METHODS or (method == "sinkhorn" and opt.cost != "l2")
+    if not needs:
+        return {}
+    what = f"method '{method}'" + (f" with cost '{opt.cost}'" if method == "sinkhorn" else "")
     eo = evaluation or EvalOptions()
     if not (eo.data or a.metadata.get(DATA_KEY)):
         raise ConfigError(
-            f"method '{method}' needs data to run both models on: pass --data (mnist1d, digits, "
+            f"{what} needs data to run both models on: pass --data (mnist1d, digits, "
             "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
             source=a.name,
         )
     if not (eo.model or ARCH_KEY in a.metadata):
         raise ConfigError(
-            f"method '{method}' runs the models: pass --model NAME or MODULE:FACTORY "
+            f"{what} runs the models: pass --model NAME or MODULE:FACTORY "
             "(the checkpoint records no architecture)",
             source=a.name,
         )
-    ev = make_evaluator(a, eo, seed)
-    x = ev.data.x_train[: eo.max_train] if eo.max_train else ev.data.x_train
-    return activation_features(
-        ev.make_model, spec, x, device=eo.device, source=a.name, model_name=ev.model_name
-    )
+    ev = make_evaluator(a, eo, opt.seed)
+    x, y = ev.data.x_train, ev.data.y_train
+    if eo.max_train:
+        x, y = x[: eo.max_train], y[: eo.max_train]
+    if method == "activation":
+        return {
+            "features": activation_features(
+                ev.make_model, spec, x, device=eo.device, source=a.name, model_name=ev.model_name
+            )
+        }
+    task_loss, score = task_loss_fns(ev.make_model, a.state, x, y, seed=opt.seed, device=eo.device)
+    return {"task_loss": task_loss, "score": score} if method == "ste" else {"task_loss": task_loss}
 
 
 def gate_value(report: dict[str, Any]) -> float | None:
@@ -494,7 +508,9 @@ def barrier_checkpoints(
             spec,
             opt.method,
             progress=progress,
-            features=data_features(opt.method, a, spec, ev_opt, opt.seed),
+            cost=opt.cost,
+            steps=opt.steps,
+            **data_callables(opt, a, spec, ev_opt),
             seed=opt.seed,
             restarts=opt.restarts,
             max_iter=opt.max_iter,

@@ -105,3 +105,42 @@ def test_merge_many_command(trained_trio: list[Path], tmp_path: Path) -> None:
         ["merge-many", trained_trio[0], "-o", tmp_path / "x.safetensors"],
         "merge-many needs at least two checkpoints",
     )
+
+
+def test_every_method_beats_naive_and_data_costs_beat_weight_matching(
+    trained_mlp_pair: tuple[Path, Path],
+) -> None:
+    a, b = trained_mlp_pair
+    barriers = {}
+    for method, extra in (
+        ("weight", []),
+        ("activation", []),
+        ("sinkhorn", ["--steps", "100"]),
+        ("sinkhorn-mid", ["--cost", "mid", "--steps", "100"]),
+        ("ste", ["--steps", "40"]),
+    ):
+        code, stdout, err = run(
+            "barrier", a, b, "--method", method.split("-")[0], *extra, "--alphas", "5", "--json"
+        )
+        assert code == 0, err
+        paths = json.loads(stdout)["evaluation"]["paths"]
+        barriers[method] = paths["aligned"]["barriers"]["test"]["loss"]["linear"]
+        naive = paths["naive"]["barriers"]["test"]["loss"]["linear"]
+        assert barriers[method] < 0.5 * naive, (method, barriers[method], naive)
+    assert barriers["ste"] <= barriers["weight"] + 1e-6, barriers
+    assert barriers["sinkhorn-mid"] <= barriers["weight"] + 1e-6, barriers
+
+
+@pytest.mark.parametrize(
+    ("method", "what"), [("ste", "method 'ste'"), ("sinkhorn", "method 'sinkhorn' with cost 'mid'")]
+)
+def test_data_driven_methods_need_data(
+    mlp_pair: tuple[Path, Path], tmp_path: Path, method: str, what: str
+) -> None:
+    a, b = mlp_pair
+    extra = ["--cost", "mid"] if method == "sinkhorn" else []
+    expect_error(
+        ["merge", a, b, "-o", tmp_path / "o.safetensors", "--method", method, *extra],
+        f"{a}: {what} needs data to run both models on: pass --data (mnist1d, digits, "
+        "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
+    )

@@ -86,6 +86,7 @@ def test_activation_matching_recovers_planted_permutation(case: Case) -> None:
     x = torch.cat([case.inputs(s) for s in range(8)])
     features = activation_features(lambda: case.make(3), spec, x, batch_size=7)
     result = match(state, b, spec, "activation", features=features)
+    assert torch.is_grad_enabled()  # collecting activations must not leak no_grad
     want = invert(perm)
     for g in spec.sizes:
         assert torch.equal(result.perm[g], want[g]), g

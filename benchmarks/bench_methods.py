@@ -1,0 +1,73 @@
+"""Compare matching methods on trained pairs: search time, loss barrier (both definitions) and
+midpoint accuracy on test data. Trains its pairs first (the demo MLP pair on MNIST-1D and a
+ResNet-20 pair on digits). Usage: python benchmarks/bench_methods.py [--quick] [--out DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rebasin.demo import DEMO_MODEL, train_checkpoint
+from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints
+
+METHODS = [
+    ("none (naive)", None, {}),
+    ("weight", "weight", {}),
+    ("weight, 5 restarts", "weight", {"restarts": 5}),
+    ("activation", "activation", {}),
+    ("sinkhorn l2", "sinkhorn", {"cost": "l2"}),
+    ("sinkhorn mid", "sinkhorn", {"cost": "mid"}),
+    ("sinkhorn rnd", "sinkhorn", {"cost": "rnd"}),
+    ("ste", "ste", {}),
+]
+
+
+def pairs(out: Path, quick: bool) -> dict[str, tuple[Path, Path]]:
+    out.mkdir(parents=True, exist_ok=True)
+    specs = {
+        "MLP 2x512, MNIST-1D": ("mlp", DEMO_MODEL, "mnist1d", 20, 1e-3),
+        "ResNet-20 (w=1), digits": ("resnet20", {"width": 1, "in_channels": 1}, "digits", 15, 3e-3),
+    }
+    result = {}
+    for label, (arch, args, data, epochs, lr) in specs.items():
+        if quick:
+            epochs = 2
+        paths = []
+        for seed in (0, 1):
+            p = out / f"{arch}_{seed}.safetensors"
+            if not p.exists():
+                train_checkpoint(arch, args, data, p, seed=seed, epochs=epochs, lr=lr, force=True)
+            paths.append(p)
+        result[label] = (paths[0], paths[1])
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("rebasin-bench"))
+    args = ap.parse_args()
+    alphas = 5 if args.quick else 11
+    for label, (a, b) in pairs(args.out, args.quick).items():
+        print(f"\n{label} (test split, {alphas} alphas)")
+        print(f"{'method':<20} {'search s':>9} {'loss barrier':>13} {'(mean def.)':>12} {'midpoint acc':>13}")
+        for name, method, extra in METHODS:
+            opts = MergeOptions(method=method or "weight", **extra)
+            if args.quick and method in ("sinkhorn", "ste"):
+                opts.steps = 20
+            t = time.perf_counter()
+            rep = barrier_checkpoints(a, b, opts, EvalOptions(alphas=alphas), align=method is not None)
+            path = "aligned" if method else "naive"
+            search = rep["match"]["seconds"] if method else 0.0
+            curve = rep["evaluation"]["paths"][path]
+            mid = curve["acc"]["test"][len(curve["alphas"]) // 2]
+            bar = curve["barriers"]["test"]["loss"]
+            print(
+                f"{name:<20} {search:>9.2f} {bar['linear']:>13.3f} {bar['mean']:>12.3f} {100 * mid:>12.1f}%"
+            )
+            del t
+
+
+if __name__ == "__main__":
+    main()
