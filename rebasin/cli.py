@@ -148,6 +148,11 @@ StepsOpt = Annotated[
 ]
 
 
+LrOpt = Annotated[
+    float | None, typer.Option("--lr", help="Adam learning rate for ste / sinkhorn (defaults 1e-3 / 0.1).")
+]
+
+
 def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
     if limit is None or value is None:
         return
@@ -177,6 +182,7 @@ def merge(
     method: Annotated[Method, typer.Option("--method", help="How to find the permutation.")] = Method.weight,
     cost: CostOpt = Cost.l2,
     steps: StepsOpt = None,
+    lr: LrOpt = None,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
@@ -223,6 +229,7 @@ def merge(
         save_permuted=save_permuted,
         cost=cost.value,
         steps=steps,
+        lr=lr,
     )
     evaluation = None
     if (
@@ -381,6 +388,7 @@ def barrier(
     ] = BarrierMethod.weight,
     cost: CostOpt = Cost.l2,
     steps: StepsOpt = None,
+    lr: LrOpt = None,
     spec: SpecOpt = "auto",
     alphas: AlphasOpt = 25,
     bn: BNOpt = BNMode.auto,
@@ -416,6 +424,7 @@ def barrier(
         device=device,
         cost=cost.value,
         steps=steps,
+        lr=lr,
     )
     ev = EvalOptions(
         data=data,

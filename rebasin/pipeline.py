@@ -50,6 +50,7 @@ class MergeOptions:
     save_permuted: PathLike | None = None
     cost: str = "l2"
     steps: int | None = None
+    lr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,6 +188,7 @@ def merge_checkpoints(
         progress=progress,
         cost=opt.cost,
         steps=opt.steps,
+        lr=opt.lr,
         **data_kw,
         seed=opt.seed,
         restarts=opt.restarts,
@@ -510,6 +512,7 @@ def barrier_checkpoints(
             progress=progress,
             cost=opt.cost,
             steps=opt.steps,
+            lr=opt.lr,
             **data_callables(opt, a, spec, ev_opt),
             seed=opt.seed,
             restarts=opt.restarts,

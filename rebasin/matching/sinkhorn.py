@@ -31,15 +31,28 @@ TaskLoss = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
 """task_loss(params, step) -> scalar loss of a model with these parameters on the step's batch."""
 
 
-def sinkhorn(s: torch.Tensor, iters: int = 200, tol: float = 1e-9) -> torch.Tensor:
-    """Doubly-stochastic ``exp(s + alpha_i + beta_j)`` by log-domain Sinkhorn iterations."""
-    log_p = s - s.max()
+def sinkhorn(
+    s: torch.Tensor, iters: int = 200, tol: float = 1e-9, duals: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Doubly-stochastic ``exp(s + alpha_i + beta_j)`` by log-domain Sinkhorn iterations on the
+    dual potentials. ``duals`` (a list ``[alpha, beta]``, updated in place) warm-starts from a
+    previous, similar ``s``: during optimization a few iterations then suffice."""
+    n = s.shape[0]
+    if duals and duals[0].shape == (n,) and duals[0].dtype == s.dtype:
+        alpha, beta = duals
+    else:
+        alpha = torch.zeros(n, dtype=s.dtype, device=s.device)
+        beta = -torch.logsumexp(s, dim=0)
     for i in range(iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
-        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
-        if i % 10 == 9 and float((log_p.exp().sum(1) - 1).abs().max()) < tol:
-            break
-    return log_p.exp()
+        alpha = -torch.logsumexp(s + beta[None, :], dim=1)
+        beta = -torch.logsumexp(s + alpha[:, None], dim=0)
+        if i % 5 == 4:
+            rows = torch.exp(s + alpha[:, None] + beta[None, :]).sum(1)
+            if float((rows - 1).abs().max()) < tol:
+                break
+    if duals is not None:
+        duals[:] = [alpha, beta]
+    return torch.exp(s + alpha[:, None] + beta[None, :])
 
 
 class ImplicitSinkhorn(torch.autograd.Function):
@@ -51,14 +64,16 @@ class ImplicitSinkhorn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, s: torch.Tensor, iters: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, s: torch.Tensor, iters: int, tol: float = 1e-9, duals: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         with torch.no_grad():
-            p = sinkhorn(s.detach().double(), iters).to(s.dtype)
+            p = sinkhorn(s.detach(), iters, tol, duals)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (p,) = ctx.saved_tensors
         pd, gd = p.double(), grad.double()
         gp = gd * pd
@@ -75,7 +90,7 @@ class ImplicitSinkhorn(torch.autograd.Function):
                 mu = torch.linalg.lstsq(m, rhs[:, None], driver="gelsd").solution[:, 0]
         lam = h1 - pd @ mu
         ds = pd * (gd - lam[:, None] - mu[None, :])
-        return ds.to(grad.dtype), None
+        return ds.to(grad.dtype), None, None, None
 
 
 def soft_permute(t: torch.Tensor, entries: tuple[Any, ...], soft: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -139,12 +154,16 @@ class SinkhornRebasin:
             )
             logits[g] = w.to(dev).requires_grad_(True)
         opt = torch.optim.Adam(list(logits.values()), lr=self.lr)
+        duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
         scale = sum(float((fa[k] ** 2).sum()) for k in spec.params) or 1.0
         history = []
         ratio = (self.tau_end / self.tau_start) ** (1 / max(1, self.steps - 1))
         for step in range(self.steps):
             tau = self.tau_start * ratio**step
-            soft = {g: ImplicitSinkhorn.apply(w / tau, self.sinkhorn_iters) for g, w in logits.items()}
+            soft = {
+                g: ImplicitSinkhorn.apply(w / tau, self.sinkhorn_iters, 1e-4, duals[g])
+                for g, w in logits.items()
+            }
             pb = {
                 k: soft_permute(fb[k], spec.axes_to_perm[k], soft) if k in spec.axes_to_perm else fb[k]
                 for k in fb
