@@ -5,7 +5,6 @@ ResNet-20 pair on digits). Usage: python benchmarks/bench_methods.py [--quick] [
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from rebasin.demo import DEMO_MODEL, train_checkpoint
@@ -47,16 +46,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("rebasin-bench"))
+    ap.add_argument("--pair", default="", help="only pairs whose label contains this text")
     args = ap.parse_args()
     alphas = 5 if args.quick else 11
     for label, (a, b) in pairs(args.out, args.quick).items():
+        if args.pair not in label:
+            continue
         print(f"\n{label} (test split, {alphas} alphas)")
         print(f"{'method':<20} {'search s':>9} {'loss barrier':>13} {'(mean def.)':>12} {'midpoint acc':>13}")
         for name, method, extra in METHODS:
             opts = MergeOptions(method=method or "weight", **extra)
             if args.quick and method in ("sinkhorn", "ste"):
                 opts.steps = 20
-            t = time.perf_counter()
             rep = barrier_checkpoints(a, b, opts, EvalOptions(alphas=alphas), align=method is not None)
             path = "aligned" if method else "naive"
             search = rep["match"]["seconds"] if method else 0.0
@@ -66,7 +67,6 @@ def main() -> None:
             print(
                 f"{name:<20} {search:>9.2f} {bar['linear']:>13.3f} {bar['mean']:>12.3f} {100 * mid:>12.1f}%"
             )
-            del t
 
 
 if __name__ == "__main__":

@@ -162,6 +162,13 @@ def task_loss_fns(
 
     model = make_model().to(device).eval()
     fixed = {k: v.to(device) for k, v in reference.items() if not v.is_floating_point()}
+    buffers = {name for name, _ in model.named_buffers()}
+
+    def call(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        # buffers (BatchNorm running statistics) take values, never gradients
+        full = {**fixed, **{k: v.detach() if k in buffers else v for k, v in params.items()}}
+        return functional_call(model, full, (xb,))
+
     n = len(y)
     per_epoch = max(1, (n + batch_size - 1) // batch_size)
 
@@ -169,13 +176,13 @@ def task_loss_fns(
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         idx = order[i * batch_size : (i + 1) * batch_size]
-        out = functional_call(model, {**fixed, **params}, (x[idx].to(device),))
+        out = call(params, x[idx].to(device))
         return nn.functional.cross_entropy(out, y[idx].to(device))
 
     def score(params: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
             xs, ys = x[:score_examples].to(device), y[:score_examples].to(device)
-            out = functional_call(model, {**fixed, **params}, (xs,))
+            out = call(params, xs)
             return float(nn.functional.cross_entropy(out, ys))
 
     return task_loss, score

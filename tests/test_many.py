@@ -144,3 +144,12 @@ def test_data_driven_methods_need_data(
         f"{a}: {what} needs data to run both models on: pass --data (mnist1d, digits, "
         "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
     )
+
+
+@pytest.mark.parametrize("method", [["sinkhorn", "--cost", "mid"], ["ste"]])
+def test_task_loss_methods_on_batchnorm_models(trained_bn_pair: tuple[Path, Path], method: list[str]) -> None:
+    a, b = trained_bn_pair
+    code, stdout, err = run("barrier", a, b, "--method", *method, "--steps", "10", "--alphas", "3", "--json")
+    assert code == 0, err
+    paths = json.loads(stdout)["evaluation"]["paths"]
+    assert paths["aligned"]["barriers"]["test"]["loss"]["linear"] < paths["naive"]["barriers"]["test"]["loss"]["linear"]
