@@ -152,4 +152,7 @@ def test_task_loss_methods_on_batchnorm_models(trained_bn_pair: tuple[Path, Path
     code, stdout, err = run("barrier", a, b, "--method", *method, "--steps", "10", "--alphas", "3", "--json")
     assert code == 0, err
     paths = json.loads(stdout)["evaluation"]["paths"]
-    assert paths["aligned"]["barriers"]["test"]["loss"]["linear"] < paths["naive"]["barriers"]["test"]["loss"]["linear"]
+    assert (
+        paths["aligned"]["barriers"]["test"]["loss"]["linear"]
+        < paths["naive"]["barriers"]["test"]["loss"]["linear"]
+    )

@@ -86,10 +86,15 @@ class ImplicitSinkhorn(torch.autograd.Function):
         if n > 1:
             try:
                 mu[:-1] = torch.linalg.solve(m[:-1, :-1], rhs[:-1])
-            except RuntimeError:  # P (nearly) a hard permutation: least squares, min-norm
-                mu = torch.linalg.lstsq(m, rhs[:, None], driver="gelsd").solution[:, 0]
+            except RuntimeError:  # P (nearly) a hard permutation: pseudo-inverse, min-norm
+                try:
+                    mu = torch.linalg.pinv(m) @ rhs
+                except RuntimeError:  # non-finite input: no usable gradient this step
+                    return torch.zeros_like(grad), None, None, None
         lam = h1 - pd @ mu
         ds = pd * (gd - lam[:, None] - mu[None, :])
+        # an ill-conditioned solve can overflow the input's dtype: keep the step usable (Adam rescales)
+        ds = torch.nan_to_num(ds, nan=0.0, posinf=0.0, neginf=0.0).clamp(-1e6, 1e6)
         return ds.to(grad.dtype), None, None, None
 
 
@@ -176,6 +181,8 @@ class SinkhornRebasin:
                 params = {k: (1 - lam) * fa[k] + lam * pb[k] for k in fb}
                 loss = task_loss(params, step)
             opt.zero_grad()
+            if not bool(torch.isfinite(loss.detach())):  # type: ignore[union-attr]
+                continue  # a diverging batch: skip it rather than poison the logits
             loss.backward()  # type: ignore[union-attr]
             opt.step()
             history.append(float(loss.detach()))  # type: ignore[union-attr]
