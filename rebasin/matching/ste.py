@@ -27,11 +27,13 @@ Score = Callable[[dict[str, torch.Tensor]], float]
 @dataclass(frozen=True)
 class StraightThrough:
     """Configured straight-through estimator (``steps`` optimizer steps, ``eval_every`` steps
-    between evaluations of the current permutation's midpoint with ``score``)."""
+    between evaluations of the current permutation's midpoint with ``score``; the start is weight
+    matching with ``restarts`` runs)."""
 
     steps: int = 200
     lr: float = 1e-3
     eval_every: int = 25
+    restarts: int = 1
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
@@ -50,7 +52,9 @@ class StraightThrough:
         fa = {k: a[k].to(dev, torch.float32) for k in a if a[k].is_floating_point()}
         fb = {k: b[k].to(dev, torch.float32) for k in b if b[k].is_floating_point()}
         wm = WeightMatching(seed=self.seed, device=self.device, backend=self.backend, max_iter=20)
-        start = wm.match(fa, fb, spec)
+        start = WeightMatching(
+            seed=self.seed, device=self.device, backend=self.backend, restarts=self.restarts
+        ).match(fa, fb, spec)
         perm: Permutation = start.perm
         free = {k: fa[k].clone().requires_grad_(True) for k in spec.params}
         opt = torch.optim.Adam(list(free.values()), lr=self.lr)
