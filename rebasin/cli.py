@@ -148,6 +148,12 @@ StepsOpt = Annotated[
 ]
 
 
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--epochs", min=1, help="For ste / sinkhorn with data: passes over the training data (sets --steps)."
+    ),
+]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Adam learning rate for ste / sinkhorn (defaults 1e-3 / 0.1).")
 ]
@@ -182,6 +188,7 @@ def merge(
     method: Annotated[Method, typer.Option("--method", help="How to find the permutation.")] = Method.weight,
     cost: CostOpt = Cost.l2,
     steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
     lr: LrOpt = None,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
@@ -229,6 +236,7 @@ def merge(
         save_permuted=save_permuted,
         cost=cost.value,
         steps=steps,
+        epochs=epochs,
         lr=lr,
     )
     evaluation = None
@@ -388,6 +396,7 @@ def barrier(
     ] = BarrierMethod.weight,
     cost: CostOpt = Cost.l2,
     steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
     lr: LrOpt = None,
     spec: SpecOpt = "auto",
     alphas: AlphasOpt = 25,
@@ -424,6 +433,7 @@ def barrier(
         device=device,
         cost=cost.value,
         steps=steps,
+        epochs=epochs,
         lr=lr,
     )
     ev = EvalOptions(

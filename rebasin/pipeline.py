@@ -50,6 +50,7 @@ class MergeOptions:
     save_permuted: PathLike | None = None
     cost: str = "l2"
     steps: int | None = None
+    epochs: int | None = None
     lr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -187,9 +188,8 @@ def merge_checkpoints(
         opt.method,
         progress=progress,
         cost=opt.cost,
-        steps=opt.steps,
         lr=opt.lr,
-        **data_kw,
+        **({"steps": opt.steps} | data_kw),
         seed=opt.seed,
         restarts=opt.restarts,
         max_iter=opt.max_iter,
@@ -464,8 +464,16 @@ def data_callables(
                 ev.make_model, spec, x, device=eo.device, source=a.name, model_name=ev.model_name
             )
         }
-    task_loss, score = task_loss_fns(ev.make_model, a.state, x, y, seed=opt.seed, device=eo.device)
-    return {"task_loss": task_loss, "score": score} if method == "ste" else {"task_loss": task_loss}
+    batch_size = 256
+    task_loss, score = task_loss_fns(
+        ev.make_model, a.state, x, y, batch_size=batch_size, seed=opt.seed, device=eo.device
+    )
+    out: dict[str, Any] = {"task_loss": task_loss}
+    if method == "ste":
+        out["score"] = score
+    if opt.epochs:  # passes over the training data, in mini-batch steps
+        out["steps"] = opt.epochs * max(1, -(-len(y) // batch_size))
+    return out
 
 
 def gate_value(report: dict[str, Any]) -> float | None:
@@ -511,9 +519,8 @@ def barrier_checkpoints(
             opt.method,
             progress=progress,
             cost=opt.cost,
-            steps=opt.steps,
             lr=opt.lr,
-            **data_callables(opt, a, spec, ev_opt),
+            **({"steps": opt.steps} | data_callables(opt, a, spec, ev_opt)),
             seed=opt.seed,
             restarts=opt.restarts,
             max_iter=opt.max_iter,

@@ -156,3 +156,10 @@ def test_task_loss_methods_on_batchnorm_models(trained_bn_pair: tuple[Path, Path
         paths["aligned"]["barriers"]["test"]["loss"]["linear"]
         < paths["naive"]["barriers"]["test"]["loss"]["linear"]
     )
+
+
+def test_ste_epochs_set_the_number_of_steps(trained_mlp_pair: tuple[Path, Path]) -> None:
+    a, b = trained_mlp_pair
+    code, stdout, err = run("barrier", a, b, "--method", "ste", "--epochs", "1", "--alphas", "3", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["match"]["options"]["steps"] == 16  # 4000 MNIST-1D examples / 256
