@@ -87,10 +87,11 @@ def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
         )
 
 
-def _channel_axis(m: nn.Module, out: torch.Tensor) -> int:
-    if isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding):
-        return out.dim() - 1
-    return 1
+def channel_rows(m: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A module's output as (rows, channels): channels are the last axis for dense layers,
+    LayerNorm and embeddings, axis 1 for convolutions and Batch/GroupNorm."""
+    axis = out.dim() - 1 if isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding) else 1
+    return out.detach().movedim(axis, -1).reshape(-1, out.shape[axis])
 
 
 def activation_features(
@@ -121,10 +122,7 @@ def activation_features(
 
         def make_hook(group: str) -> Callable[..., None]:
             def hook(mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
-                axis = _channel_axis(mod, out)
-                current.setdefault(group, []).append(
-                    out.detach().movedim(axis, -1).reshape(-1, out.shape[axis])
-                )
+                current.setdefault(group, []).append(channel_rows(mod, out))
 
             return hook
 

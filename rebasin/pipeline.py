@@ -178,25 +178,11 @@ def merge_checkpoints(
     check_weights(a, spec)
     check_weights(b, spec)
     timings["spec_s"] = time.perf_counter() - t
-    data_kw = data_callables(opt, a, spec, evaluation)
-    ev = make_evaluator(a, evaluation, opt.seed) if evaluation is not None else None
+    check_data_available(opt, a, evaluation)
+    # one evaluator serves both the data-driven matcher and the barrier curves
+    ev = make_evaluator(a, evaluation or EvalOptions(), opt.seed) if evaluation or needs_data(opt) else None
 
-    result = match(
-        a.state,
-        b.state,
-        spec,
-        opt.method,
-        progress=progress,
-        cost=opt.cost,
-        lr=opt.lr,
-        **({"steps": opt.steps} | data_kw),
-        seed=opt.seed,
-        restarts=opt.restarts,
-        max_iter=opt.max_iter,
-        device=opt.device,
-        backend=opt.backend,
-        **opt.extra,
-    )
+    result = _align(opt, a, b, spec, ev, progress)
     timings["match_s"] = result.seconds
 
     b_aligned = permute(b.state, spec, result.perm)
@@ -221,11 +207,11 @@ def merge_checkpoints(
         "input_a.sha256": report["inputs"]["a"]["sha256"],
         "input_b.sha256": report["inputs"]["b"]["sha256"],
     }
-    if ev is not None:
+    if ev is not None and evaluation is not None:
         from rebasin.barrier import alpha_grid
 
         t = time.perf_counter()
-        grid = alpha_grid(evaluation.alphas if evaluation else 25)
+        grid = alpha_grid(evaluation.alphas)
         curves = {
             "naive": ev.curve(a.state, b.state, grid, progress, "naive"),
             "aligned": ev.curve(a.state, b_aligned, grid, progress, "aligned"),
@@ -235,7 +221,7 @@ def merge_checkpoints(
         common["bn"] = ev.bn
     t = time.perf_counter()
     if out is not None:
-        if ev is not None and ev.bn != "none":
+        if ev is not None and evaluation is not None and ev.bn != "none":
             merged: Any = ev.merged_state(a.state, b_aligned, opt.alpha)
         else:
             merged = interpolate(a.state, b_aligned, opt.alpha)
@@ -427,20 +413,20 @@ def _evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def data_callables(
-    opt: MergeOptions, a: Checkpoint, spec: PermutationSpec, evaluation: EvalOptions | None
-) -> dict[str, Any]:
-    """What data-driven methods receive from the model and data side: ``features`` (activation
-    matching), ``task_loss`` (STE, Sinkhorn mid/rnd) and ``score`` (STE). Empty for data-free runs."""
-    from rebasin.evaluate import activation_features, task_loss_fns
+def needs_data(opt: MergeOptions) -> bool:
+    """Whether the matching method runs the models on data."""
     from rebasin.matching import DATA_METHODS
+
+    return opt.method in DATA_METHODS or (opt.method == "sinkhorn" and opt.cost != "l2")
+
+
+def check_data_available(opt: MergeOptions, a: Checkpoint, evaluation: EvalOptions | None) -> None:
+    """For data-driven methods: say exactly what is missing (data, or a model definition)."""
     from rebasin.models.resolve import ARCH_KEY, DATA_KEY
 
-    method = opt.method
-    needs = method in DATA_METHODS or (method == "sinkhorn" and opt.cost != "l2")
-    if not needs:
-        return {}
-    what = f"method '{method}'" + (f" with cost '{opt.cost}'" if method == "sinkhorn" else "")
+    if not needs_data(opt):
+        return
+    what = f"method '{opt.method}'" + (f" with cost '{opt.cost}'" if opt.method == "sinkhorn" else "")
     eo = evaluation or EvalOptions()
     if not (eo.data or a.metadata.get(DATA_KEY)):
         raise ConfigError(
@@ -454,26 +440,57 @@ def data_callables(
             "(the checkpoint records no architecture)",
             source=a.name,
         )
-    ev = make_evaluator(a, eo, opt.seed)
+
+
+def data_callables(opt: MergeOptions, a: Checkpoint, spec: PermutationSpec, ev: Any) -> dict[str, Any]:
+    """What data-driven methods receive from the model and data side (through the evaluator
+    ``ev``): ``features`` (activation matching), ``task_loss`` (STE, Sinkhorn mid/rnd) and
+    ``score`` (STE). Empty for data-free runs."""
+    from rebasin.evaluate import activation_features, task_loss_fns
+
+    if not needs_data(opt):
+        return {}
     x, y = ev.data.x_train, ev.data.y_train
-    if eo.max_train:
-        x, y = x[: eo.max_train], y[: eo.max_train]
-    if method == "activation":
+    if ev.max_train:
+        x, y = x[: ev.max_train], y[: ev.max_train]
+    if opt.method == "activation":
         return {
             "features": activation_features(
-                ev.make_model, spec, x, device=eo.device, source=a.name, model_name=ev.model_name
+                ev.make_model, spec, x, device=ev.device, source=a.name, model_name=ev.model_name
             )
         }
     batch_size = 256
     task_loss, score = task_loss_fns(
-        ev.make_model, a.state, x, y, batch_size=batch_size, seed=opt.seed, device=eo.device
+        ev.make_model, a.state, x, y, batch_size=batch_size, seed=opt.seed, device=ev.device
     )
     out: dict[str, Any] = {"task_loss": task_loss}
-    if method == "ste":
+    if opt.method == "ste":
         out["score"] = score
     if opt.epochs:  # passes over the training data, in mini-batch steps
         out["steps"] = opt.epochs * max(1, -(-len(y) // batch_size))
     return out
+
+
+def _align(
+    opt: MergeOptions, a: Checkpoint, b: Checkpoint, spec: PermutationSpec, ev: Any, progress: Progress | None
+) -> Any:
+    """Run the configured matching method (with the data side where it needs one)."""
+    return match(
+        a.state,
+        b.state,
+        spec,
+        opt.method,
+        progress=progress,
+        cost=opt.cost,
+        lr=opt.lr,
+        **({"steps": opt.steps} | data_callables(opt, a, spec, ev)),
+        seed=opt.seed,
+        restarts=opt.restarts,
+        max_iter=opt.max_iter,
+        device=opt.device,
+        backend=opt.backend,
+        **opt.extra,
+    )
 
 
 def gate_value(report: dict[str, Any]) -> float | None:
@@ -512,22 +529,7 @@ def barrier_checkpoints(
         spec, source = resolve_spec(opt.spec, a)
         check_weights(a, spec)
         check_weights(b, spec)
-        result = match(
-            a.state,
-            b.state,
-            spec,
-            opt.method,
-            progress=progress,
-            cost=opt.cost,
-            lr=opt.lr,
-            **({"steps": opt.steps} | data_callables(opt, a, spec, ev_opt)),
-            seed=opt.seed,
-            restarts=opt.restarts,
-            max_iter=opt.max_iter,
-            device=opt.device,
-            backend=opt.backend,
-            **opt.extra,
-        )
+        result = _align(opt, a, b, spec, ev, progress)
         report["spec"] = spec_info(spec, source, list(a.state))
         report["method"] = {"name": opt.method, "options": result.options}
         report["match"] = result.to_dict()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rebasin.data.core import batches
+from rebasin.evaluate import channel_rows
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -62,12 +63,6 @@ def repair_targets(model: nn.Module) -> list[str]:
     return layers[:-1]
 
 
-def _channel_axis(m: nn.Module, out: torch.Tensor) -> int:
-    if isinstance(m, nn.Linear | nn.LayerNorm):
-        return out.dim() - 1
-    return 1
-
-
 @torch.no_grad()
 def channel_stats(model: nn.Module, names: Iterable[str], x: torch.Tensor, batch_size: int = 500) -> Stats:
     """Per-channel mean and std of the named modules' outputs on ``x`` (float64 streaming)."""
@@ -78,8 +73,7 @@ def channel_stats(model: nn.Module, names: Iterable[str], x: torch.Tensor, batch
         m = mods[name]
 
         def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
-            axis = _channel_axis(mod, out)
-            o = out.detach().movedim(axis, -1).reshape(-1, out.shape[axis]).double()
+            o = channel_rows(mod, out).double()
             s = sums.setdefault(
                 name,
                 [

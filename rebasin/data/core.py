@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rebasin._imports import import_object
 from rebasin.errors import ConfigError
 
 _BUILTIN: dict[str, Callable[[int], Dataset]] = {}
@@ -129,24 +127,7 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
 
 
 def _from_hook(spec: str, seed: int) -> Dataset:
-    mod_name, _, fn_name = spec.rpartition(":")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.exists():
-                raise ConfigError("no such file", source=mod_name)
-            mspec = importlib.util.spec_from_file_location(path.stem, path)
-            assert mspec is not None and mspec.loader is not None
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules.setdefault(path.stem, module)
-            mspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"cannot import '{mod_name}' ({e})", source=spec) from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ConfigError(f"'{mod_name}' has no function '{fn_name}'", source=spec)
+    fn = import_object(spec, "function")
     out = fn()
     if isinstance(out, Dataset):
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,13 @@ Permutation = dict[str, torch.Tensor]
 
 Progress = Callable[[str, float, float], None]
 """Progress callback: (description, completed, total)."""
+
+
+def float32_state(
+    state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a state dict as float32 on ``device`` (integer buffers dropped)."""
+    return {k: state[k].to(device, torch.float32) for k in state if state[k].is_floating_point()}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from rebasin.errors import ConfigError
 from rebasin.matching.assignment import resolve_backend, solve_assignment
-from rebasin.matching.result import GroupStats, MatchResult, Progress
+from rebasin.matching.result import GroupStats, MatchResult, Progress, float32_state
 from rebasin.spec.core import PermutationSpec
 
 COSTS = ("l2", "mid", "rnd")
@@ -150,8 +150,7 @@ class SinkhornRebasin:
         t0 = time.perf_counter()
         dev = torch.device(self.device)
         gen = torch.Generator().manual_seed(self.seed)
-        fa = {k: a[k].to(dev, torch.float32) for k in a if a[k].is_floating_point()}
-        fb = {k: b[k].to(dev, torch.float32) for k in b if b[k].is_floating_point()}
+        fa, fb = float32_state(a, dev), float32_state(b, dev)
         logits = {}
         for g, n in sorted(spec.sizes.items()):
             w = torch.eye(n) * (1.0 if self.init == "identity" else 0.0) + 0.01 * torch.randn(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rebasin.matching.result import MatchResult, Permutation, Progress
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
 from rebasin.matching.weight import WeightMatching
 from rebasin.permutation import permute
 from rebasin.spec.core import PermutationSpec
@@ -49,8 +49,7 @@ class StraightThrough:
     ) -> MatchResult:
         t0 = time.perf_counter()
         dev = torch.device(self.device)
-        fa = {k: a[k].to(dev, torch.float32) for k in a if a[k].is_floating_point()}
-        fb = {k: b[k].to(dev, torch.float32) for k in b if b[k].is_floating_point()}
+        fa, fb = float32_state(a, dev), float32_state(b, dev)
         wm = WeightMatching(seed=self.seed, device=self.device, backend=self.backend, max_iter=20)
         start = WeightMatching(
             seed=self.seed, device=self.device, backend=self.backend, restarts=self.restarts
@@ -86,8 +85,6 @@ class StraightThrough:
             if progress:
                 progress("straight-through estimator", step + 1, self.steps)
         groups = {}
-        from rebasin.matching.result import GroupStats
-
         for g, n in spec.sizes.items():
             moved = float((best_perm[g] != torch.arange(n)).float().mean())
             groups[g] = GroupStats(n, float("nan"), float("nan"), moved)

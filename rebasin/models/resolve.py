@@ -3,17 +3,14 @@ metadata into a factory of fresh models."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from rebasin._imports import import_object
 from rebasin.errors import ConfigError
 from rebasin.models.registry import build_model, list_models
 
@@ -89,22 +86,5 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         if name not in list_models():
             build_model(name)  # raises the unknown-model error with suggestions
         return lambda **kw: build_model(name, **kw)
-    mod_name, _, attr = name.rpartition(":")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.exists():
-                raise ConfigError("no such file", source=mod_name)
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules.setdefault(path.stem, module)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"cannot import '{mod_name}' ({e})", source=name) from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"'{mod_name}' has no callable '{attr}'", source=name)
+    fn: Callable[..., nn.Module] = import_object(name)
     return fn

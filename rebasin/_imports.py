@@ -1,0 +1,34 @@
+"""Load a user object named ``MODULE:NAME`` or ``path/to/file.py:NAME``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from rebasin.errors import ConfigError
+
+
+def import_object(ref: str, kind: str = "callable") -> Any:
+    """The callable ``NAME`` of an importable module or a Python file; clear errors otherwise."""
+    mod_name, _, attr = ref.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.exists():
+                raise ConfigError("no such file", source=mod_name)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules.setdefault(path.stem, module)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import '{mod_name}' ({e})", source=ref) from None
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise ConfigError(f"'{mod_name}' has no {kind} '{attr}'", source=ref)
+    return obj
