@@ -161,7 +161,6 @@ def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
 def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
-    handles: dict[str, object] = {}
     owner: dict[str, object] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -187,7 +186,6 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
             if k in owner:
                 raise CheckpointError(f"tensor '{k}' appears in more than one shard", source=label)
             owner[k] = h
-        handles[str(f)] = h
         if not metadata:
             metadata = dict(file_meta)
     metadata = {**metadata, **meta}
