@@ -19,6 +19,7 @@ METHODS = [
     ("sinkhorn mid", "sinkhorn", {"cost": "mid"}),
     ("sinkhorn rnd", "sinkhorn", {"cost": "rnd"}),
     ("ste", "ste", {}),
+    ("ste reinmax", "ste", {"estimator": "reinmax"}),
 ]
 
 

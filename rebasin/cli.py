@@ -40,6 +40,11 @@ class Cost(str, Enum):
     rnd = "rnd"
 
 
+class Estimator(str, Enum):
+    st = "st"
+    reinmax = "reinmax"
+
+
 class BarrierMethod(str, Enum):
     weight = "weight"
     activation = "activation"
@@ -154,6 +159,12 @@ EpochsOpt = Annotated[
         "--epochs", min=1, help="For ste / sinkhorn with data: passes over the training data (sets --steps)."
     ),
 ]
+EstimatorOpt = Annotated[
+    Estimator,
+    typer.Option(
+        "--estimator", help="ste gradient: st (straight-through on weights) or reinmax (second order)."
+    ),
+]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Adam learning rate for ste / sinkhorn (defaults 1e-3 / 0.1).")
 ]
@@ -190,6 +201,7 @@ def merge(
     steps: StepsOpt = None,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
+    estimator: EstimatorOpt = Estimator.st,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
@@ -238,6 +250,7 @@ def merge(
         steps=steps,
         epochs=epochs,
         lr=lr,
+        estimator=estimator.value,
     )
     evaluation = None
     if (
@@ -398,6 +411,7 @@ def barrier(
     steps: StepsOpt = None,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
+    estimator: EstimatorOpt = Estimator.st,
     spec: SpecOpt = "auto",
     alphas: AlphasOpt = 25,
     bn: BNOpt = BNMode.auto,
@@ -435,6 +449,7 @@ def barrier(
         steps=steps,
         epochs=epochs,
         lr=lr,
+        estimator=estimator.value,
     )
     ev = EvalOptions(
         data=data,

@@ -52,6 +52,7 @@ class MergeOptions:
     steps: int | None = None
     epochs: int | None = None
     lr: float | None = None
+    estimator: str = "st"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -475,6 +476,8 @@ def _align(
     opt: MergeOptions, a: Checkpoint, b: Checkpoint, spec: PermutationSpec, ev: Any, progress: Progress | None
 ) -> Any:
     """Run the configured matching method (with the data side where it needs one)."""
+    if opt.estimator != "st" and opt.method != "ste":
+        raise ConfigError(f"--estimator {opt.estimator} applies to --method ste only")
     return match(
         a.state,
         b.state,
@@ -483,6 +486,7 @@ def _align(
         progress=progress,
         cost=opt.cost,
         lr=opt.lr,
+        **({"estimator": opt.estimator} if opt.method == "ste" else {}),
         **({"steps": opt.steps} | data_callables(opt, a, spec, ev)),
         seed=opt.seed,
         restarts=opt.restarts,

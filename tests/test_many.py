@@ -118,6 +118,7 @@ def test_every_method_beats_naive_and_data_costs_beat_weight_matching(
         ("sinkhorn", ["--steps", "100"]),
         ("sinkhorn-mid", ["--cost", "mid", "--steps", "100"]),
         ("ste", ["--steps", "40"]),
+        ("ste-reinmax", ["--estimator", "reinmax", "--steps", "40"]),
     ):
         code, stdout, err = run(
             "barrier", a, b, "--method", method.split("-")[0], *extra, "--alphas", "5", "--json"
@@ -128,6 +129,7 @@ def test_every_method_beats_naive_and_data_costs_beat_weight_matching(
         naive = paths["naive"]["barriers"]["test"]["loss"]["linear"]
         assert barriers[method] < 0.5 * naive, (method, barriers[method], naive)
     assert barriers["ste"] <= barriers["weight"] + 1e-6, barriers
+    assert barriers["ste-reinmax"] <= barriers["weight"] + 1e-6, barriers
     assert barriers["sinkhorn-mid"] <= barriers["weight"] + 1e-6, barriers
 
 
@@ -156,6 +158,15 @@ def test_task_loss_methods_on_batchnorm_models(trained_bn_pair: tuple[Path, Path
         paths["aligned"]["barriers"]["test"]["loss"]["linear"]
         < paths["naive"]["barriers"]["test"]["loss"]["linear"]
     )
+
+
+def test_estimator_applies_to_ste_only(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = trained_mlp_pair
+    expect_error(
+        ["merge", a, b, "-o", tmp_path / "m.safetensors", "--estimator", "reinmax"],
+        "--estimator reinmax applies to --method ste only",
+    )
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_ste_epochs_set_the_number_of_steps(trained_mlp_pair: tuple[Path, Path]) -> None:

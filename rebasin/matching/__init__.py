@@ -46,7 +46,7 @@ def match(
 
         if task_loss is None or score is None:
             raise ConfigError("method 'ste' needs data: pass --data (and a model, --model)")
-        known = {"steps", "lr", "seed", "device", "backend", "restarts"}
+        known = {"steps", "lr", "seed", "device", "backend", "restarts", "estimator", "tau"}
         return StraightThrough(**{k: v for k, v in options.items() if k in known and v is not None}).match(
             a, b, spec, task_loss, score, progress
         )
