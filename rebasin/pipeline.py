@@ -486,7 +486,7 @@ def _align(
         progress=progress,
         cost=opt.cost,
         lr=opt.lr,
-        **({"estimator": opt.estimator} if opt.method == "ste" else {}),
+        **({"estimator": opt.estimator} if opt.method == "ste" else dict[str, Any]()),
         **({"steps": opt.steps} | data_callables(opt, a, spec, ev)),
         seed=opt.seed,
         restarts=opt.restarts,
