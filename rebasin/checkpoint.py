@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,6 +65,10 @@ class Checkpoint:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     order: list[str] | None = None
     """The tensor order the file was written in, where the format keeps it (.pt files)."""
+    config: dict[str, Any] | None = None
+    """A Hugging Face ``config.json`` found in the checkpoint's directory (or next to its file)."""
+    model_dir: Path | None = None
+    """The Hugging Face model directory the checkpoint was read from (config and tokenizer files)."""
 
     @property
     def name(self) -> str:
@@ -102,7 +107,35 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint (lazily where the format allows). Raises CheckpointError on bad input."""
+    """Open a checkpoint (lazily where the format allows). Raises CheckpointError on bad input.
+
+    A ``config.json`` of a Hugging Face model (a JSON object with ``model_type`` or
+    ``architectures``) in the directory, or next to the file, is read into ``Checkpoint.config``."""
+    ck = _load(path)
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    config = read_hf_config(folder / "config.json")
+    if config is not None:
+        ck.config = config
+        if p.is_dir():
+            ck.model_dir = p
+    return ck
+
+
+def read_hf_config(path: Path) -> dict[str, Any] | None:
+    """A Hugging Face config.json as a dict, or None when absent or not a model config."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot parse config.json ({e})", source=str(path)) from None
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+        return data
+    return None
+
+
+def _load(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     name = str(path)
     if not p.exists():
@@ -425,6 +458,33 @@ _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
     if hasattr(torch, _name):
         _ST_CODES[getattr(torch, _name)] = _code
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def copy_model_files(src: Path, dst: Path) -> list[Path]:
+    """Copy a model directory's non-weight files (config, tokenizer, generation config, ...) from
+    ``src`` to ``dst`` atomically; weights and shard indexes are not copied. Returns the copies."""
+    out = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+            continue
+        tmp = _write_bytes_tmp(f.read_bytes(), dst)
+        os.replace(tmp, dst / f.name)
+        out.append(dst / f.name)
+    if out:
+        _fsync_dir(dst)
+    return out
+
+
+def _write_bytes_tmp(data: bytes, directory: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".rebasin-", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(name)
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> None:

@@ -159,6 +159,14 @@ EpochsOpt = Annotated[
         "--epochs", min=1, help="For ste / sinkhorn with data: passes over the training data (sets --steps)."
     ),
 ]
+FreezeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--freeze",
+        metavar="GROUP_PATTERN",
+        help="Keep groups matching this glob fixed (repeatable), e.g. residual or 'layers.*.attn.*'.",
+    ),
+]
 EstimatorOpt = Annotated[
     Estimator,
     typer.Option(
@@ -202,6 +210,7 @@ def merge(
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
     estimator: EstimatorOpt = Estimator.st,
+    freeze: FreezeOpt = None,
     spec: SpecOpt = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
@@ -251,6 +260,7 @@ def merge(
         epochs=epochs,
         lr=lr,
         estimator=estimator.value,
+        freeze=freeze or [],
     )
     evaluation = None
     if (
@@ -412,6 +422,7 @@ def barrier(
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
     estimator: EstimatorOpt = Estimator.st,
+    freeze: FreezeOpt = None,
     spec: SpecOpt = "auto",
     alphas: AlphasOpt = 25,
     bn: BNOpt = BNMode.auto,
@@ -450,6 +461,7 @@ def barrier(
         epochs=epochs,
         lr=lr,
         estimator=estimator.value,
+        freeze=freeze or [],
     )
     ev = EvalOptions(
         data=data,

@@ -10,7 +10,7 @@ from torch import nn
 
 from rebasin.data.core import Dataset, batches
 from rebasin.errors import ConfigError
-from rebasin.spec.core import PermutationSpec
+from rebasin.spec.core import Axis, PermutationSpec
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def activation_features(
         taps = []
         for name, m in model.named_modules():
             e = spec.entry(f"{name}.weight", 0) if name else None
-            if e is not None and e.inner == 1:
+            if isinstance(e, Axis) and e.inner == 1:
                 taps.append((name, m, e.group))
         if not taps:
             raise ConfigError(f"no module of model '{model_name}' outputs a permuted group", source=source)

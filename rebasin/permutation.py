@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from rebasin.checkpoint import LazyStateDict, StateDict
-from rebasin.spec.core import Axis, PermutationSpec
+from rebasin.spec.core import Axis, AxisEntry, PermutationSpec, parts
 
 Permutation = dict[str, torch.Tensor]
 
@@ -22,9 +22,20 @@ def identity(spec: PermutationSpec) -> Permutation:
 
 
 def random_permutation(spec: PermutationSpec, seed: int) -> Permutation:
-    """A uniformly random permutation of every group, reproducible from ``seed``."""
+    """A uniformly random permutation of every group, reproducible from ``seed``. Groups with
+    heads get a random head order (shared by tied groups) and random orders within each head."""
     gen = torch.Generator().manual_seed(seed)
-    return {g: torch.randperm(n, generator=gen) for g, n in sorted(spec.sizes.items())}
+    out: Permutation = {}
+    for unit in spec.units:
+        if unit[0] not in spec.heads:
+            out[unit[0]] = torch.randperm(spec.sizes[unit[0]], generator=gen)
+            continue
+        k = spec.heads[unit[0]].count
+        sigma = torch.randperm(k, generator=gen)
+        for g in unit:
+            d = spec.sizes[g] // k
+            out[g] = torch.cat([sigma[i] * d + torch.randperm(d, generator=gen) for i in range(k)])
+    return out
 
 
 def invert(p: Permutation) -> Permutation:
@@ -53,15 +64,23 @@ def axis_index(entry: Axis, p: torch.Tensor) -> torch.Tensor:
 
 def permute_tensor(
     t: torch.Tensor,
-    entries: tuple[Axis | None, ...],
+    entries: tuple[AxisEntry, ...],
     perm: Mapping[str, torch.Tensor],
     skip: str | None = None,
 ) -> torch.Tensor:
     """Apply ``perm`` to every permuted axis of ``t`` (except group ``skip``)."""
     for axis, e in enumerate(entries):
-        if e is None or e.group == skip or e.group not in perm:
+        segs = [a for a in parts(e) if a.group != skip and a.group in perm]
+        if not segs:
             continue
-        t = t.index_select(axis, axis_index(e, perm[e.group].to(t.device)))
+        if isinstance(e, Axis):
+            idx = axis_index(e, perm[e.group].to(t.device))
+        else:  # segments of a fused axis: each moves within its own stretch
+            idx = torch.arange(t.shape[axis], device=t.device)
+            for a in segs:
+                p = axis_index(a, perm[a.group].to(t.device))
+                idx[a.start : a.start + len(p)] = a.start + p
+        t = t.index_select(axis, idx)
     return t
 
 
@@ -84,3 +103,15 @@ def check_permutation(spec: PermutationSpec, perm: Permutation) -> None:
         v = perm[g]
         if v.shape != (n,) or not torch.equal(torch.sort(v).values, torch.arange(n)):
             raise ValueError(f"group '{g}': not a permutation of {n} units")
+    for unit in spec.units:
+        if unit[0] not in spec.heads:
+            continue
+        k = spec.heads[unit[0]].count
+        sigmas = []
+        for g in unit:
+            blocks = perm[g].view(k, -1) // (spec.sizes[g] // k)
+            if not bool((blocks == blocks[:, :1]).all()):
+                raise ValueError(f"group '{g}': the permutation splits a head")
+            sigmas.append(blocks[:, 0])
+        if any(not torch.equal(s, sigmas[0]) for s in sigmas):
+            raise ValueError(f"groups {', '.join(unit)}: tied heads move differently")

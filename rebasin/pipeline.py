@@ -14,7 +14,9 @@ import torch
 from rebasin._version import __version__
 from rebasin.checkpoint import (
     Checkpoint,
+    LazyStateDict,
     check_output_path,
+    copy_model_files,
     load_checkpoint,
     natural_key,
     parse_size,
@@ -53,6 +55,7 @@ class MergeOptions:
     epochs: int | None = None
     lr: float | None = None
     estimator: str = "st"
+    freeze: Sequence[str] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,15 +106,35 @@ def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
                 raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
 
 
+def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[PermutationSpec, list[str]]:
+    """Hold the groups matching any glob pattern (``residual``, ``layers.*.attn.*``) at identity."""
+    import fnmatch
+
+    frozen: list[str] = []
+    for pat in patterns:
+        hit = [g for g in spec.sizes if fnmatch.fnmatchcase(g, pat)]
+        if not hit:
+            names = list(spec.sizes)
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ConfigError(f"--freeze '{pat}' matches no group (groups: {shown})")
+        frozen += [g for g in hit if g not in frozen]
+    if not frozen:
+        return spec, []
+    out = spec.without(frozen)
+    if not out.sizes:
+        raise ConfigError("--freeze leaves no group free to move; nothing to align")
+    return out, frozen
+
+
 def resolve_spec(spec: str | PermutationSpec, ck: Checkpoint) -> tuple[PermutationSpec, str]:
     """A spec from ``auto`` (inference), a family name, a spec file, or a PermutationSpec."""
     if isinstance(spec, PermutationSpec):
         s, source = spec, "given"
     elif spec == "auto":
-        s = infer_spec(ck.shapes, order=ck.order, source=ck.name)
+        s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=ck.config)
         source = f"inferred:{s.family}"
     elif spec in {f.name for f in list_specs()}:
-        s = infer_spec(ck.shapes, spec, order=ck.order, source=ck.name)
+        s = infer_spec(ck.shapes, spec, order=ck.order, source=ck.name, config=ck.config)
         source = f"family:{spec}"
     elif Path(spec).suffix in (".yaml", ".yml", ".json") or os.sep in spec or Path(spec).exists():
         s = load_spec(spec)
@@ -132,9 +155,51 @@ _KEEP = ("rebasin.arch", "rebasin.arch_args", "rebasin.data")
 
 def _metadata(base: dict[str, str], **items: Any) -> dict[str, str]:
     out = {k: v for k, v in base.items() if not k.startswith("rebasin.") or k in _KEEP}
+    out.setdefault("format", "pt")  # what Hugging Face loaders expect of a PyTorch safetensors file
     out["rebasin.version"] = __version__
     out.update({f"rebasin.{k}": str(v) for k, v in items.items() if v is not None})
     return out
+
+
+def write_checkpoint(
+    state: Any,
+    out: PathLike,
+    meta: dict[str, str],
+    like: Checkpoint,
+    shard: int | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Write ``state`` like the input ``like``: into a directory, a Hugging Face input's
+    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it."""
+    if like.config is not None:
+        state = _untie(state, like)
+    files = save_checkpoint(state, out, meta, shard_size=shard, progress=progress)
+    out_p = Path(out)
+    if like.model_dir is not None and out_p.is_dir():
+        files += copy_model_files(like.model_dir, out_p)
+    return files
+
+
+_TIED = (
+    ("lm_head.weight", ("embed_tokens.weight", "wte.weight")),
+    ("cls.predictions.decoder.weight", ("word_embeddings.weight",)),
+)
+
+
+def _untie(state: Any, like: Checkpoint) -> Any:
+    """Drop an output head tied to the input embedding (config ``tie_word_embeddings``): Hugging
+    Face stores tied weights once and re-ties them on load."""
+    assert like.config is not None
+    if like.config.get("tie_word_embeddings", True) is False:
+        return state
+    drop = []
+    for head, embeds in _TIED:
+        emb = [k for k in state if k.endswith(embeds) and k != head]
+        if head in state and len(emb) == 1 and torch.equal(like.state[head], like.state[emb[0]]):
+            drop.append(head)
+    if not drop:
+        return state
+    return LazyStateDict([k for k in state if k not in drop], lambda k: state[k])
 
 
 # ------------------------------------------------------------------------------- commands
@@ -176,6 +241,7 @@ def merge_checkpoints(
 
     t = time.perf_counter()
     spec, source = resolve_spec(opt.spec, a)
+    spec, frozen = freeze_groups(spec, opt.freeze)
     check_weights(a, spec)
     check_weights(b, spec)
     timings["spec_s"] = time.perf_counter() - t
@@ -189,7 +255,7 @@ def merge_checkpoints(
     b_aligned = permute(b.state, spec, result.perm)
     report = new_report("merge")
     report["inputs"] = {"a": input_info(a), "b": input_info(b)}
-    report["spec"] = spec_info(spec, source, list(a.state))
+    report["spec"] = spec_info(spec, source, list(a.state)) | {"frozen": frozen}
     report["method"] = {"name": opt.method, "options": result.options}
     report["match"] = result.to_dict()
     t = time.perf_counter()
@@ -227,11 +293,11 @@ def merge_checkpoints(
         else:
             merged = interpolate(a.state, b_aligned, opt.alpha)
         meta = _metadata(a.metadata, command="merge", alpha=opt.alpha, **common)
-        files = save_checkpoint(merged, out, meta, shard_size=shard, progress=_sub(progress, "writing"))
+        files = write_checkpoint(merged, out, meta, a, shard, _sub(progress, "writing"))
         written["merged"] = [str(f) for f in files]
     if opt.save_permuted is not None:
         meta = _metadata(b.metadata, command="align", **common)
-        files = save_checkpoint(b_aligned, opt.save_permuted, meta, shard_size=shard)
+        files = write_checkpoint(b_aligned, opt.save_permuted, meta, b, shard)
         written["permuted"] = [str(f) for f in files]
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -256,7 +322,7 @@ def permute_checkpoint(
     check_weights(ck, s)
     perm = random_permutation(s, seed)
     meta = _metadata(ck.metadata, command="permute", seed=seed, spec=source, spec_digest=s.digest())
-    files = save_checkpoint(permute(ck.state, s, perm), out, meta, shard_size=parse_size(shard_size))
+    files = write_checkpoint(permute(ck.state, s, perm), out, meta, ck, parse_size(shard_size))
     report = new_report("permute")
     report["inputs"] = {"a": input_info(ck)}
     report["spec"] = spec_info(s, source, list(ck.state))
@@ -304,7 +370,7 @@ def merge_many_checkpoints(
         spec_digest=s.digest(),
         models=len(cks),
     )
-    files = save_checkpoint(average(aligned), out, meta, shard_size=parse_size(shard_size))
+    files = write_checkpoint(average(aligned), out, meta, cks[0], parse_size(shard_size))
     report = new_report("merge-many")
     report["inputs"] = [input_info(c) for c in cks]
     report["spec"] = spec_info(s, source, list(cks[0].state))
@@ -531,10 +597,11 @@ def barrier_checkpoints(
     curves = {}
     if align:
         spec, source = resolve_spec(opt.spec, a)
+        spec, frozen = freeze_groups(spec, opt.freeze)
         check_weights(a, spec)
         check_weights(b, spec)
         result = _align(opt, a, b, spec, ev, progress)
-        report["spec"] = spec_info(spec, source, list(a.state))
+        report["spec"] = spec_info(spec, source, list(a.state)) | {"frozen": frozen}
         report["method"] = {"name": opt.method, "options": result.options}
         report["match"] = result.to_dict()
         b_aligned = permute(b.state, spec, result.perm)

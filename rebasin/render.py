@@ -95,6 +95,13 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
 
 
+def _member(m: Sequence[Any]) -> str:
+    text = f"{m[0]}:{m[1]}"
+    if len(m) > 2 and m[2] > 1:
+        text += f"x{m[2]}"
+    return text + (f"@{m[3]}" if len(m) > 3 else "")
+
+
 def spec_summary(spec: Mapping[str, Any], fixed: Sequence[str]) -> None:
     """A table of groups and their members, then the tensors left fixed."""
     t = Table(title=f"spec ({spec['source']}), {len(spec['groups'])} groups", title_justify="left")
@@ -103,10 +110,13 @@ def spec_summary(spec: Mapping[str, Any], fixed: Sequence[str]) -> None:
     t.add_column("members (tensor:axis)")
     for g, body in spec["groups"].items():
         ms = body["members"]
-        shown = ", ".join(f"{m[0]}:{m[1]}" + (f"x{m[2]}" if len(m) > 2 else "") for m in ms[:4])
+        shown = ", ".join(_member(m) for m in ms[:4])
         more = f" ... ({len(ms)} in all)" if len(ms) > 4 else ""
-        t.add_row(g, str(body["size"]), shown + more)
+        size = str(body["size"]) + (f" ({body['heads']} heads)" if "heads" in body else "")
+        t.add_row(g, size, shown + more)
     err.print(t)
+    for note in spec.get("notes", []):
+        err.print(f"note: {note}", soft_wrap=True)
     shown = ", ".join(fixed[:8]) + (f" ... ({len(fixed)} in all)" if len(fixed) > 8 else "")
     err.print(f"left fixed: {shown or 'none'}", soft_wrap=True)
     err.print("(full member lists: rebasin spec CHECKPOINT -o spec.yaml, or --json)", soft_wrap=True)

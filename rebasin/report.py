@@ -43,14 +43,9 @@ def spec_info(spec: PermutationSpec, source: str, names: Sequence[str]) -> dict[
         "source": source,
         "family": spec.family,
         "digest": spec.digest(),
-        "groups": {
-            g: {
-                "size": spec.sizes[g],
-                "members": [[m.param, m.axis] if m.inner == 1 else [m.param, m.axis, m.inner] for m in ms],
-            }
-            for g, ms in spec.groups.items()
-        },
+        "groups": spec.to_dict()["groups"],
         "fixed": spec.fixed(names),
+        "notes": list(spec.notes),
     }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rebasin.errors import MatchError
-from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.result import GroupStats, MatchResult, Progress
 from rebasin.spec.core import PermutationSpec
 
@@ -87,9 +87,10 @@ class ActivationMatching:
         if missing:
             raise MatchError(f"no activations were recorded for group '{missing[0]}'")
         perm, groups = {}, {}
-        for g, m in moments.items():
-            c = m.correlation()
-            p = solve_assignment(c, backend)
+        costs = {g: m.correlation() for g, m in moments.items()}
+        solved = solve_groups(costs, spec, backend)
+        for g, c in costs.items():
+            p = solved[g]
             n = spec.sizes[g]
             perm[g] = torch.from_numpy(p)
             groups[g] = GroupStats(

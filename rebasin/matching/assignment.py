@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from rebasin.errors import ConfigError
+from rebasin.spec.core import Heads, PermutationSpec
 
 BACKENDS = ("auto", "scipy", "lap")
 
@@ -49,3 +52,58 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto") -> np.ndarray:
 
     _, cols = linear_sum_assignment(reduced)
     return np.asarray(cols, dtype=np.int64)
+
+
+def solve_unit(
+    costs: Mapping[str, np.ndarray], heads: Mapping[str, Heads], backend: str = "auto"
+) -> dict[str, np.ndarray]:
+    """Maximize ``sum_g sum_i costs[g][i, p_g[i]]`` over the permutations of a unit of groups.
+
+    A group without heads is one plain assignment. Groups with heads (all with the same count K,
+    moving their heads together) take the exact two-level assignment: for every head pair (i, j)
+    and group, an inner assignment of the head's units gives the best within-head matching and
+    its value; the values summed over the groups form a K x K head cost, whose assignment picks
+    the heads; each group's permutation is then the chosen heads with their inner matchings."""
+    if not any(g in heads for g in costs):
+        return {g: solve_assignment(c, backend) for g, c in costs.items()}
+    counts = {heads[g].count for g in costs}
+    if len(counts) != 1 or any(g not in heads for g in costs):
+        raise ValueError("a unit of groups must share one head count")
+    k = counts.pop()
+    head_cost = np.zeros((k, k))
+    inner: dict[str, np.ndarray | None] = {}
+    for g, c in costs.items():
+        d = c.shape[0] // k
+        if d == 1:
+            head_cost += c
+            inner[g] = None
+            continue
+        blocks = np.ascontiguousarray(c.reshape(k, d, k, d).transpose(0, 2, 1, 3))
+        best = np.empty((k, k, d), dtype=np.int64)
+        rows = np.arange(d)
+        for i in range(k):
+            for j in range(k):
+                p = solve_assignment(blocks[i, j], backend)
+                best[i, j] = p
+                head_cost[i, j] += blocks[i, j][rows, p].sum()
+        inner[g] = best
+    sigma = solve_assignment(head_cost, backend)
+    out = {}
+    for g, c in costs.items():
+        d = c.shape[0] // k
+        tau = inner[g]
+        if tau is None:
+            out[g] = sigma.copy()
+        else:
+            out[g] = np.concatenate([sigma[i] * d + tau[i, sigma[i]] for i in range(k)])
+    return out
+
+
+def solve_groups(
+    costs: Mapping[str, np.ndarray], spec: PermutationSpec, backend: str = "auto"
+) -> dict[str, np.ndarray]:
+    """:func:`solve_unit` over every unit of ``spec`` (tied head groups solved jointly)."""
+    out: dict[str, np.ndarray] = {}
+    for unit in spec.units:
+        out.update(solve_unit({g: costs[g] for g in unit}, spec.heads, backend))
+    return out

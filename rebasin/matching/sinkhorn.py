@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from rebasin.errors import ConfigError
-from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.result import GroupStats, MatchResult, Progress, float32_state
-from rebasin.spec.core import PermutationSpec
+from rebasin.spec.core import Axis, PermutationSpec, parts
 
 COSTS = ("l2", "mid", "rnd")
 TaskLoss = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
@@ -101,13 +101,23 @@ class ImplicitSinkhorn(torch.autograd.Function):
 def soft_permute(t: torch.Tensor, entries: tuple[Any, ...], soft: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Apply soft permutation matrices (rows: new positions) along every permuted axis of ``t``."""
     for axis, e in enumerate(entries):
-        if e is None or e.group not in soft:
+        segs = [a for a in parts(e) if a.group in soft]
+        if not segs:
             continue
-        p = soft[e.group]
         moved = t.movedim(axis, 0)
-        shape = moved.shape
-        moved = (p @ moved.reshape(p.shape[1], -1)).reshape(shape)
-        t = moved.movedim(0, axis)
+        pieces, end = [], 0
+        for a in segs:
+            p = soft[a.group]
+            n = p.shape[1] * a.inner
+            start = a.start if not isinstance(e, Axis) else 0
+            pieces += [moved[end:start]] if start > end else []
+            piece = moved[start : start + n]
+            shape = piece.shape
+            piece = piece.reshape(p.shape[1], a.inner, -1)
+            pieces.append((torch.einsum("ij,jkl->ikl", p, piece)).reshape(shape))
+            end = start + n
+        pieces += [moved[end:]] if end < moved.shape[0] else []
+        t = torch.cat(pieces).movedim(0, axis)
     return t
 
 
@@ -188,9 +198,10 @@ class SinkhornRebasin:
             if progress and (step % 10 == 0 or step == self.steps - 1):
                 progress(f"sinkhorn ({self.cost})", step + 1, self.steps)
         perm, groups = {}, {}
-        for g, w in logits.items():
-            c = w.detach().double().cpu().numpy()
-            p = solve_assignment(c, backend)
+        costs = {g: w.detach().double().cpu().numpy() for g, w in logits.items()}
+        solved = solve_groups(costs, spec, backend)
+        for g, c in costs.items():
+            p = solved[g]
             perm[g] = torch.from_numpy(p)
             n = spec.sizes[g]
             groups[g] = GroupStats(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from rebasin.errors import ConfigError
-from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
 from rebasin.matching.sinkhorn import ImplicitSinkhorn, soft_permute
 from rebasin.matching.weight import WeightMatching
@@ -157,10 +157,12 @@ class StraightThrough:
         scores = [best_score]
         for step in range(self.steps):
             mats = {}
+            hard = solve_groups(
+                {g: w.detach().double().cpu().numpy() for g, w in logits.items()}, spec, backend
+            )
             for g, w in logits.items():
                 n = spec.sizes[g]
-                hard = solve_assignment(w.detach().double().cpu().numpy(), backend)
-                perm[g] = torch.from_numpy(hard)
+                perm[g] = torch.from_numpy(hard[g])
                 d = torch.zeros(n, n, device=dev)
                 d[torch.arange(n), perm[g].to(dev)] = 1.0
                 pi0 = ImplicitSinkhorn.apply(w / self.tau, 100, 1e-6, duals[g])

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from rebasin.errors import MatchError
-from rebasin.matching.assignment import resolve_backend, solve_assignment
+from rebasin.matching.assignment import resolve_backend, solve_unit
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
-from rebasin.permutation import permute_tensor
+from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec.core import Member, PermutationSpec
 
 
@@ -69,7 +69,7 @@ class WeightMatching:
             elif k == 0:
                 start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
             else:
-                start = {g: torch.from_numpy(rng.permutation(n)) for g, n in sorted(spec.sizes.items())}
+                start = random_permutation(spec, int(rng.integers(2**62)))
                 how = "random"
             perm, trace = self._descend(problem, start, rng, backend, progress, k)
             traces.append(RestartTrace(seed, how, *trace))
@@ -116,6 +116,7 @@ class WeightMatching:
         k: int,
     ) -> tuple[Permutation, tuple[float, int, bool, list[float]]]:
         spec = problem.spec
+        units = spec.units
         names = sorted(spec.sizes)
         history = [problem.objective(perm)]
         total = history[0]  # the objective is linear in each group: track it by the gains
@@ -124,21 +125,22 @@ class WeightMatching:
         sweep = 0
         for sweep in range(1, self.max_iter + 1):
             improved = False
-            for g in rng.permutation(names):
-                g = str(g)
-                if g not in dirty:
+            for u in rng.permutation(len(units)):
+                unit = units[int(u)]
+                if dirty.isdisjoint(unit):
                     continue
-                dirty.discard(g)
-                c = problem.cost(g, perm)
-                n = spec.sizes[g]
-                rows = np.arange(n)
-                old = perm[g].numpy()
-                new = solve_assignment(c, backend)
-                old_val = float(c[rows, old].sum())
-                new_val = float(c[rows, new].sum())
+                dirty.difference_update(unit)
+                costs = {g: problem.cost(g, perm) for g in unit}
+                new = solve_unit(costs, spec.heads, backend)
+                old_val = new_val = 0.0
+                for g, c in costs.items():
+                    rows = np.arange(spec.sizes[g])
+                    old_val += float(c[rows, perm[g].numpy()].sum())
+                    new_val += float(c[rows, new[g]].sum())
                 if new_val > old_val + self.tol * max(1.0, abs(old_val)):
-                    perm[g] = torch.from_numpy(new)
-                    dirty |= spec.neighbours[g]
+                    for g in unit:
+                        perm[g] = torch.from_numpy(new[g])
+                        dirty |= spec.neighbours[g]
                     total += new_val - old_val
                     improved = True
             history.append(total)
@@ -171,9 +173,9 @@ class _Problem:
         self.a = {p: a[p].to(device=device, dtype=torch.float32) for p in spec.params}
         self.b = {p: b[p].to(device=device, dtype=torch.float32) for p in spec.params}
         self.a_mats: dict[Member, torch.Tensor] = {}
-        for members in spec.groups.values():
+        for g, members in spec.groups.items():
             for m in members:
-                self.a_mats[m] = _unit_rows(self.a[m.param], m)
+                self.a_mats[m] = _unit_rows(self.a[m.param], m, spec.sizes[g])
 
     def cost(self, g: str, perm: Permutation) -> np.ndarray:
         """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
@@ -181,7 +183,7 @@ class _Problem:
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
         for m in self.spec.groups[g]:
             bt = permute_tensor(self.b[m.param], self.spec.axes_to_perm[m.param], perm, skip=g)
-            c += self.a_mats[m] @ _unit_rows(bt, m).T
+            c += self.a_mats[m] @ _unit_rows(bt, m, n).T
         out = c.double().cpu().numpy()
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
@@ -196,10 +198,11 @@ class _Problem:
         return total
 
 
-def _unit_rows(t: torch.Tensor, m: Member) -> torch.Tensor:
-    """View ``t`` as one row per unit of the member's group: (size, everything else)."""
+def _unit_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:
+    """View ``t`` as one row per unit of the member's group (``n`` units): (n, everything else)."""
     t = t.movedim(m.axis, 0)
-    n = t.shape[0] // m.inner
+    if m.segment or t.shape[0] != n * m.inner:
+        t = t[m.start : m.start + n * m.inner]
     if m.inner > 1:
         t = t.reshape(n, m.inner, *t.shape[1:])
     return t.reshape(n, -1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -173,7 +174,7 @@ def resnet_spec(shapes: Shapes, order: Sequence[str] | None = None) -> Permutati
                 f"{sizes[out_group]} (a channel change needs a downsample/shortcut projection)"
             )
         sizes[out_group] = w[0]
-        axes[wname] = [Axis(out_group), Axis(in_group) if in_group else None] + [None] * (len(w) - 2)
+        axes[wname] = [Axis(out_group), Axis(in_group) if in_group else None, *[None] * (len(w) - 2)]
         used.add(wname)
         b = f"{name}.bias"
         if b in shapes:
@@ -322,7 +323,7 @@ def _chain_in_order(names: Sequence[str], shapes: Shapes, family: str, convs: bo
     assert cur is not None
     del sizes[cur]
     for p, es in axes.items():
-        axes[p] = [None if e is not None and e.group == cur else e for e in es]
+        axes[p] = [None if isinstance(e, Axis) and e.group == cur else e for e in es]
     return PermutationSpec(axes, sizes, family=family)
 
 
@@ -355,12 +356,14 @@ def infer_spec(
     *,
     order: Sequence[str] | None = None,
     source: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> PermutationSpec:
     """Infer the permutation spec of a state dict from its names and shapes.
 
     ``family`` is ``auto`` (try every registered family) or a registered name. ``order`` is the
-    forward order of tensors if known (e.g. from a .pt file). Raises SpecError saying what was
-    recognized and why each family did not fit.
+    forward order of tensors if known (e.g. from a .pt file). ``config`` is a Hugging Face
+    config.json (head counts for attention). Raises SpecError naming the closest families and
+    why they did not fit.
     """
     shapes = shapes_of(state)
     if order is None and state and isinstance(next(iter(state.values())), torch.Tensor):
@@ -369,20 +372,58 @@ def infer_spec(
     reasons = []
     for fam in fams:
         try:
-            return fam.build(shapes, order)
+            return fam.build(shapes, order, config)
         except NotThisFamily as e:
-            reasons.append(f"{fam.name}: {e}")
+            reasons.append((fam.name, str(e)))
+    if family != "auto":
+        raise SpecError(
+            f"not a '{family}' checkpoint: {reasons[0][1]}",
+            "pick another family, write a spec file (docs/writing-a-spec.md), or pass --model",
+            source=source,
+        )
     mods = split_modules(sorted(shapes, key=natural_key), shapes)
     kinds: dict[str, int] = {}
     for m in mods:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
     seen = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    what = "unrecognized architecture" if family == "auto" else f"not a '{family}' checkpoint"
+    close = closest_families(shapes)[:2]
+    why = dict(reasons)
+    near = "; ".join(f"{name} ({score:.0%} of names fit; {why.get(name, '')})" for name, score in close)
     raise SpecError(
-        f"{what} ({len(shapes)} tensors: {seen}); " + "; ".join(reasons),
-        "write a spec file and pass --spec spec.yaml (see docs/spec-format.md)",
+        f"unrecognized architecture ({len(shapes)} tensors: {seen}); closest families: {near}",
+        "write a spec file and pass --spec spec.yaml (see docs/writing-a-spec.md), or pass "
+        "--model MODULE:FACTORY to trace the model",
         source=source,
     )
+
+
+# Names typical of each family, for "closest family" suggestions.
+_TYPICAL = {
+    "resnet": r"(^|\.)(conv\d|bn\d|layer\d+|downsample|shortcut|fc)(\.|$)",
+    "mlp": r"(^|\.)(fc\d*|linear\d*|dense\d*|layers?|net|mlp|\d+)(\.|$)",
+    "vgg": r"(^|\.)(features|classifier|conv\d*|bn\d*|\d+)(\.|$)",
+    "transformer": r"(^|\.)(embed|pos|blocks|ln\d|ln_f|attn|qkv|proj|mlp|head)(\.|$)",
+    "gpt2": r"(^|\.)(wte|wpe|h|ln_\d|ln_f|c_attn|c_proj|c_fc|lm_head)(\.|$)",
+    "llama": r"(^|\.)(embed_tokens|layers|self_attn|[qkvo]_proj|gate_proj|up_proj|down_proj|"
+    r"input_layernorm|post_attention_layernorm|norm|lm_head)(\.|$)",
+    "bert": r"(^|\.)(embeddings|word_embeddings|encoder|layer|attention|query|key|value|"
+    r"intermediate|output|LayerNorm|pooler)(\.|$)",
+    "vit": r"(^|\.)(embeddings|patch_embeddings|cls_token|position_embeddings|layernorm_before|"
+    r"layernorm_after|encoder|layers?|attention|classifier)(\.|$)",
+}
+
+
+def closest_families(shapes: Shapes) -> list[tuple[str, float]]:
+    """Registered families ranked by the share of tensor names that look like theirs."""
+    names = list(shapes)
+    out = []
+    for fam in list_specs():
+        rx = _TYPICAL.get(fam.name)
+        if rx is None or not names:
+            continue
+        hit = sum(1 for n in names if re.search(rx, n))
+        out.append((fam.name, hit / len(names)))
+    return sorted(out, key=lambda t: -t[1])
 
 
 # ---------------------------------------------------------------------------------- transformer
@@ -439,3 +480,6 @@ def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> Perm
     if problems:
         raise NotThisFamily(problems[0])
     return spec
+
+
+from rebasin.spec import hf as _hf  # noqa: E402, F401  (registers the Hugging Face families)

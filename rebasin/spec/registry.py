@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rebasin.errors import ConfigError
 from rebasin.spec.core import PermutationSpec
 
 Shapes = Mapping[str, tuple[int, ...]]
-SpecBuilder = Callable[[Shapes, Sequence[str] | None], PermutationSpec]
+Config = Mapping[str, Any] | None
+SpecBuilder = Callable[..., PermutationSpec]
+"""``build(shapes, order)`` or ``build(shapes, order, config)``: config is a Hugging Face
+config.json (a dict) when one sits next to the weights, else None."""
 
 
 class NotThisFamily(Exception):
@@ -23,7 +28,13 @@ class SpecFamily:
 
     name: str
     description: str
-    build: SpecBuilder
+    builder: SpecBuilder
+
+    def build(self, shapes: Shapes, order: Sequence[str] | None, config: Config = None) -> PermutationSpec:
+        """Run the builder (passing ``config`` where it takes one)."""
+        if len(inspect.signature(self.builder).parameters) >= 3:
+            return self.builder(shapes, order, config)
+        return self.builder(shapes, order)
 
 
 _FAMILIES: dict[str, SpecFamily] = {}

@@ -27,8 +27,12 @@ SHAPES = {"fc1.weight": (4, 2), "fc1.bias": (4,), "fc2.weight": (5, 4), "fc3.wei
 
 
 def test_group_view_is_derived() -> None:
-    assert SPEC.groups["P1"] == [("fc1.weight", 0, 1), ("fc1.bias", 0, 1), ("fc2.weight", 1, 1)]
-    assert SPEC.groups["P2"] == [("fc2.weight", 0, 1), ("fc3.weight", 1, 3)]
+    assert SPEC.groups["P1"] == [
+        ("fc1.weight", 0, 1, 0, False),
+        ("fc1.bias", 0, 1, 0, False),
+        ("fc2.weight", 1, 1, 0, False),
+    ]
+    assert SPEC.groups["P2"] == [("fc2.weight", 0, 1, 0, False), ("fc3.weight", 1, 3, 0, False)]
     assert SPEC.neighbours == {"P1": {"P2"}, "P2": {"P1"}}
     assert SPEC.fixed(["fc1.weight", "fc3.bias"]) == ["fc3.bias"]
 
@@ -74,7 +78,7 @@ def test_validate_against_shapes() -> None:
         ("format_version: 1\ngroups: {}", "'groups' must be a non-empty mapping of group name to group"),
         (
             "format_version: 1\ngroups: {P: {size: 2, members: [[w]]}}",
-            "group 'P': member ['w'] must be [tensor_name, axis] or [tensor_name, axis, block_size]",
+            "group 'P': member ['w'] must be [tensor_name, axis], [tensor_name, axis, block_size] or [tensor_name, axis, block_size, offset]",
         ),
         (
             "format_version: 1\ngroups: {P: {size: 2, members: [[w, 0]]}, Q: {size: 2, members: [[w, 0]]}}",

@@ -1,0 +1,178 @@
+"""Hugging Face transformers from checkpoints alone: GPT-2, LLaMA (GQA and MHA, rotary), BERT, ViT.
+
+Tiny random models are built from configs (nothing downloaded) and saved with ``save_pretrained``;
+rebasin reads the directories, and its outputs are loaded back with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_cli import expect_error, run
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+KINDS = ("gpt2", "llama", "llama-mha", "bert", "vit")
+
+
+def tiny(kind: str, seed: int) -> Any:
+    """A tiny random model of one family (4 heads of 8 dims; LLaMA: 2 kv heads)."""
+    torch.manual_seed(seed)
+    t = transformers
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    if kind == "gpt2":
+        cfg = t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+        return t.GPT2LMHeadModel(cfg)
+    if kind.startswith("llama"):
+        kv = 4 if kind == "llama-mha" else 2
+        cfg = t.LlamaConfig(hidden_size=32, num_key_value_heads=kv, vocab_size=50, **small)
+        return t.LlamaForCausalLM(cfg)
+    if kind == "bert":
+        return t.BertForMaskedLM(
+            t.BertConfig(hidden_size=32, vocab_size=50, max_position_embeddings=16, **small)
+        )
+    cfg = t.ViTConfig(hidden_size=32, image_size=8, patch_size=4, num_channels=3, num_labels=5, **small)
+    return t.ViTForImageClassification(cfg)
+
+
+def logits(kind: str, path: Path) -> torch.Tensor:
+    cls = type(tiny(kind, 0))
+    model = cls.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(0)
+    if kind == "vit":
+        inputs = {"pixel_values": torch.randn(3, 3, 8, 8, generator=g)}
+    else:
+        inputs = {"input_ids": torch.randint(0, 50, (3, 12), generator=g)}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for kind in KINDS:
+        pair = []
+        for seed in (0, 1):
+            d = root / f"{kind}-{seed}"
+            tiny(kind, seed).save_pretrained(d)
+            pair.append(d)
+        out[kind] = (pair[0], pair[1])
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_permute_preserves_logits_and_loads_with_from_pretrained(
+    kind: str, hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, _ = hf_dirs[kind]
+    out = tmp_path / "perm"
+    code, stdout, err = run("permute", a, "-o", out, "--seed", "5", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    moved = rep["moved_fraction"]
+    assert moved["residual"] > 0.5 and moved["layers.0.mlp"] > 0.5
+    assert any(v > 0 for g, v in moved.items() if ".attn." in g)  # heads really moved
+    assert (out / "config.json").read_text() == (a / "config.json").read_text()
+    before, after = logits(kind, a), logits(kind, out)
+    assert torch.allclose(before, after, atol=1e-4), float((before - after).abs().max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_with_own_permutation_gives_back_a(
+    kind: str, hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, _ = hf_dirs[kind]
+    perm = tmp_path / "perm"
+    assert run("permute", a, "-o", perm, "--seed", "9", "--quiet")[0] == 0
+    merged = tmp_path / "merged"
+    code, _, err = run("merge", a, perm, "-o", merged, "--quiet")
+    assert code == 0, err
+    ta, tm = tensors(a), tensors(merged)
+    assert set(ta) == set(tm)  # tied weights stay stored once
+    for k in ta:
+        assert torch.allclose(ta[k], tm[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_is_mean_of_a_and_permuted_b(
+    kind: str, hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, b = hf_dirs[kind]
+    merged, pb = tmp_path / "merged", tmp_path / "pb"
+    code, _, err = run("merge", a, b, "-o", merged, "--save-permuted", pb, "--quiet")
+    assert code == 0, err
+    ta, tb, tm = tensors(a), tensors(pb), tensors(merged)
+    for k in ta:
+        assert torch.allclose(tm[k], 0.5 * (ta[k] + tb[k]), atol=1e-6), k
+    # pi(B) is B, reordered: same function
+    assert torch.allclose(logits(kind, b), logits(kind, pb), atol=1e-4)
+    # and the merged directory is a loadable model
+    assert logits(kind, merged).isfinite().all()
+
+
+def test_gpt2_tied_head_is_written_once(hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    a, _ = hf_dirs["gpt2"]
+    state = dict(tensors(a))
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # a state dict with both
+    d = tmp_path / "both"
+    d.mkdir()
+    torch.save(state, d / "pytorch_model.bin")
+    (d / "config.json").write_text((a / "config.json").read_text())
+    out = tmp_path / "out"
+    code, _, err = run("permute", d, "-o", out, "--quiet")
+    assert code == 0, err
+    assert "lm_head.weight" not in tensors(out)
+    assert torch.allclose(logits("gpt2", a), logits("gpt2", out), atol=1e-4)
+
+
+def test_without_config_attention_stays_fixed_and_says_so(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, _ = hf_dirs["gpt2"]
+    bare = tmp_path / "gpt2.safetensors"
+    bare.write_bytes((a / "model.safetensors").read_bytes())
+    code, stdout, err = run("spec", bare, "--json")
+    assert code == 0, err
+    spec = json.loads(stdout)
+    assert not any("attn" in g for g in spec["groups"])
+    assert spec["notes"] == [
+        "attention stays fixed: the head count is unknown (put the model's config.json next to the weights)"
+    ]
+
+
+def test_freeze_keeps_groups_fixed_and_reports_it(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, b = hf_dirs["llama"]
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m", "--freeze", "residual", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["spec"]["frozen"] == ["residual"]
+    assert "residual" not in rep["spec"]["groups"]
+    assert "residual" not in rep["match"]["groups"]
+    pb = tmp_path / "pb"
+    run("merge", a, b, "-o", tmp_path / "m2", "--freeze", "residual", "--save-permuted", pb, "--quiet")
+    assert torch.equal(tensors(pb)["model.norm.weight"], tensors(b)["model.norm.weight"])
+
+
+def test_freeze_pattern_matching_nothing_is_an_error(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, b = hf_dirs["llama"]
+    expect_error(
+        ["merge", a, b, "-o", tmp_path / "m", "--freeze", "resid"],
+        "--freeze 'resid' matches no group (groups: residual, layers.0.attn.qk, layers.0.attn.vo, "
+        "layers.0.mlp, ...)",
+    )
