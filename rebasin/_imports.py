@@ -25,6 +25,8 @@ def import_object(ref: str, kind: str = "callable") -> Any:
             sys.modules.setdefault(path.stem, module)
             spec.loader.exec_module(module)
         else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.append(str(Path.cwd()))  # like `python -m`: modules in the working folder
             module = importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"cannot import '{mod_name}' ({e})", source=ref) from None

@@ -105,7 +105,8 @@ SpecOpt = Annotated[
     str,
     typer.Option(
         "--spec",
-        help="auto (infer from names), a family name (mlp, vgg, resnet, transformer) or a spec file.",
+        help="auto (trace --model if given, else infer from names), trace, a family name "
+        "(mlp, vgg, resnet, transformer, gpt2, llama, bert, vit) or a spec file.",
     ),
 ]
 ShardOpt = Annotated[
@@ -125,6 +126,12 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model", help="Built-in model name or MODULE:FACTORY (default: the architecture recorded in A)."
+    ),
+]
+TraceModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="MODULE:FACTORY or file.py:FACTORY (or a built-in name): trace it for the spec."
     ),
 ]
 ModelArgsOpt = Annotated[str | None, typer.Option("--model-args", help="JSON object of factory arguments.")]
@@ -261,6 +268,8 @@ def merge(
         lr=lr,
         estimator=estimator.value,
         freeze=freeze or [],
+        model=model,
+        model_args=model_args,
     )
     evaluation = None
     if (
@@ -270,7 +279,13 @@ def merge(
         or max_barrier is not None
     ):
         evaluation = EvalOptions(
-            data=data, model=model, model_args=model_args, alphas=alphas, bn=bn.value, device=device
+            data=data,
+            model=model,
+            model_args=model_args,
+            alphas=alphas,
+            bn=bn.value,
+            device=device,
+            optional=data is None and bn not in (BNMode.reset, BNMode.repair) and max_barrier is None,
         )
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
         rep = merge_checkpoints(a, b, output, opts, progress, evaluation)
@@ -292,6 +307,8 @@ def permute(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the permuted checkpoint.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random permutation.")] = 0,
     spec: SpecOpt = "auto",
+    model: TraceModelOpt = None,
+    model_args: ModelArgsOpt = None,
     shard_size: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -301,7 +318,9 @@ def permute(
     from rebasin import render
     from rebasin.pipeline import permute_checkpoint
 
-    rep = permute_checkpoint(checkpoint, output, seed, spec, force=force, shard_size=shard_size)
+    rep = permute_checkpoint(
+        checkpoint, output, seed, spec, force=force, shard_size=shard_size, model=model, model_args=model_args
+    )
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -357,6 +376,8 @@ def merge_many(
 def spec_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose spec to show.")],
     spec: SpecOpt = "auto",
+    model: TraceModelOpt = None,
+    model_args: ModelArgsOpt = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Export the spec (.yaml or .json).")
     ] = None,
@@ -373,7 +394,7 @@ def spec_cmd(
 
     if output is not None:
         check_output_path(output, [checkpoint], force)
-    s, source, fixed = describe_spec(checkpoint, spec)
+    s, source, fixed = describe_spec(checkpoint, spec, model, model_args)
     if output is not None:
         text = dump_spec(s, fixed, as_json=output.suffix == ".json")
         tmp = output.with_name(f".{output.name}.tmp")
@@ -462,6 +483,8 @@ def barrier(
         lr=lr,
         estimator=estimator.value,
         freeze=freeze or [],
+        model=model,
+        model_args=model_args,
     )
     ev = EvalOptions(
         data=data,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,21 +36,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return Metrics(total / n, correct / n)
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
-    own = model.state_dict()
+def fit_problems(own: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """The first differences between a model's state dict and a checkpoint's tensor shapes."""
     problems = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
     if missing:
         problems.append("missing " + ", ".join(f"'{k}'" for k in missing[:3]))
     if unexpected:
         problems.append("unexpected " + ", ".join(f"'{k}'" for k in unexpected[:3]))
     for k, v in own.items():
-        if k in state and tuple(state[k].shape) != tuple(v.shape):
-            problems.append(f"'{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape):
+            problems.append(f"'{k}' has shape {tuple(shapes[k])}, the model expects {tuple(v.shape)}")
             if len(problems) >= 3:
                 break
+    return problems
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
+    own = model.state_dict()
+    problems = fit_problems(own, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise ConfigError(
             f"model '{model_name}' does not fit the checkpoint: " + "; ".join(problems),

@@ -26,6 +26,7 @@ from rebasin.errors import CheckpointError, ConfigError, SpecError
 from rebasin.matching import match
 from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
+from rebasin.models.resolve import DATA_KEY
 from rebasin.permutation import permute, random_permutation
 from rebasin.report import input_info, l2_distance, new_report, spec_info
 from rebasin.spec.core import PermutationSpec, load_spec
@@ -56,6 +57,8 @@ class MergeOptions:
     lr: float | None = None
     estimator: str = "st"
     freeze: Sequence[str] = ()
+    model: str | None = None
+    model_args: str | dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,10 +129,51 @@ def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[Permu
     return out, frozen
 
 
-def resolve_spec(spec: str | PermutationSpec, ck: Checkpoint) -> tuple[PermutationSpec, str]:
-    """A spec from ``auto`` (inference), a family name, a spec file, or a PermutationSpec."""
+def traced_spec(
+    ck: Checkpoint, model: str | None, model_args: str | dict[str, Any] | None, data: str | None = None
+) -> tuple[PermutationSpec, str]:
+    """Build the model (``--model``, else the architecture ``ck`` records), check that it fits
+    the checkpoint, and trace it for its spec."""
+    from rebasin.evaluate import fit_problems
+    from rebasin.models.resolve import DATA_KEY, resolve_model
+    from rebasin.spec.trace import trace_spec
+
+    ref = resolve_model(model, model_args, ck.metadata, ck.name)
+    m = ref.factory()()
+    problems = fit_problems(m.state_dict(), ck.shapes)
+    if problems:
+        raise ConfigError(
+            f"model '{ref.name}' does not fit the checkpoint: " + "; ".join(problems),
+            "pass the --model (and --model-args) the checkpoint was made with",
+            source=ck.name,
+        )
+    inputs = None
+    data = data or ck.metadata.get(DATA_KEY)
+    if getattr(m, "example_input", None) is None and data:
+        from rebasin.data import load_data
+
+        inputs = (load_data(data).x_train[:2],)
+    s = trace_spec(m, inputs, name=ref.name)
+    problems = s.problems(ck.shapes)
+    if problems:  # cannot happen when the model fits; kept as a guard
+        raise SpecError(problems, source=ck.name)
+    return s, f"traced:{ref.name}"
+
+
+def resolve_spec(
+    spec: str | PermutationSpec,
+    ck: Checkpoint,
+    model: str | None = None,
+    model_args: str | dict[str, Any] | None = None,
+    data: str | None = None,
+) -> tuple[PermutationSpec, str]:
+    """A spec from ``auto`` (traced from ``model`` when one is given, else inferred from names),
+    ``trace`` (the model, or the architecture the checkpoint records), a family name, a spec
+    file, or a PermutationSpec."""
     if isinstance(spec, PermutationSpec):
         s, source = spec, "given"
+    elif spec == "trace" or (spec == "auto" and model):
+        s, source = traced_spec(ck, model, model_args, data)
     elif spec == "auto":
         s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=ck.config)
         source = f"inferred:{s.family}"
@@ -238,9 +282,13 @@ def merge_checkpoints(
     b = load_checkpoint(b_path)
     check_pair(a, b)
     timings["load_s"] = time.perf_counter() - t
+    if evaluation is not None and evaluation.optional and not (evaluation.data or DATA_KEY in a.metadata):
+        evaluation = None
 
     t = time.perf_counter()
-    spec, source = resolve_spec(opt.spec, a)
+    spec, source = resolve_spec(
+        opt.spec, a, opt.model, opt.model_args, evaluation.data if evaluation else None
+    )
     spec, frozen = freeze_groups(spec, opt.freeze)
     check_weights(a, spec)
     check_weights(b, spec)
@@ -314,11 +362,13 @@ def permute_checkpoint(
     *,
     force: bool = False,
     shard_size: str | int | None = None,
+    model: str | None = None,
+    model_args: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a random function-preserving permutation of a checkpoint; return the report."""
     check_output_path(out, [path], force)
     ck = load_checkpoint(path)
-    s, source = resolve_spec(spec, ck)
+    s, source = resolve_spec(spec, ck, model, model_args)
     check_weights(ck, s)
     perm = random_permutation(s, seed)
     meta = _metadata(ck.metadata, command="permute", seed=seed, spec=source, spec_digest=s.digest())
@@ -379,10 +429,15 @@ def merge_many_checkpoints(
     return report
 
 
-def describe_spec(path: PathLike, spec: str = "auto") -> tuple[PermutationSpec, str, list[str]]:
+def describe_spec(
+    path: PathLike,
+    spec: str = "auto",
+    model: str | None = None,
+    model_args: str | dict[str, Any] | None = None,
+) -> tuple[PermutationSpec, str, list[str]]:
     """The spec of a checkpoint, where it came from, and the tensors it leaves fixed."""
     ck = load_checkpoint(path)
-    s, source = resolve_spec(spec, ck)
+    s, source = resolve_spec(spec, ck, model, model_args)
     return s, source, s.fixed(list(ck.state))
 
 
@@ -427,6 +482,8 @@ class EvalOptions:
     batch_size: int = 1000
     max_train: int | None = None
     device: str = "cpu"
+    optional: bool = False
+    """Skip the evaluation (rather than fail) when no data is known: ``merge --model`` alone."""
 
 
 def make_evaluator(a: Checkpoint, opt: EvalOptions, seed: int = 0) -> Any:
@@ -596,7 +653,7 @@ def barrier_checkpoints(
     ev = make_evaluator(a, ev_opt, opt.seed)
     curves = {}
     if align:
-        spec, source = resolve_spec(opt.spec, a)
+        spec, source = resolve_spec(opt.spec, a, opt.model, opt.model_args, ev_opt.data)
         spec, frozen = freeze_groups(spec, opt.freeze)
         check_weights(a, spec)
         check_weights(b, spec)
