@@ -13,7 +13,6 @@ from rebasin.merge import interpolate
 from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec, list_specs
 
-
 HF_FAMILIES = {"gpt2", "llama", "bert", "vit"}  # the same oracles, on transformers models: test_hf.py
 
 
