@@ -173,6 +173,7 @@ class _Problem:
         self.a = {p: a[p].to(device=device, dtype=torch.float32) for p in spec.params}
         self.b = {p: b[p].to(device=device, dtype=torch.float32) for p in spec.params}
         self.a_mats: dict[Member, torch.Tensor] = {}
+        self.fixed_products: dict[Member, torch.Tensor] = {}  # members whose B side never changes
         for g, members in spec.groups.items():
             for m in members:
                 self.a_mats[m] = _unit_rows(self.a[m.param], m, spec.sizes[g])
@@ -182,8 +183,15 @@ class _Problem:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
         for m in self.spec.groups[g]:
-            bt = permute_tensor(self.b[m.param], self.spec.axes_to_perm[m.param], perm, skip=g)
-            c += self.a_mats[m] @ _unit_rows(bt, m, n).T
+            if m in self.fixed_products:
+                c += self.fixed_products[m]
+                continue
+            entries = self.spec.axes_to_perm[m.param]
+            bt = permute_tensor(self.b[m.param], entries, perm, skip=g)
+            prod = self.a_mats[m] @ _unit_rows(bt, m, n).T
+            if all(e is None for i, e in enumerate(entries) if i != m.axis):
+                self.fixed_products[m] = prod  # no other group touches it: the same every time
+            c += prod
         out = c.double().cpu().numpy()
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
@@ -194,7 +202,11 @@ class _Problem:
         total = 0.0
         for p, bt in self.b.items():
             pb = permute_tensor(bt, self.spec.axes_to_perm[p], perm)
-            total += float(torch.sum(self.a[p].double() * pb.double()))
+            x, y = self.a[p].reshape(-1), pb.reshape(-1)
+            if x.numel() <= 1 << 20:
+                total += float(torch.dot(x.double(), y.double()))
+            else:  # a float32 BLAS dot: converting large tensors to float64 costs far more
+                total += float(torch.dot(x, y))
         return total
 
 
