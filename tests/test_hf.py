@@ -176,3 +176,19 @@ def test_freeze_pattern_matching_nothing_is_an_error(
         "--freeze 'resid' matches no group (groups: residual, layers.0.attn.qk, layers.0.attn.vo, "
         "layers.0.mlp, ...)",
     )
+
+
+def test_spec_file_round_trip_keeps_segments_and_heads(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    from rebasin.checkpoint import load_checkpoint
+    from rebasin.spec import infer_spec, load_spec
+
+    a, _ = hf_dirs["gpt2"]
+    f = tmp_path / "gpt2.yaml"
+    assert run("spec", a, "-o", f, "--quiet")[0] == 0
+    ck = load_checkpoint(a)
+    assert load_spec(f) == infer_spec(ck.shapes, config=ck.config)
+    out = tmp_path / "perm"
+    assert run("permute", a, "-o", out, "--spec", f, "--seed", "2", "--quiet")[0] == 0
+    assert torch.allclose(logits("gpt2", a), logits("gpt2", out), atol=1e-4)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import user_models
+from conftest import CASES, Case
 from safetensors.torch import load_file, save_file
 from test_cli import expect_error, run
 from torch import nn
@@ -136,6 +137,13 @@ def test_traced_spec_of_built_in_models_equals_the_name_based_one(
 ) -> None:
     model = build_model(arch, **args)
     traced = trace_spec(model, (torch.randn(x),))
+    assert canonical(traced) == canonical(infer_spec(model.state_dict()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_traced_spec_equals_name_based_on_every_case(case: Case) -> None:
+    model = case.make(0)
+    traced = trace_spec(model, (torch.randn(case.input_shape),))
     assert canonical(traced) == canonical(infer_spec(model.state_dict()))
 
 

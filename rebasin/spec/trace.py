@@ -689,4 +689,5 @@ def trace_spec(
     tracer.fix_tree(out, "model output")
     if tracer.calls == 0:
         raise TraceError(f"model '{name}' made no torch calls on its input; nothing to trace")
-    return build_spec(tracer, family=f"traced:{name}")
+    short = name if "/" not in name else name.rsplit("/", 1)[1]  # a file path: keep its name
+    return build_spec(tracer, family=f"traced:{short}")
