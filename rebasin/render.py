@@ -91,6 +91,10 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         f"{runs}{report['timings']['match_s']:.2f}s",
         soft_wrap=True,
     )
+    if spec.get("frozen"):
+        err.print(f"frozen (left at the identity): {', '.join(spec['frozen'])}", soft_wrap=True)
+    for note in spec.get("notes", []):
+        err.print(f"note: {note}", soft_wrap=True)
     for kind, files in report["output"]["files"].items():
         err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
 

@@ -8,13 +8,15 @@ from torch.nn import functional as F
 
 
 class ResidualCNN(nn.Module):
-    """Stem, two residual blocks (BatchNorm, then GroupNorm), a strided projection, pooling, head."""
+    """Stem, two residual blocks (depthwise conv and BatchNorm, then GroupNorm), a strided projection,
+    pooling, head."""
 
     def __init__(self, width: int = 8, classes: int = 10):
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.block1 = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, groups=width),  # depthwise
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
         )  # fmt: skip
