@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("rebasin-bench"))
     ap.add_argument("--pair", default="", help="only pairs whose label contains this text")
+    ap.add_argument("--only", default="", help="only methods whose label contains this text (naive always)")
     args = ap.parse_args()
     alphas = 5 if args.quick else 11
     for label, (a, b) in pairs(args.out, args.quick).items():
@@ -56,6 +57,8 @@ def main() -> None:
         print(f"\n{label} (test split, {alphas} alphas)")
         print(f"{'method':<20} {'search s':>9} {'loss barrier':>13} {'(mean def.)':>12} {'midpoint acc':>13}")
         for name, method, extra in METHODS:
+            if method is not None and args.only not in name:
+                continue
             opts = MergeOptions(method=method or "weight", **extra)
             if args.quick and method in ("sinkhorn", "ste"):
                 opts.steps = 20
