@@ -453,7 +453,7 @@ def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
         for k in ck.state
     ]
     try:
-        s = infer_spec(ck.shapes, order=ck.order)
+        s = infer_spec(ck.shapes, order=ck.order, config=ck.config)
         info["family"] = s.family
         info["groups"] = len(s.sizes)
     except SpecError:

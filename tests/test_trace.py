@@ -199,3 +199,13 @@ def test_a_model_that_fails_on_its_example_input_is_one_clear_error() -> None:
     assert str(info.value) == (
         "cannot run model 'model' on an example input of shape (2, 4): this model only runs on Tuesdays"
     )
+
+
+def test_a_failing_op_is_named() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(7, 2))
+    with pytest.raises(Exception) as info:
+        trace_spec(model)
+    assert str(info.value) == (
+        "cannot run model 'model' on an example input of shape (2, 4) in linear: "
+        "mat1 and mat2 shapes cannot be multiplied (2x8 and 7x2)"
+    )

@@ -125,6 +125,7 @@ class _Tracer(TorchFunctionMode):
         self.param_nodes: dict[int, list[int]] = {}
         self.notes: list[str] = []
         self.calls = 0
+        self.failed_at: str | None = None
 
     # -------------------------------------------------------------------------------- values
     def of(self, t: Any) -> Value:
@@ -184,8 +185,12 @@ class _Tracer(TorchFunctionMode):
     # -------------------------------------------------------------------------------- record
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = _fname(func)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed_at = name.lstrip(".")
+            raise
         if not _has_tensor(out):
             return out
         self.calls += 1
@@ -682,8 +687,9 @@ def trace_spec(
     except Exception as e:  # the model's own failure on the example input: one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = ", ".join(str(tuple(a.shape)) for a in args)
+        where = f" in {tracer.failed_at}" if tracer.failed_at else ""
         raise TraceError(
-            f"cannot run model '{name}' on an example input of shape {shapes}: {first}",
+            f"cannot run model '{name}' on an example input of shape {shapes}{where}: {first}",
             "give the model an 'example_input' attribute, or pass --data",
         ) from None
     tracer.fix_tree(out, "model output")
