@@ -43,6 +43,12 @@ ITEM_KEYS = {
     "force": bool,
     "max_train": int,
     "device": str,
+    "cost": str,
+    "steps": int,
+    "epochs": int,
+    "lr": float,
+    "estimator": str,
+    "freeze": list,
 }
 DEFAULT_KEYS = set(ITEM_KEYS) - {"name", "a", "b", "output", "report", "save_permuted"}
 PATH_KEYS = ("a", "b", "output", "report", "save_permuted")
@@ -149,6 +155,14 @@ def run_item(item: dict[str, Any]) -> dict[str, Any]:
         device=item.get("device", "cpu"),
         force=item.get("force", False),
         save_permuted=item.get("save_permuted"),
+        cost=item.get("cost", "l2"),
+        steps=item.get("steps"),
+        epochs=item.get("epochs"),
+        lr=item.get("lr"),
+        estimator=item.get("estimator", "st"),
+        freeze=[str(f) for f in item.get("freeze", [])],
+        model=item.get("model"),
+        model_args=item.get("model_args"),
     )
     ev = None
     if "data" in item:

@@ -85,7 +85,10 @@ class ActivationMatching:
                 progress("collecting activations", batches, batches)
         missing = [g for g, m in moments.items() if m.count == 0]
         if missing:
-            raise MatchError(f"no activations were recorded for group '{missing[0]}'")
+            raise MatchError(
+                f"no activations were recorded for group '{missing[0]}' (no module outputs it, "
+                "e.g. attention heads): use --method weight, sinkhorn or ste, or --freeze it"
+            )
         perm, groups = {}, {}
         costs = {g: m.correlation() for g, m in moments.items()}
         solved = solve_groups(costs, spec, backend)
