@@ -215,6 +215,14 @@ class PermutationSpec:
                 problems.append(f"group '{g}': size {self.sizes[g]} is not a multiple of {h.count} heads")
             if h.tie is not None and counts.setdefault(h.tie, h.count) != h.count:
                 problems.append(f"tie '{h.tie}': its groups have different head counts")
+        tie_of = {g: h.tie for g, h in self.heads.items() if h.tie is not None}
+        for p, entries in self.axes_to_perm.items():
+            seen: dict[str, int] = {}
+            for axis, e in enumerate(entries):
+                for a in parts(e):
+                    t = tie_of.get(a.group)
+                    if t is not None and seen.setdefault(t, axis) != axis:
+                        problems.append(f"tensor '{p}': tied groups of '{t}' sit on two of its axes")
         return problems
 
     def problems(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:

@@ -94,3 +94,35 @@ def test_progress_callback_is_called() -> None:
     calls: list[tuple[str, float, float]] = []
     match(a, b, infer_spec(a), progress=lambda d, c, t: calls.append((d, c, t)))
     assert calls and calls[0][0].startswith("weight matching")
+
+
+def test_two_level_assignment_is_exact_over_head_structured_permutations() -> None:
+    import itertools
+
+    import numpy as np
+
+    from rebasin.matching.assignment import solve_unit
+    from rebasin.spec.core import Heads
+
+    rng = np.random.default_rng(0)
+    k, d = 3, 2
+    costs = {"qk": rng.standard_normal((k * d, k * d)), "vo": rng.standard_normal((k * d, k * d))}
+    heads = {"qk": Heads(k, "t"), "vo": Heads(k, "t")}
+    got = solve_unit(costs, heads, "scipy")
+
+    def value(p: dict[str, np.ndarray]) -> float:
+        return sum(float(c[np.arange(k * d), p[g]].sum()) for g, c in costs.items())
+
+    best = -np.inf
+    inner = list(itertools.permutations(range(d)))
+    for sigma in itertools.permutations(range(k)):
+        for taus in itertools.product(inner, repeat=2 * k):  # a within-head order per head and group
+            p = {
+                g: np.concatenate([sigma[i] * d + np.array(taus[j * k + i]) for i in range(k)])
+                for j, g in enumerate(costs)
+            }
+            best = max(best, value(p))
+    assert value(got) == pytest.approx(best)
+    # heads stay whole and move together
+    for g in costs:
+        assert (got[g].reshape(k, d) // d == (got["qk"].reshape(k, d) // d)[:, :1]).all()

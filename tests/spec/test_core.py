@@ -132,3 +132,18 @@ def test_block_axis_moves_whole_blocks() -> None:
     perm = {"P1": torch.arange(4), "P2": torch.tensor([4, 0, 1, 2, 3])}
     out = permute({"fc3.weight": w}, SPEC, perm)["fc3.weight"]
     assert out[0].tolist() == [12.0, 13.0, 14.0, *range(12)]
+
+
+def test_heads_and_ties_are_checked() -> None:
+    from rebasin.spec.core import Heads
+
+    with pytest.raises(SpecError) as info:
+        PermutationSpec(
+            {"w": ["A", "B"], "v": ["C"]},
+            {"A": 6, "B": 6, "C": 8},
+            heads={"A": Heads(4, "t"), "B": Heads(3, "t"), "C": Heads(2, "u")},
+        )
+    assert str(info.value) == (
+        "group 'A': size 6 is not a multiple of 4 heads; tie 't': its groups have different head "
+        "counts; tensor 'w': tied groups of 't' sit on two of its axes"
+    )
