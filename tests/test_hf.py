@@ -192,3 +192,26 @@ def test_spec_file_round_trip_keeps_segments_and_heads(
     out = tmp_path / "perm"
     assert run("permute", a, "-o", out, "--spec", f, "--seed", "2", "--quiet")[0] == 0
     assert torch.allclose(logits("gpt2", a), logits("gpt2", out), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tracing_a_transformers_model_agrees_with_the_name_based_spec(kind: str) -> None:
+    """The tracer follows Hugging Face code: residual stream and MLPs move; the heads, which the
+    code splits with view(), stay fixed there (the name-based family moves them)."""
+    from rebasin.permutation import permute, random_permutation
+    from rebasin.spec import infer_spec
+    from rebasin.spec.trace import trace_spec
+
+    model = tiny(kind, 0).eval()
+    x = torch.randn(2, 3, 8, 8) if kind == "vit" else torch.randint(0, 50, (2, 10))
+    traced = trace_spec(model, (x,), name=kind)
+    named = infer_spec(model.state_dict(), config=model.config.to_dict())
+    assert "residual" in traced.sizes and len(traced.sizes) == 3  # residual + one MLP per layer
+    named_sets = {frozenset(ms) for ms in named.groups.values()}
+    for g, ms in traced.groups.items():
+        assert frozenset(ms) in named_sets, g
+    other = type(model)(model.config).eval()
+    other.load_state_dict(dict(permute(model.state_dict(), traced, random_permutation(traced, 1))))
+    key = "pixel_values" if kind == "vit" else "input_ids"
+    with torch.no_grad():
+        assert torch.allclose(model(**{key: x}).logits, other(**{key: x}).logits, atol=1e-4)

@@ -105,10 +105,10 @@ def test_traced_merge_recovers_and_averages(
 
 def test_traced_groups_of_user_models() -> None:
     sizes = {name: trace_spec(getattr(user_models, name)()).sizes for name in USER}
-    assert sizes["residual_cnn"] == {"block1.1": 8, "stem": 8, "block2.0": 16, "down": 16}
+    assert sizes["residual_cnn"] == {"block1.1": 8, "residual": 8, "block2.0": 16, "down": 16}
     assert sizes["mixer"] == {
         "blocks.0.token_mlp.0": 32, "blocks.0.channel_mlp.0": 48, "blocks.1.token_mlp.0": 32,
-        "blocks.1.channel_mlp.0": 48, "patch": 16,
+        "blocks.1.channel_mlp.0": 48, "residual": 16,
     }  # fmt: skip
     assert sizes["functional"] == {"wa": 16, "wb": 16, "wa.in1": 16}
     spec = trace_spec(user_models.attention_net())

@@ -93,7 +93,11 @@ _ELEMENTWISE = {
     "square", "sin", "cos", "log", "log1p", "contiguous", "clone", "float", "double", "half",
     "bfloat16", "to", "type_as", "detach", "sign", "maximum", "minimum", "logsigmoid",
 }  # fmt: skip
-_FRESH = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"}
+_FRESH = {
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "arange",
+    "tensor", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "eye", "linspace",
+    "as_tensor", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor",
+}  # fmt: skip
 _RESHAPE = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "view_as", "reshape_as"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp", "std", "var"}
 _REORDER = {"transpose", "permute", "swapaxes", "swapdims", "movedim", "t"}
@@ -324,7 +328,9 @@ class _Tracer(TorchFunctionMode):
             u.link(v[-1], out[-1])
             u.link(q[-2], out[-2])
             self.broadcast(out[:-2], [q[:-2], k[:-2], v[:-2]])
-        elif name in _RESHAPE or name == "expand_as" or name == "expand":
+        elif name in ("expand", "expand_as", "broadcast_to", "repeat") and isinstance(out, list):
+            self.broadcast(out, [x])  # dims that keep their size link; tiled dims stay fixed
+        elif name in _RESHAPE:
             self.reshape(x, out)
         elif name in _REDUCE:
             dim = arg(1, "dim")
@@ -334,6 +340,9 @@ class _Tracer(TorchFunctionMode):
             self.reorder(name, x, out, args)
         elif name in ("matmul", "__matmul__", "bmm", "mm"):
             self.matmul(x, ins[1], out)
+        elif name in ("addmm", "baddbmm"):  # input + mat1 @ mat2 (GPT-2's Conv1D)
+            self.matmul(ins[1], ins[2], out)
+            self.broadcast(out, [x])
         elif name in ("cat", "concat", "concatenate"):
             parts = [self.of(t) for t in args[0]]
             self.cat(parts, out, arg(1, "dim", 0), tin)
@@ -379,31 +388,38 @@ class _Tracer(TorchFunctionMode):
 
     # ---------------------------------------------------------------------------- structure
     def reshape(self, x: list[int], out: list[int]) -> None:
-        """Link dims whose sizes line up; merged dims become block members; splits stay fixed."""
-        sx = [self.u.size[i] for i in x]
-        so = [self.u.size[i] for i in out]
-        xs = [(i, n) for i, n in zip(x, sx, strict=True) if n != 1]
-        os_ = [(i, n) for i, n in zip(out, so, strict=True) if n != 1]
+        """Align the dims of a reshape in runs of equal size products: a 1:1 run links, a merge
+        (several dims into one) becomes a block member, a split or anything else stays fixed."""
+        xs = [i for i in x if self.u.size[i] != 1]
+        os_ = [i for i in out if self.u.size[i] != 1]
         i = j = 0
         while i < len(xs) and j < len(os_):
-            if xs[i][1] == os_[j][1]:
-                self.u.link(xs[i][0], os_[j][0])
-                i, j = i + 1, j + 1
-                continue
-            k, prod = i, 1
-            while k < len(xs) and prod < os_[j][1]:
-                prod *= xs[k][1]
-                k += 1
-            if prod == os_[j][1] and k - i > 1:  # several dims merged into one (a flatten)
-                self.u.merges.append((os_[j][0], [d for d, _ in xs[i:k]]))
-                i, j = k, j + 1
-                continue
-            for d, _ in xs[i:]:  # a split (or stranger): nothing here may move
-                self.u.fix(d, "split by a reshape")
-            for d, _ in os_[j:]:
-                self.u.fix(d, "split by a reshape")
-            return
-        for d, _ in xs[i:] + os_[j:]:
+            ri, rj = [xs[i]], [os_[j]]
+            px, po = self.u.size[xs[i]], self.u.size[os_[j]]
+            i, j = i + 1, j + 1
+            while px != po:
+                if px < po and i < len(xs):
+                    px *= self.u.size[xs[i]]
+                    ri.append(xs[i])
+                    i += 1
+                elif po < px and j < len(os_):
+                    po *= self.u.size[os_[j]]
+                    rj.append(os_[j])
+                    j += 1
+                else:
+                    break
+            if px != po:
+                for d in ri + xs[i:] + rj + os_[j:]:
+                    self.u.fix(d, "reshape")
+                return
+            if len(ri) == 1 and len(rj) == 1:
+                self.u.link(ri[0], rj[0])
+            elif len(rj) == 1:  # several dims merged into one (a flatten)
+                self.u.merges.append((rj[0], ri))
+            else:  # a split: nothing in it may move
+                for d in ri + rj:
+                    self.u.fix(d, "split by a reshape")
+        for d in xs[i:] + os_[j:]:
             self.u.fix(d, "reshape")
 
     def reduce(self, x: list[int], out: list[int], dim: Any, keep: bool, tin: list[Any]) -> None:
@@ -572,14 +588,34 @@ def build_spec(tracer: _Tracer, family: str) -> PermutationSpec:
     heads_nodes = {u.find(i) for i, _, _ in u.heads}
     param_node_set = {i for nodes in tracer.param_nodes.values() for i in nodes}
     carries = {u.find(i) for i in range(len(u.parent)) if i not in param_node_set}
+    ndim = {n: t.dim() for k, t in tracer.params.items() for n in tracer.names.get(k, [])}
+    roots = []
     for r in sorted({u.find(i) for i in range(len(u.parent))}):
         if r in fixed or r in structural or u.size[r] < 2:
             continue
         if r not in heads_nodes and (r not in members or r not in carries):
             continue  # parameter-only axes (conv kernels) are not hidden units
-        name = _group_name(members.get(r, []), sizes, order, hints.get(r))
-        group_of[r] = name
-        sizes[name] = u.size[r]
+        roots.append(r)
+
+    def first(r: int) -> int:
+        return min((order.get(n, 1 << 30) for n, _ in members.get(r, [])), default=1 << 30)
+
+    # a residual stream has several writers (layers whose outputs are added into it)
+    def is_stream(r: int) -> bool:  # several writers and a norm on it
+        ms = members.get(r, [])
+        writers = sum(1 for n, ax in ms if ax == 0 and ndim[n] >= 2)
+        return writers > 1 and any(ndim[n] == 1 and n.endswith(".weight") for n, _ in ms)
+
+    streams = [r for r in roots if is_stream(r)]
+    for k, r in enumerate(sorted(streams, key=first)):
+        group_of[r] = "residual" if k == 0 else f"residual.{k + 1}"
+    for r in roots:
+        if r not in group_of:
+            group_of[r] = _group_name(
+                members.get(r, []), sizes | {g: 0 for g in group_of.values()}, order, hints.get(r)
+            )
+    for r in roots:
+        sizes[group_of[r]] = u.size[r]
 
     def entry_for(root: int) -> AxisEntry:
         if root in fixed:
