@@ -59,7 +59,7 @@ def axis_index(entry: Axis, p: torch.Tensor) -> torch.Tensor:
     """Index along an axis of length ``size * inner`` that moves blocks of ``inner`` by ``p``."""
     if entry.inner == 1:
         return p
-    return (p[:, None] * entry.inner + torch.arange(entry.inner)[None, :]).reshape(-1)
+    return (p[:, None] * entry.inner + torch.arange(entry.inner, device=p.device)[None, :]).reshape(-1)
 
 
 def permute_tensor(

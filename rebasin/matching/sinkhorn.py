@@ -80,9 +80,9 @@ class ImplicitSinkhorn(torch.autograd.Function):
         h1, h2 = gp.sum(1), gp.sum(0)
         n = pd.shape[0]
         # lambda = h1 - P mu;  (I - P^T P) mu = h2 - P^T h1, with mu_n = 0
-        m = torch.eye(n, dtype=torch.float64) - pd.T @ pd
+        m = torch.eye(n, dtype=torch.float64, device=pd.device) - pd.T @ pd
         rhs = h2 - pd.T @ h1
-        mu = torch.zeros(n, dtype=torch.float64)
+        mu = torch.zeros(n, dtype=torch.float64, device=pd.device)
         if n > 1:
             try:
                 mu[:-1] = torch.linalg.solve(m[:-1, :-1], rhs[:-1])

@@ -144,7 +144,7 @@ class StraightThrough:
         logits = {}
         for g, n in sorted(spec.sizes.items()):
             w = torch.zeros(n, n, device=dev)
-            w[torch.arange(n), perm[g].to(dev)] = 3.0 * self.tau
+            w[torch.arange(n, device=dev), perm[g].to(dev)] = 3.0 * self.tau
             logits[g] = w.requires_grad_(True)
         opt = torch.optim.Adam(list(logits.values()), lr=self.lr or 0.1)
         duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
@@ -164,7 +164,7 @@ class StraightThrough:
                 n = spec.sizes[g]
                 perm[g] = torch.from_numpy(hard[g])
                 d = torch.zeros(n, n, device=dev)
-                d[torch.arange(n), perm[g].to(dev)] = 1.0
+                d[torch.arange(n, device=dev), perm[g].to(dev)] = 1.0
                 pi0 = ImplicitSinkhorn.apply(w / self.tau, 100, 1e-6, duals[g])
                 pi1_value = 0.5 * (d + pi0.detach())
                 # value pi1, Sinkhorn Jacobian at pi1: the projection of log(pi1) is pi1 itself
