@@ -173,7 +173,7 @@ def test_freeze_pattern_matching_nothing_is_an_error(
     a, b = hf_dirs["llama"]
     expect_error(
         ["merge", a, b, "-o", tmp_path / "m", "--freeze", "resid"],
-        "--freeze 'resid' matches no group (groups: residual, layers.0.attn.qk, layers.0.attn.vo, "
+        "--freeze 'resid' matches no group (groups: residual, layers.0.attn.q, layers.0.attn.kv, "
         "layers.0.mlp, ...)",
     )
 

@@ -11,8 +11,9 @@ What moves (see docs/architectures.md):
 - ``layers.N.mlp``: the MLP hidden units of layer N.
 - ``layers.N.attn.qk`` and ``layers.N.attn.vo``: attention, tied as whole heads (q, k, v and o
   of a head move together). Within a head, v/o dims move freely; q/k dims move jointly only where
-  no rotary embedding is used. With grouped-query attention a kv head moves with its group of query
-  heads and nothing moves within heads.
+  no rotary embedding is used. With grouped-query attention the groups are ``layers.N.attn.kv``
+  (k and v rows) and ``layers.N.attn.q`` (query heads, with o's columns): a kv head moves with its
+  group of query heads, query heads reorder within their group, and dims within heads stay fixed.
 Attention stays fixed (with a note) when the head count is unknown: no config.json beside the
 weights. Pooler outputs, which are model outputs, stay fixed.
 """
@@ -92,29 +93,32 @@ class _Builder:
             )
         hd, g = q_rows // n_heads, n_heads // n_kv
         tie = f"layers.{layer}.attn"
-        qk, vo = f"{tie}.qk", f"{tie}.vo"
-        if rope or g > 1:  # q/k dims are bound to rotary frequencies (or shared by a query group)
-            self.group(qk, n_kv)
-            q, k = Axis(qk, g * hd), Axis(qk, hd)
-        else:
-            self.group(qk, n_heads * hd)
-            q = k = Axis(qk)
-        self.heads[qk] = Heads(n_kv, tie)
         if g > 1:
-            self.group(vo, n_kv)
-            v, o = Axis(vo, hd), Axis(vo, g * hd)
+            # grouped-query attention: a kv head (k and v rows) moves with its query heads, and
+            # the query heads may reorder within their group with o's matching columns
+            qg, kv = self.group(f"{tie}.q", n_heads), self.group(f"{tie}.kv", n_kv)
+            self.heads[qg] = self.heads[kv] = Heads(n_kv, tie)
+            q, o, k, v = Axis(qg, hd), Axis(qg, hd), Axis(kv, hd), Axis(kv, hd)
         else:
-            self.group(vo, n_heads * hd)
+            qk, vo = self.group(f"{tie}.qk", n_heads * hd), self.group(f"{tie}.vo", n_heads * hd)
+            self.heads[qk] = self.heads[vo] = Heads(n_heads, tie)
             v = o = Axis(vo)
-        self.heads[vo] = Heads(n_kv, tie)
+            if rope:  # q/k dims are bound to rotary frequencies: heads move whole
+                self.sizes[qk] = n_heads
+                q = k = Axis(qk, hd)
+            else:
+                q = k = Axis(qk)
         if layer == 0:
-            what = "whole heads only (rotary embeddings)" if rope else "heads, and q/k dims within heads"
             if g > 1:
-                what = f"whole kv heads with their {g} query heads (grouped-query attention)"
-            self.notes.append(
-                f"attention: {n_heads} heads of {hd} dims; moves {what}; v/o dims "
-                + ("stay fixed within heads" if g > 1 else "move within heads")
-            )
+                what = (
+                    f"whole kv heads with their {g} query heads, and query heads within their group "
+                    "(grouped-query attention); dims within heads stay fixed"
+                )
+            elif rope:
+                what = "whole heads, and v/o dims within heads (q/k dims are bound to rotary frequencies)"
+            else:
+                what = "whole heads, and q/k and v/o dims within heads"
+            self.notes.append(f"attention: {n_heads} heads of {hd} dims; moves {what}")
         return q, k, v, o
 
     def finish(self, layer_re: re.Pattern[str] | None = None) -> PermutationSpec:
