@@ -21,7 +21,7 @@ from rebasin.spec.core import PermutationSpec
 from rebasin.spec.trace import trace_spec
 
 HERE = Path(__file__).parent
-USER = ("residual_cnn", "mixer", "attention_net", "functional")
+USER = ("residual_cnn", "mixer", "attention_net", "functional", "se_net", "einsum_attention")
 
 
 def ref(name: str) -> str:
@@ -111,6 +111,8 @@ def test_traced_groups_of_user_models() -> None:
         "blocks.1.channel_mlp.0": 48, "residual": 16,
     }  # fmt: skip
     assert sizes["functional"] == {"wa": 16, "wb": 16, "wa.in1": 16}
+    assert sizes["se_net"] == {"fc1": 4, "residual": 16, "pw": 24}
+    assert sizes["einsum_attention"] == {"qkv.part0": 16, "o.in1": 16, "residual": 16}
     spec = trace_spec(user_models.attention_net())
     assert spec.heads["attn.0.qk"].count == 4 and spec.heads["attn.0.qk"].tie == spec.heads["attn.0.vo"].tie
     assert (

@@ -115,6 +115,56 @@ class Functional(nn.Module):
         return (both * self.scale) @ self.w_out
 
 
+class SENet(nn.Module):
+    """Squeeze-and-excitation gate, depthwise-separable conv, normalized features."""
+
+    def __init__(self, c: int = 16, classes: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc1 = nn.Linear(c, 4)
+        self.fc2 = nn.Linear(4, c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, 24, 1)
+        self.head = nn.Linear(24, classes)
+        self.example_input = torch.randn(2, 3, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn(self.conv(x)))
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        x = self.pw(self.dw(x * w[:, :, None, None]))
+        x = F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1)
+        return self.head(F.normalize(x, dim=-1))
+
+
+class EinsumAttention(nn.Module):
+    """Single-head attention written with einsum over a fused, chunked qkv projection."""
+
+    def __init__(self, d: int = 16, d_in: int = 5, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Linear(d_in, d)
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.out = nn.Linear(d, classes)
+        self.example_input = torch.randn(2, 6, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.emb(x)
+        q, k, v = self.qkv(self.ln(x)).chunk(3, dim=-1)
+        att = torch.einsum("bid,bjd->bij", q, k).softmax(-1)
+        x = x + self.o(torch.einsum("bij,bjd->bid", att, v))
+        return self.out(x.mean(1))
+
+
+def se_net() -> nn.Module:
+    return SENet()
+
+
+def einsum_attention() -> nn.Module:
+    return EinsumAttention()
+
+
 def residual_cnn() -> nn.Module:
     return ResidualCNN()
 

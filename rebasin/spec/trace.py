@@ -92,6 +92,7 @@ _ELEMENTWISE = {
     "softmax", "log_softmax", "exp", "sqrt", "rsqrt", "abs", "clamp", "clamp_", "where", "erf",
     "square", "sin", "cos", "log", "log1p", "contiguous", "clone", "float", "double", "half",
     "bfloat16", "to", "type_as", "detach", "sign", "maximum", "minimum", "logsigmoid",
+    "normalize", "nan_to_num", "masked_fill", "dropout_", "hardsigmoid", "silu_", "gelu_",
 }  # fmt: skip
 _FRESH = {
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "arange",
@@ -340,6 +341,8 @@ class _Tracer(TorchFunctionMode):
             self.reorder(name, x, out, args)
         elif name in ("matmul", "__matmul__", "bmm", "mm"):
             self.matmul(x, ins[1], out)
+        elif name == "einsum":
+            self.einsum(args, out, tin)
         elif name in ("addmm", "baddbmm"):  # input + mat1 @ mat2 (GPT-2's Conv1D)
             self.matmul(ins[1], ins[2], out)
             self.broadcast(out, [x])
@@ -452,6 +455,27 @@ class _Tracer(TorchFunctionMode):
             order = [int(d) % n for d in dims]
         for j, d in enumerate(order):
             self.u.link(x[d], out[j])
+
+    def einsum(self, args: Any, out: Value, tin: list[Any]) -> None:
+        """Every index letter links the dims it labels, in the operands and the output."""
+        eq = args[0]
+        ops = args[1:] if not (len(args) == 2 and isinstance(args[1], list | tuple)) else list(args[1])
+        if not isinstance(eq, str) or "..." in eq or not isinstance(out, list):
+            self.unknown(tin, out, "einsum")
+            return
+        lhs, _, rhs = eq.replace(" ", "").partition("->")
+        terms = lhs.split(",")
+        if len(terms) != len(ops) or (not rhs and "->" not in eq):
+            self.unknown(tin, out, "einsum without an explicit output")
+            return
+        first: dict[str, int] = {}
+        for term, op in zip([*terms, rhs], [*ops, None], strict=True):
+            dims = self.of(op) if op is not None else out
+            for letter, node in zip(term, dims, strict=True):
+                if letter in first:
+                    self.u.link(first[letter], node)
+                else:
+                    first[letter] = node
 
     def matmul(self, a: list[int], b: list[int], out: list[int]) -> None:
         if len(a) < 2 or len(b) < 2:
@@ -589,11 +613,20 @@ def build_spec(tracer: _Tracer, family: str) -> PermutationSpec:
     param_node_set = {i for nodes in tracer.param_nodes.values() for i in nodes}
     carries = {u.find(i) for i in range(len(u.parent)) if i not in param_node_set}
     ndim = {n: t.dim() for k, t in tracer.params.items() for n in tracer.names.get(k, [])}
+    # pieces of a fused axis (q | k | v chunks) are groups too, named after the fused tensor
+    piece_names: dict[int, str] = {}
+    for whole, pieces in u.cats:
+        w = u.find(whole)
+        if w in fixed or w not in members:
+            continue
+        base = min(members[w], key=lambda m: order.get(m[0], 1 << 30))[0].rsplit(".", 1)[0]
+        for k, (p, _) in enumerate(pieces):
+            piece_names.setdefault(u.find(p), f"{base}.part{k}")
     roots = []
     for r in sorted({u.find(i) for i in range(len(u.parent))}):
         if r in fixed or r in structural or u.size[r] < 2:
             continue
-        if r not in heads_nodes and (r not in members or r not in carries):
+        if r not in heads_nodes and r not in piece_names and (r not in members or r not in carries):
             continue  # parameter-only axes (conv kernels) are not hidden units
         roots.append(r)
 
@@ -611,9 +644,9 @@ def build_spec(tracer: _Tracer, family: str) -> PermutationSpec:
         group_of[r] = "residual" if k == 0 else f"residual.{k + 1}"
     for r in roots:
         if r not in group_of:
-            group_of[r] = _group_name(
-                members.get(r, []), sizes | {g: 0 for g in group_of.values()}, order, hints.get(r)
-            )
+            hint = hints.get(r) or (piece_names.get(r) if r not in members else None)
+            taken = sizes | {g: 0 for g in group_of.values()}
+            group_of[r] = _group_name(members.get(r, []), taken, order, hint)
     for r in roots:
         sizes[group_of[r]] = u.size[r]
 
