@@ -2,7 +2,8 @@
 
 Trains two tiny GPT-2s (Hugging Face ``transformers``, built from a config: nothing downloaded) on
 a synthetic language (a sparse random Markov chain), saves them as model directories, merges them
-with the rebasin CLI, and draws the loss along the naive and the aligned interpolation paths.
+with the rebasin CLI, and measures the next-token loss along the naive and the aligned paths with
+``rebasin barrier --data tokens.npz``.
 
     python examples/merge_gpt2.py [--quick] [--out DIR]
 """
@@ -10,11 +11,13 @@ with the rebasin CLI, and draws the loss along the naive and the aligned interpo
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 VOCAB, SEQ = 48, 32
@@ -58,22 +61,6 @@ def train(seed: int, steps: int, out: Path) -> None:
     model.save_pretrained(out)
 
 
-def path_losses(a: Path, b: Path, alphas: list[float]) -> list[float]:
-    from rebasin import interpolate, load_checkpoint
-
-    sa, sb = load_checkpoint(a).state, load_checkpoint(b).state
-    test = language(512, seed=99)
-    model = make_model(0).eval()
-    out = []
-    for alpha in alphas:
-        state = dict(interpolate(sa, sb, alpha))
-        state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied, stored once
-        model.load_state_dict(state)
-        with torch.no_grad():
-            out.append(float(model(input_ids=test, labels=test).loss))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer training steps")
@@ -89,19 +76,25 @@ def main() -> None:
     a, b = args.out / "a", args.out / "b"
     for seed, path in ((0, a), (1, b)):
         train(seed, steps, path)
-    merged, pb = args.out / "merged", args.out / "b-aligned"
-    cmd = ["merge", str(a), str(b), "-o", str(merged), "--save-permuted", str(pb), "--force", "--quiet"]
-    subprocess.run([sys.executable, "-m", "rebasin", *cmd], check=True)
-    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    naive, aligned = path_losses(a, b, alphas), path_losses(a, pb, alphas)
+    tokens = args.out / "tokens.npz"
+    np.savez(tokens, input_ids=language(512, seed=98).numpy(), input_ids_test=language(512, seed=99).numpy())
+    merged = args.out / "merged"
+    rebasin = [sys.executable, "-m", "rebasin"]
+    subprocess.run([*rebasin, "merge", str(a), str(b), "-o", str(merged), "--force", "--quiet"], check=True)
+    out = subprocess.run(
+        [*rebasin, "barrier", str(a), str(b), "--data", str(tokens), "--alphas", "5", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    paths = json.loads(out)["evaluation"]["paths"]
+    alphas = paths["naive"]["alphas"]
+    naive, aligned = paths["naive"]["loss"]["test"], paths["aligned"]["loss"]["test"]
     print(f"{'alpha':>6} {'naive loss':>11} {'aligned loss':>13}")
     for alpha, n, al in zip(alphas, naive, aligned, strict=True):
         print(f"{alpha:>6.2f} {n:>11.3f} {al:>13.3f}")
-
-    def barrier(c: list[float]) -> float:
-        return max(v - ((1 - x) * c[0] + x * c[-1]) for x, v in zip(alphas, c, strict=True))
-
-    print(f"loss barrier: naive {barrier(naive):.3f}, aligned {barrier(aligned):.3f}")
+    bar = {k: paths[k]["barriers"]["test"]["loss"]["linear"] for k in ("naive", "aligned")}
+    print(f"loss barrier: naive {bar['naive']:.3f}, aligned {bar['aligned']:.3f}")
     print(f"merged model (loads with from_pretrained): {merged}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +29,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
     for xb, yb in batches(x, y, batch_size):
-        xb, yb = xb.to(device), yb.to(device)
-        out = model(xb).float()
+        out, yb = logits_and_targets(model(xb.to(device)), yb.to(device))
+        out = out.float()
         total += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
-        n += len(yb)
+        n += yb.numel()
     return Metrics(total / n, correct / n)
+
+
+def logits_and_targets(out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (rows, classes) and their targets from a model's output.
+
+    Classifiers give (N, C) for labels (N,). A language model given token ids (N, T), with the
+    same ids as labels, gives (N, T, V) (or a Hugging Face output with ``.logits``): position t
+    predicts token t + 1, so the rows are its first T - 1 positions."""
+    if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+        out = out.logits
+    if out.dim() == 3 and y.dim() == 2 and out.shape[:2] == y.shape:
+        return out[:, :-1].reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1)
+    return out, y
+
+
+def tied_aside(own: dict[str, torch.Tensor], state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``own`` without the keys a checkpoint may leave out because they are tied to another key it
+    has (an LM head sharing the input embedding, stored once)."""
+    present = {v.data_ptr() for k, v in own.items() if k in state}
+    return {k: v for k, v in own.items() if k in state or v.data_ptr() not in present}
 
 
 def fit_problems(own: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> list[str]:
@@ -55,7 +76,7 @@ def fit_problems(own: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
     """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
-    own = model.state_dict()
+    own = tied_aside(model.state_dict(), state)
     problems = fit_problems(own, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise ConfigError(
@@ -74,6 +95,7 @@ def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
     try:
         with torch.no_grad():
             out = model.eval()(x.to(next(model.parameters()).device))
+        out, _ = logits_and_targets(out, data.y_train[:2])  # shapes only
     except (RuntimeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(
@@ -120,7 +142,17 @@ def activation_features(
         taps = []
         for name, m in model.named_modules():
             e = spec.entry(f"{name}.weight", 0) if name else None
-            if isinstance(e, Axis) and e.inner == 1:
+            # only layers whose weight axis 0 is their output axis (not e.g. GPT-2's Conv1D)
+            kinds = (
+                nn.Linear,
+                nn.Conv1d,
+                nn.Conv2d,
+                nn.BatchNorm1d,
+                nn.BatchNorm2d,
+                nn.LayerNorm,
+                nn.GroupNorm,
+            )
+            if isinstance(e, Axis) and e.inner == 1 and isinstance(m, kinds):
                 taps.append((name, m, e.group))
         if not taps:
             raise ConfigError(f"no module of model '{model_name}' outputs a permuted group", source=source)
@@ -180,13 +212,13 @@ def task_loss_fns(
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         idx = order[i * batch_size : (i + 1) * batch_size]
-        out = call(params, x[idx].to(device))
-        return nn.functional.cross_entropy(out, y[idx].to(device))
+        out, yb = logits_and_targets(call(params, x[idx].to(device)), y[idx].to(device))
+        return nn.functional.cross_entropy(out, yb)
 
     def score(params: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
             xs, ys = x[:score_examples].to(device), y[:score_examples].to(device)
-            out = call(params, xs)
+            out, ys = logits_and_targets(call(params, xs), ys)
             return float(nn.functional.cross_entropy(out, ys))
 
     return task_loss, score

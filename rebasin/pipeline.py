@@ -138,7 +138,7 @@ def traced_spec(
     from rebasin.models.resolve import DATA_KEY, resolve_model
     from rebasin.spec.trace import trace_spec
 
-    ref = resolve_model(model, model_args, ck.metadata, ck.name)
+    ref = resolve_model(model, model_args, ck.metadata, ck.name, ck.config)
     m = ref.factory()()
     problems = fit_problems(m.state_dict(), ck.shapes)
     if problems:
@@ -494,7 +494,7 @@ def make_evaluator(a: Checkpoint, opt: EvalOptions, seed: int = 0) -> Any:
     from rebasin.models.resolve import DATA_KEY, resolve_model
     from rebasin.repair import has_batchnorm
 
-    ref = resolve_model(opt.model, opt.model_args, a.metadata, a.name)
+    ref = resolve_model(opt.model, opt.model_args, a.metadata, a.name, a.config)
     data_arg = opt.data or a.metadata.get(DATA_KEY)
     if not data_arg:
         raise ConfigError(
@@ -558,7 +558,7 @@ def check_data_available(opt: MergeOptions, a: Checkpoint, evaluation: EvalOptio
             "synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)",
             source=a.name,
         )
-    if not (eo.model or ARCH_KEY in a.metadata):
+    if not (eo.model or ARCH_KEY in a.metadata or a.config is not None):
         raise ConfigError(
             f"{what} runs the models: pass --model NAME or MODULE:FACTORY "
             "(the checkpoint records no architecture)",

@@ -215,3 +215,66 @@ def test_tracing_a_transformers_model_agrees_with_the_name_based_spec(kind: str)
     key = "pixel_values" if kind == "vit" else "input_ids"
     with torch.no_grad():
         assert torch.allclose(model(**{key: x}).logits, other(**{key: x}).logits, atol=1e-4)
+
+
+def markov_tokens(n: int, seed: int, vocab: int = 50, length: int = 16) -> torch.Tensor:
+    """A sparse random Markov language: every token has 3 likely successors."""
+    succ = torch.randint(0, vocab, (vocab, 3), generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, length, dtype=torch.long)
+    x[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(1, length):
+        x[:, t] = succ[x[:, t - 1], torch.randint(0, 3, (n,), generator=g)]
+    return x
+
+
+@pytest.fixture(scope="module")
+def trained_lms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("lm")
+    out = []
+    for seed in (0, 1):
+        model = tiny("gpt2", seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = markov_tokens(2048, seed)
+        g = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(60):
+            batch = data[torch.randint(0, len(data), (32,), generator=g)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(root / f"lm{seed}")
+        out.append(root / f"lm{seed}")
+    tokens = root / "tokens.npz"
+    np.savez(tokens, input_ids=markov_tokens(400, 5).numpy(), input_ids_test=markov_tokens(200, 6).numpy())
+    return out[0], out[1], tokens
+
+
+def test_barrier_of_language_models_on_token_data(trained_lms: tuple[Path, Path, Path]) -> None:
+    a, b, tokens = trained_lms
+    code, stdout, err = run("barrier", a, b, "--data", tokens, "--alphas", "5", "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)["evaluation"]
+    assert ev["model"]["name"] == "hf:GPT2LMHeadModel"
+    assert ev["data"]["num_classes"] == 50
+    paths = ev["paths"]
+    naive = paths["naive"]["barriers"]["test"]["loss"]["linear"]
+    aligned = paths["aligned"]["barriers"]["test"]["loss"]["linear"]
+    assert naive > 0.2 and aligned < 0.6 * naive, (naive, aligned)
+    # the endpoints are the trained models: next-token loss well below uniform (ln 50 = 3.9)
+    assert paths["naive"]["loss"]["test"][0] < 2.5
+
+
+def test_token_data_must_be_integer_ids(trained_lms: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import numpy as np
+
+    a, b, _ = trained_lms
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((4, 8, 2), dtype=np.int64))
+    expect_error(
+        ["barrier", a, b, "--data", bad],
+        f"{bad}: 'input_ids' must be integer token ids of shape (sequences, tokens), got (4, 8, 2) int64",
+    )

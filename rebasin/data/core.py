@@ -107,6 +107,8 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
             arrays = load_file(str(p))
     except Exception as e:
         raise ConfigError(f"cannot read data ({str(e).splitlines()[0]})", source=name) from None
+    if "input_ids" in arrays and "x" not in arrays and "x_train" not in arrays:
+        return _tokens(name, arrays, seed, test_fraction)
     for k in ("x", "y"):
         if k not in arrays and f"{k}_train" not in arrays:
             raise ConfigError(
@@ -124,6 +126,27 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
         test, train = order[:n_test], order[n_test:]
         x, y, xt, yt = x[train], y[train], x[test], y[test]
     return _make(name, x, y, xt, yt)
+
+
+def _tokens(name: str, arrays: dict[str, torch.Tensor], seed: int, test_fraction: float) -> Dataset:
+    """Language-model data: ``input_ids`` (sequences, tokens), optionally ``input_ids_test``.
+    Inputs and labels are the same ids; a model predicts each next token."""
+    ids = arrays["input_ids"]
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise ConfigError(
+            f"'input_ids' must be integer token ids of shape (sequences, tokens), got {tuple(ids.shape)} "
+            f"{str(ids.dtype).removeprefix('torch.')}",
+            source=name,
+        )
+    ids = ids.long()
+    if "input_ids_test" in arrays:
+        test = arrays["input_ids_test"].long()
+    else:
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        n_test = max(1, round(len(ids) * test_fraction)) if len(ids) > 1 else 0
+        ids, test = ids[order[n_test:]], ids[order[:n_test]]
+    vocab = int(max(int(ids.max()), int(test.max()) if len(test) else 0)) + 1
+    return Dataset(name, ids, ids, test, test, vocab)
 
 
 def _from_hook(spec: str, seed: int) -> Dataset:
@@ -163,7 +186,8 @@ def validate(d: Dataset, source: str) -> Dataset:
         if bool((y < 0).any()) or bool((y >= d.num_classes).any()):
             bad = int(y[(y < 0) | (y >= d.num_classes)][0])
             raise ConfigError(f"{split} label {bad} is out of range [0, {d.num_classes})", source=source)
-        if not x.is_floating_point():
+        tokens = x.shape == y.shape and x.dim() == 2  # language-model ids: inputs are the labels
+        if not x.is_floating_point() and not tokens:
             raise ConfigError(f"{split} inputs must be floating point, got {x.dtype}", source=source)
     if d.x_train.shape[1:] != d.x_test.shape[1:]:
         raise ConfigError(

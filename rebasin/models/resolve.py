@@ -25,13 +25,17 @@ class ModelRef:
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """A Hugging Face config.json: the model is built from it (``name`` is ``hf:ARCHITECTURE``)."""
 
     def build(self) -> nn.Module:
         """A fresh model."""
-        return _factory(self.name)(**self.args)
+        return self.factory()()
 
     def factory(self) -> Callable[[], nn.Module]:
         """A zero-argument factory (checked once)."""
+        if self.config is not None:
+            return hf_factory(self.config)
         fn = _factory(self.name)
         args = dict(self.args)
         try:
@@ -59,12 +63,20 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
 
 
 def resolve_model(
-    model: str | None, model_args: str | dict[str, Any] | None, metadata: Mapping[str, str], source: str
+    model: str | None,
+    model_args: str | dict[str, Any] | None,
+    metadata: Mapping[str, str],
+    source: str,
+    config: Mapping[str, Any] | None = None,
 ) -> ModelRef:
-    """The model to use: the ``--model`` given, else the architecture recorded in ``metadata``."""
+    """The model to use: the ``--model`` given, else the architecture recorded in ``metadata``,
+    else the Hugging Face ``config`` found beside the weights."""
     args = parse_model_args(model_args) if isinstance(model_args, str | type(None)) else dict(model_args)
     if model:
         ref = ModelRef(model, args)
+    elif ARCH_KEY not in metadata and config is not None:
+        arch = (config.get("architectures") or [str(config.get("model_type", "model"))])[0]
+        return ModelRef(f"hf:{arch}", {}, dict(config))
     elif ARCH_KEY in metadata:
         try:
             recorded = json.loads(metadata.get(ARGS_KEY, "{}"))
@@ -88,3 +100,27 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         return lambda **kw: build_model(name, **kw)
     fn: Callable[..., nn.Module] = import_object(name)
     return fn
+
+
+def hf_factory(config: Mapping[str, Any]) -> Callable[[], nn.Module]:
+    """Fresh Hugging Face models of the class ``config`` names (random init, nothing downloaded)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "running a Hugging Face model needs transformers", "pip install 'rebasin[hf]'"
+        ) from None
+    transformers.logging.set_verbosity_error()
+    model_type = config.get("model_type")
+    try:
+        cfg = transformers.AutoConfig.for_model(str(model_type)).from_dict(dict(config))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"config.json names an unknown model_type '{model_type}' ({e})") from None
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, str(archs[0]), None) if archs else None
+
+    def make() -> nn.Module:
+        model = cls(cfg) if cls is not None else transformers.AutoModelForCausalLM.from_config(cfg)
+        return model.eval()
+
+    return make
