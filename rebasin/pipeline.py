@@ -502,6 +502,13 @@ def make_evaluator(a: Checkpoint, opt: EvalOptions, seed: int = 0) -> Any:
             source=a.name,
         )
     data = load_data(data_arg, seed)
+    tokens = data.x_train.shape == data.y_train.shape and not data.x_train.is_floating_point()
+    if tokens and ref.config is not None and not ref.name.endswith(("ForCausalLM", "LMHeadModel")):
+        raise ConfigError(
+            f"token data measures next-token loss, which needs a causal language model; "
+            f"config.json names {ref.name.removeprefix('hf:')}",
+            source=a.name,
+        )
     factory = ref.factory()
     probe = factory()
     load_into(probe, a.state, a.name, ref.name)

@@ -278,3 +278,14 @@ def test_token_data_must_be_integer_ids(trained_lms: tuple[Path, Path, Path], tm
         ["barrier", a, b, "--data", bad],
         f"{bad}: 'input_ids' must be integer token ids of shape (sequences, tokens), got (4, 8, 2) int64",
     )
+
+
+def test_token_data_needs_a_causal_language_model(
+    hf_dirs: dict[str, tuple[Path, Path]], trained_lms: tuple[Path, Path, Path]
+) -> None:
+    a, b = hf_dirs["bert"]
+    expect_error(
+        ["barrier", a, b, "--data", trained_lms[2]],
+        f"{a}: token data measures next-token loss, which needs a causal language model; "
+        "config.json names BertForMaskedLM",
+    )
