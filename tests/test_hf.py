@@ -268,6 +268,22 @@ def test_barrier_of_language_models_on_token_data(trained_lms: tuple[Path, Path,
     assert paths["naive"]["loss"]["test"][0] < 2.5
 
 
+def test_activation_matching_weight_matches_groups_it_cannot_tap(
+    trained_lms: tuple[Path, Path, Path],
+) -> None:
+    a, b, tokens = trained_lms
+    code, stdout, err = run(
+        "barrier", a, b, "--data", tokens, "--alphas", "3", "--method", "activation", "--json"
+    )
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert "layers.0.attn.qk" in rep["match"]["options"]["weight_matched"]
+    assert "residual" not in rep["match"]["options"]["weight_matched"]  # tapped at every LayerNorm
+    paths = rep["evaluation"]["paths"]
+    naive = paths["naive"]["barriers"]["test"]["loss"]["linear"]
+    assert paths["aligned"]["barriers"]["test"]["loss"]["linear"] < 0.6 * naive
+
+
 def test_token_data_must_be_integer_ids(trained_lms: tuple[Path, Path, Path], tmp_path: Path) -> None:
     import numpy as np
 

@@ -83,14 +83,16 @@ class ActivationMatching:
             batches += 1
             if progress:
                 progress("collecting activations", batches, batches)
-        missing = [g for g, m in moments.items() if m.count == 0]
-        if missing:
+        # a unit (tied head groups) is activation-matched only when every group in it has taps
+        missing = {g for g, m in moments.items() if m.count == 0}
+        by_weights = {g for unit in spec.units if not missing.isdisjoint(unit) for g in unit}
+        if len(by_weights) == len(spec.sizes):
             raise MatchError(
-                f"no activations were recorded for group '{missing[0]}' (no module outputs it, "
-                "e.g. attention heads): use --method weight, sinkhorn or ste, or --freeze it"
+                "no activations were recorded for any group (no module outputs them): "
+                "use --method weight, sinkhorn or ste"
             )
         perm, groups = {}, {}
-        costs = {g: m.correlation() for g, m in moments.items()}
+        costs = {g: m.correlation() for g, m in moments.items() if g not in by_weights}
         solved = solve_groups(costs, spec, backend)
         for g, c in costs.items():
             p = solved[g]
@@ -102,12 +104,20 @@ class ActivationMatching:
                 objective_after=float(c[np.arange(n), p].sum()),
                 moved_fraction=float((p != np.arange(n)).mean()),
             )
+        if by_weights:  # groups no module outputs (attention heads): weight matching, the rest held
+            from rebasin.matching.weight import WeightMatching
+            from rebasin.permutation import permute
+
+            rest = spec.without(costs)
+            wm = WeightMatching(backend=backend).match(a, permute(b, spec, perm), rest)
+            perm.update(wm.perm)
+            groups.update(wm.groups)
         return MatchResult(
             method="activation",
             perm=perm,
             objective_identity=sum(s.objective_before for s in groups.values()),
             objective=sum(s.objective_after for s in groups.values()),
             groups=groups,
-            options={"backend": backend, "batches": batches},
+            options={"backend": backend, "batches": batches, "weight_matched": sorted(by_weights)},
             seconds=time.perf_counter() - t0,
         )

@@ -102,8 +102,10 @@ def solve_unit(
 def solve_groups(
     costs: Mapping[str, np.ndarray], spec: PermutationSpec, backend: str = "auto"
 ) -> dict[str, np.ndarray]:
-    """:func:`solve_unit` over every unit of ``spec`` (tied head groups solved jointly)."""
+    """:func:`solve_unit` over every unit of ``spec`` that ``costs`` covers (tied head groups
+    solved jointly)."""
     out: dict[str, np.ndarray] = {}
     for unit in spec.units:
-        out.update(solve_unit({g: costs[g] for g in unit}, spec.heads, backend))
+        if all(g in costs for g in unit):
+            out.update(solve_unit({g: costs[g] for g in unit}, spec.heads, backend))
     return out
