@@ -68,7 +68,7 @@ class Mixer(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """Token embedding, pre-LN blocks around nn.MultiheadAttention, tied output head."""
+    """Token embedding, pre-LN blocks around nn.MultiheadAttention, dropout, tied output head."""
 
     def __init__(self, vocab: int = 20, dim: int = 16, heads: int = 4, depth: int = 2):
         super().__init__()
@@ -77,7 +77,10 @@ class AttentionNet(nn.Module):
         self.ln = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2 * depth)])
         self.attn = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(depth)])
         self.ff = nn.ModuleList(
-            [nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim)) for _ in range(depth)]
+            [
+                nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+                for _ in range(depth)
+            ]
         )
         self.out = nn.Linear(dim, vocab, bias=False)
         self.out.weight = self.embed.weight  # tied
