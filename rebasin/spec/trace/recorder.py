@@ -1,87 +1,15 @@
-"""Infer a spec from model code by tracing it and joining tensor axes with union-find.
-
-The model runs once, eagerly, on an example input under a ``TorchFunctionMode`` that records
-every torch function call (``F.linear``, ``F.conv2d``, ``F.batch_norm``, tensor methods,
-operators ...). Unlike torch.fx's symbolic tracing this follows Python control flow (``if
-x.dim() == 3``), and it sees functional calls and modules alike, because modules end in them.
-Every axis of every recorded tensor and of every parameter is a node. Operations link the axes that
-must move together: elementwise ops and residual adds (with broadcasting), norms, pooling over
-other axes, matmul contraction, transposes and permutes, layers' input/output dims and their
-parameters. Connected components are the candidate groups; a component touching a model input or
-output stays fixed. Reshapes that merge a moving axis with trailing fixed ones (flatten before a
-classifier) become block members; concatenation and chunking become segments of a fused axis.
-Anything the tracer does not understand fixes every axis it touches, and is listed in the spec's
-notes: it is never permuted wrongly.
-"""
+"""Record a model's torch calls and link the axes each call ties together."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rebasin.errors import SpecError
-from rebasin.spec.core import Axis, AxisEntry, Heads, PermutationSpec
-
-# ------------------------------------------------------------------------------------ union-find
-
-
-@dataclass
-class _Axes:
-    """Union-find over axis nodes, with the structure found between classes."""
-
-    parent: list[int] = field(default_factory=list)
-    size: list[int] = field(default_factory=list)
-    fixed: dict[int, str] = field(default_factory=dict)  # node -> reason (resolved on roots later)
-    merges: list[tuple[int, list[int]]] = field(default_factory=list)  # out = flatten(ins)
-    cats: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)  # whole = cat(pieces)
-    heads: list[tuple[int, int, str | None]] = field(default_factory=list)  # node, count, tie
-    hints: dict[int, str] = field(default_factory=dict)  # node -> group name
-
-    def new(self, n: int) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(int(n))
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def link(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] != self.size[rb]:  # cannot move together: keep both still
-            self.fix(ra, "axes of different lengths meet")
-            self.fix(rb, "axes of different lengths meet")
-        self.parent[rb] = ra
-
-    def fix(self, i: int, reason: str) -> None:
-        self.fixed.setdefault(i, reason)
-
-    def is_fixed(self, i: int) -> bool:
-        r = self.find(i)
-        return any(self.find(j) == r for j in self.fixed)
-
-    def fixed_roots(self) -> set[int]:
-        return {self.find(j) for j in self.fixed}
-
-
-Value = Any  # list[int] for a tensor (one node per dim), tuple of Values, or None
-
-
-class TraceError(SpecError):
-    """The model could not be traced."""
-
-
-# ------------------------------------------------------------------------------------- the tracer
+from rebasin.spec.trace.axes import Axes, Value
 
 _ELEMENTWISE = {
     "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__",
@@ -113,13 +41,13 @@ def _fname(func: Any) -> str:
     return str(name)
 
 
-class _Tracer(TorchFunctionMode):
+class Recorder(TorchFunctionMode):
     """Runs the model once, eagerly, recording every torch function call on its tensors."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.u = _Axes()
+        self.u = Axes()
         self.nodes: dict[int, list[int]] = {}  # id(tensor) -> its axes' nodes
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive: ids stay unique
         self.names: dict[int, list[str]] = {}  # id(parameter or buffer) -> state-dict names
@@ -549,220 +477,3 @@ def _has_tensor(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
     return isinstance(obj, tuple | list) and any(isinstance(x, torch.Tensor) for x in obj)
-
-
-# ------------------------------------------------------------------------------------- assembly
-
-
-def _resolve(u: _Axes) -> None:
-    """Propagate fixedness through merges and cats until nothing changes."""
-    changed = True
-    while changed:
-        changed = False
-        fixed = u.fixed_roots()
-
-        def fix(i: int, reason: str, fixed: set[int] = fixed) -> None:
-            nonlocal changed
-            if u.find(i) not in fixed:
-                u.fix(i, reason)
-                fixed.add(u.find(i))
-                changed = True
-
-        for out, ins in u.merges:
-            moving = [i for i in ins if u.find(i) not in fixed]
-            lead = ins[0]
-            if len(moving) > 1 or (moving and moving[0] != lead) or u.find(out) in [u.find(i) for i in ins]:
-                for i in [out, *ins]:
-                    fix(i, "reshaped together with another moving axis")
-            elif u.find(out) in fixed or u.find(lead) in fixed:
-                fix(out, "flattened into a fixed axis")
-                fix(lead, "flattened into a fixed axis")
-        for whole, pieces in u.cats:
-            if u.find(whole) in fixed or any(u.find(whole) == u.find(p) for p, _ in pieces):
-                for p, _ in pieces:
-                    fix(p, "concatenated into a fixed axis")
-                fix(whole, "concatenated into a fixed axis")
-
-
-def build_spec(tracer: _Tracer, family: str) -> PermutationSpec:
-    u = tracer.u
-    # axes holding no parameter (batch, positions, spatial dims) have nothing to permute
-    with_params = {u.find(i) for nodes in tracer.param_nodes.values() for i in nodes}
-    special = {u.find(o) for o, _ in u.merges} | {u.find(i) for i, _, _ in u.heads}
-    special |= {u.find(w) for w, _ in u.cats} | {u.find(p) for _, ps in u.cats for p, _ in ps}
-    for r in {u.find(i) for i in range(len(u.parent))}:
-        if r not in with_params and r not in special:
-            u.fix(r, "holds no parameter")
-    _resolve(u)
-    fixed = u.fixed_roots()
-    group_of: dict[int, str] = {}
-    sizes: dict[str, int] = {}
-
-    # name groups after the first parameter axis in them (state-dict order)
-    order = {k: i for i, k in enumerate(tracer.model.state_dict())}
-    hints = {u.find(i): h for i, h in u.hints.items()}
-    members: dict[int, list[tuple[str, int]]] = {}
-    for key, nodes in tracer.param_nodes.items():
-        for ax, i in enumerate(nodes):
-            for name in tracer.names.get(key, []):
-                members.setdefault(u.find(i), []).append((name, ax))
-    roots_of_merge = {u.find(o) for o, _ in u.merges}
-    roots_of_cat = {u.find(w) for w, _ in u.cats}
-    structural = roots_of_merge | roots_of_cat
-    heads_nodes = {u.find(i) for i, _, _ in u.heads}
-    param_node_set = {i for nodes in tracer.param_nodes.values() for i in nodes}
-    carries = {u.find(i) for i in range(len(u.parent)) if i not in param_node_set}
-    ndim = {n: t.dim() for k, t in tracer.params.items() for n in tracer.names.get(k, [])}
-    # pieces of a fused axis (q | k | v chunks) are groups too, named after the fused tensor
-    piece_names: dict[int, str] = {}
-    for whole, pieces in u.cats:
-        w = u.find(whole)
-        if w in fixed or w not in members:
-            continue
-        base = min(members[w], key=lambda m: order.get(m[0], 1 << 30))[0].rsplit(".", 1)[0]
-        for k, (p, _) in enumerate(pieces):
-            piece_names.setdefault(u.find(p), f"{base}.part{k}")
-    roots = []
-    for r in sorted({u.find(i) for i in range(len(u.parent))}):
-        if r in fixed or r in structural or u.size[r] < 2:
-            continue
-        if r not in heads_nodes and r not in piece_names and (r not in members or r not in carries):
-            continue  # parameter-only axes (conv kernels) are not hidden units
-        roots.append(r)
-
-    def first(r: int) -> int:
-        return min((order.get(n, 1 << 30) for n, _ in members.get(r, [])), default=1 << 30)
-
-    # a residual stream has several writers (layers whose outputs are added into it)
-    def is_stream(r: int) -> bool:  # several writers and a norm on it
-        ms = members.get(r, [])
-        writers = sum(1 for n, ax in ms if ax == 0 and ndim[n] >= 2)
-        return writers > 1 and any(ndim[n] == 1 and n.endswith(".weight") for n, _ in ms)
-
-    streams = [r for r in roots if is_stream(r)]
-    for k, r in enumerate(sorted(streams, key=first)):
-        group_of[r] = "residual" if k == 0 else f"residual.{k + 1}"
-    for r in roots:
-        if r not in group_of:
-            hint = hints.get(r) or (piece_names.get(r) if r not in members else None)
-            taken = sizes | {g: 0 for g in group_of.values()}
-            group_of[r] = _group_name(members.get(r, []), taken, order, hint)
-    for r in roots:
-        sizes[group_of[r]] = u.size[r]
-
-    def entry_for(root: int) -> AxisEntry:
-        if root in fixed:
-            return None
-        if root in group_of:
-            return Axis(group_of[root])
-        for out, ins in u.merges:
-            if u.find(out) == root:
-                lead = u.find(ins[0])
-                inner = math.prod(u.size[i] for i in ins[1:])
-                if lead in group_of:
-                    return Axis(group_of[lead], inner)
-                return None
-        for whole, pieces in u.cats:
-            if u.find(whole) == root:
-                segs = tuple(Axis(group_of[u.find(p)], 1, off) for p, off in pieces if u.find(p) in group_of)
-                return segs or None
-        return None
-
-    axes: dict[str, list[AxisEntry]] = {}
-    for key, nodes in tracer.param_nodes.items():
-        entries = [entry_for(u.find(i)) for i in nodes]
-        for name in tracer.names.get(key, []):
-            axes[name] = list(entries)
-    used = {a.group for es in axes.values() for e in es for a in ((e,) if isinstance(e, Axis) else e or ())}
-    sizes = {g: n for g, n in sizes.items() if g in used}
-    heads: dict[str, Heads] = {}
-    notes = list(tracer.notes)
-    for i, count, tie in u.heads:
-        g = group_of.get(u.find(i))
-        if g is None or g not in sizes:
-            continue
-        if g in heads and heads[g].count != count:
-            notes.append(f"group '{g}' needs two head structures; it stays fixed")
-            sizes.pop(g)
-            continue
-        heads[g] = Heads(count, tie)
-    if set(heads) != {g for g in heads if g in sizes}:
-        heads = {g: h for g, h in heads.items() if g in sizes}
-    axes = {p: [e if _entry_groups(e) <= set(sizes) else None for e in es] for p, es in axes.items()}
-    return PermutationSpec(axes, sizes, family=family, heads=heads, notes=notes)
-
-
-def _entry_groups(e: AxisEntry) -> set[str]:
-    if e is None:
-        return set()
-    return {a.group for a in ((e,) if isinstance(e, Axis) else e)}
-
-
-def _group_name(
-    members: list[tuple[str, int]], taken: dict[str, int], order: dict[str, int], hint: str | None
-) -> str:
-    """``fc1`` for the outputs of layer fc1; ``NAME.in`` where only an input axis is known."""
-    if hint:
-        base = hint
-    elif members:
-        name, ax = min(members, key=lambda m: (m[1] != 0, order.get(m[0], 1 << 30)))
-        base = name.rsplit(".", 1)[0] if "." in name else name
-        base = base if ax == 0 else f"{base}.in{ax}"
-    else:
-        base = "hidden"
-    out, n = base, 2
-    while out in taken:
-        out, n = f"{base}.{n}", n + 1
-    return out
-
-
-# ---------------------------------------------------------------------------------- entry point
-
-
-def example_input(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """An example input guessed from the first layer (override with a model attribute
-    ``example_input``: a tensor, a tuple of tensors, or a callable returning one)."""
-    given = getattr(model, "example_input", None)
-    if given is not None:
-        v = given() if callable(given) else given
-        return v if isinstance(v, tuple) else (v,)
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (2, 8)),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(2, m.in_features),)
-        if isinstance(m, nn.Conv1d):
-            return (torch.randn(2, m.in_channels, 32),)
-        if isinstance(m, nn.Conv2d):
-            return (torch.randn(2, m.in_channels, 32, 32),)
-        if isinstance(m, nn.MultiheadAttention):
-            return (torch.randn(2, 8, m.embed_dim),)
-    raise TraceError("cannot guess an input shape: give the model an 'example_input' attribute")
-
-
-def trace_spec(
-    model: nn.Module, inputs: Sequence[torch.Tensor] | None = None, name: str = "model"
-) -> PermutationSpec:
-    """The permutation spec of ``model``, by running it once on ``inputs`` (guessed when None)
-    and recording every torch function call on its tensors."""
-    model = model.eval()
-    args = tuple(inputs) if inputs is not None else example_input(model)
-    tracer = _Tracer(model)
-    for a in args:
-        tracer.fix_tree(a, "model input")
-    try:
-        with torch.no_grad(), tracer:
-            out = model(*args)
-    except Exception as e:  # the model's own failure on the example input: one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shapes = ", ".join(str(tuple(a.shape)) for a in args)
-        where = f" in {tracer.failed_at}" if tracer.failed_at else ""
-        raise TraceError(
-            f"cannot run model '{name}' on an example input of shape {shapes}{where}: {first}",
-            "give the model an 'example_input' attribute, or pass --data",
-        ) from None
-    tracer.fix_tree(out, "model output")
-    if tracer.calls == 0:
-        raise TraceError(f"model '{name}' made no torch calls on its input; nothing to trace")
-    short = name if "/" not in name else name.rsplit("/", 1)[1]  # a file path: keep its name
-    return build_spec(tracer, family=f"traced:{short}")
