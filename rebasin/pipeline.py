@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from rebasin.errors import CheckpointError, ConfigError, SpecError
 from rebasin.matching import match
 from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
-from rebasin.models.resolve import DATA_KEY
+from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, DATA_KEY
 from rebasin.permutation import permute, random_permutation
 from rebasin.report import input_info, l2_distance, new_report, spec_info
 from rebasin.spec.core import PermutationSpec, load_spec
@@ -160,6 +161,25 @@ def traced_spec(
     return s, f"traced:{ref.name}"
 
 
+def spec_config(ck: Checkpoint) -> dict[str, Any] | None:
+    """What name-based inference may know beyond shapes: a Hugging Face config.json, or the head
+    count of rebasin's own transformer from the architecture the checkpoint records."""
+    if ck.config is not None:
+        return ck.config
+    if ck.metadata.get(ARCH_KEY) == "transformer":
+        import inspect
+
+        from rebasin.models.transformer import Transformer
+
+        try:
+            args = json.loads(ck.metadata.get(ARGS_KEY, "{}"))
+        except ValueError:
+            return None
+        default = inspect.signature(Transformer).parameters["heads"].default
+        return {"num_attention_heads": args.get("heads", default)}
+    return None
+
+
 def resolve_spec(
     spec: str | PermutationSpec,
     ck: Checkpoint,
@@ -175,10 +195,10 @@ def resolve_spec(
     elif spec == "trace" or (spec == "auto" and model):
         s, source = traced_spec(ck, model, model_args, data)
     elif spec == "auto":
-        s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=ck.config)
+        s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=spec_config(ck))
         source = f"inferred:{s.family}"
     elif spec in {f.name for f in list_specs()}:
-        s = infer_spec(ck.shapes, spec, order=ck.order, source=ck.name, config=ck.config)
+        s = infer_spec(ck.shapes, spec, order=ck.order, source=ck.name, config=spec_config(ck))
         source = f"family:{spec}"
     elif Path(spec).suffix in (".yaml", ".yml", ".json") or os.sep in spec or Path(spec).exists():
         s = load_spec(spec)
@@ -453,7 +473,7 @@ def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
         for k in ck.state
     ]
     try:
-        s = infer_spec(ck.shapes, order=ck.order, config=ck.config)
+        s = infer_spec(ck.shapes, order=ck.order, config=spec_config(ck))
         info["family"] = s.family
         info["groups"] = len(s.sizes)
     except SpecError:

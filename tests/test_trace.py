@@ -211,3 +211,41 @@ def test_a_failing_op_is_named() -> None:
         "cannot run model 'model' on an example input of shape (2, 4) in linear: "
         "mat1 and mat2 shapes cannot be multiplied (2x8 and 7x2)"
     )
+
+
+def test_own_transformer_moves_heads_when_the_checkpoint_records_them(tmp_path: Path) -> None:
+    """rebasin's transformer: `rebasin train` records the head count, so heads move too."""
+    import json as js
+
+    from rebasin.models.resolve import ModelRef
+
+    args = {"seq_len": 12, "dim": 16, "depth": 2, "heads": 4}
+    meta = ModelRef("transformer", args).metadata()
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = build_model("transformer", **args)
+        p = tmp_path / f"t{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(p), metadata=meta)
+        paths.append(p)
+    code, stdout, err = run("spec", paths[0], "--json")
+    assert code == 0, err
+    spec = js.loads(stdout)
+    assert spec["groups"]["P_blocks.0.attn.qk"]["heads"] == 4
+    perm = tmp_path / "p.safetensors"
+    code, stdout, err = run("permute", paths[0], "-o", perm, "--seed", "3", "--json")
+    assert code == 0, err
+    assert js.loads(stdout)["moved_fraction"]["P_blocks.1.attn.vo"] > 0
+    x = torch.randn(3, 12)
+
+    def out(path: Path) -> torch.Tensor:
+        m = build_model("transformer", **args).eval()
+        m.load_state_dict(load_file(str(path)))
+        with torch.no_grad():
+            return m(x)
+
+    assert torch.allclose(out(paths[0]), out(perm), atol=1e-5)
+    back = tmp_path / "back.safetensors"
+    assert run("merge", paths[0], perm, "-o", back, "--quiet")[0] == 0
+    ta, tb = load_file(str(paths[0])), load_file(str(back))
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)

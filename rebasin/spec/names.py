@@ -16,7 +16,7 @@ import torch
 
 from rebasin.checkpoint import natural_key
 from rebasin.errors import SpecError
-from rebasin.spec.core import Axis, AxisEntry, PermutationSpec
+from rebasin.spec.core import Axis, AxisEntry, Heads, PermutationSpec
 from rebasin.spec.registry import NotThisFamily, Shapes, get_spec_family, list_specs, register_spec
 
 NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -435,9 +435,12 @@ _TBLOCK = re.compile(r"^blocks\.(\d+)\.")
     "transformer",
     "rebasin's small pre-LN transformer: embed, pos, blocks.N.{ln1,attn,ln2,mlp}, ln_f, head",
 )
-def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
-    """One residual-stream group for the whole network and one group per MLP hidden layer.
-    Attention dims stay fixed."""
+def transformer_spec(
+    shapes: Shapes, order: Sequence[str] | None = None, config: Mapping[str, Any] | None = None
+) -> PermutationSpec:
+    """One residual-stream group for the whole network and one group per MLP hidden layer; with
+    the head count (``config["num_attention_heads"]``, which rebasin reads from the checkpoint's
+    recorded architecture) also the attention heads and the q/k and v/o dims within them."""
     need = ("embed.weight", "pos", "ln_f.weight", "head.weight")
     missing = [n for n in need if n not in shapes]
     if missing:
@@ -451,6 +454,7 @@ def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> Perm
         "head.weight": [None, Axis(res)],
     }
     sizes = {res: d}
+    heads: dict[str, Heads] = {}
     for opt in ("embed.bias", "ln_f.bias"):
         if opt in shapes:
             axes[opt] = [Axis(res)]
@@ -462,8 +466,11 @@ def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> Perm
         for ln in ("ln1", "ln2"):
             axes[f"{p}.{ln}.weight"] = [Axis(res)]
             axes[f"{p}.{ln}.bias"] = [Axis(res)]
-        axes[f"{p}.attn.qkv.weight"] = [None, Axis(res)]
-        axes[f"{p}.attn.proj.weight"] = [Axis(res), None]
+        att = _transformer_attention(i, d, (config or {}).get("num_attention_heads"), sizes, heads)
+        axes[f"{p}.attn.qkv.weight"] = [att[0], Axis(res)]
+        axes[f"{p}.attn.proj.weight"] = [Axis(res), att[1]]
+        if att[0] is not None and f"{p}.attn.qkv.bias" in shapes:
+            axes[f"{p}.attn.qkv.bias"] = [att[0]]
         axes[f"{p}.attn.proj.bias"] = [Axis(res)]
         hid = f"P_{p}.mlp"
         sizes[hid] = shapes.get(f"{p}.mlp.fc1.weight", (0,))[0]
@@ -475,11 +482,25 @@ def transformer_spec(shapes: Shapes, order: Sequence[str] | None = None) -> Perm
     extra = [n for n in shapes if n not in known]
     if extra:
         raise NotThisFamily(f"'{extra[0]}' {_shape(shapes[extra[0]])} fits no transformer layer")
-    spec = PermutationSpec(axes, sizes, family="transformer")
+    notes = [] if heads else ["attention stays fixed: the head count is unknown"]
+    spec = PermutationSpec(axes, sizes, family="transformer", heads=heads, notes=notes)
     problems = spec.problems(shapes)
     if problems:
         raise NotThisFamily(problems[0])
     return spec
+
+
+def _transformer_attention(
+    layer: int, d: int, n_heads: Any, sizes: dict[str, int], heads: dict[str, Heads]
+) -> tuple[AxisEntry, AxisEntry]:
+    """(qkv output entry: q | k | v segments, proj input entry) of one block, or fixed ones."""
+    if not isinstance(n_heads, int) or n_heads < 1 or d % n_heads:
+        return None, None
+    tie = f"P_blocks.{layer}.attn"
+    qk, vo = f"{tie}.qk", f"{tie}.vo"
+    sizes[qk] = sizes[vo] = d
+    heads[qk] = heads[vo] = Heads(n_heads, tie)
+    return (Axis(qk, 1, 0), Axis(qk, 1, d), Axis(vo, 1, 2 * d)), Axis(vo)
 
 
 from rebasin.spec import hf as _hf  # noqa: E402, F401  (registers the Hugging Face families)
