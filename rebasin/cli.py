@@ -335,6 +335,7 @@ def merge_many(
     spec: SpecOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rounds over all models.")] = 20,
+    freeze: FreezeOpt = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     shard_size: ShardOpt = None,
@@ -362,6 +363,7 @@ def merge_many(
             force=force,
             shard_size=shard_size,
             progress=progress,
+            freeze=freeze or [],
         )
     if report is not None:
         write_report(rep, report)

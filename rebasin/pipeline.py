@@ -413,6 +413,7 @@ def merge_many_checkpoints(
     force: bool = False,
     shard_size: str | int | None = None,
     progress: Progress | None = None,
+    freeze: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Align N checkpoints to a common reference (MergeMany) and write the mean of the aligned models."""
     from rebasin.matching import MergeMany
@@ -425,6 +426,7 @@ def merge_many_checkpoints(
     for ck in cks[1:]:
         check_pair(cks[0], ck)
     s, source = resolve_spec(spec, cks[0])
+    s, frozen = freeze_groups(s, freeze)
     for ck in cks:
         check_weights(ck, s)
     result = MergeMany(max_rounds=max_rounds, seed=seed, device=device).match(
@@ -443,7 +445,7 @@ def merge_many_checkpoints(
     files = write_checkpoint(average(aligned), out, meta, cks[0], parse_size(shard_size))
     report = new_report("merge-many")
     report["inputs"] = [input_info(c) for c in cks]
-    report["spec"] = spec_info(s, source, list(cks[0].state))
+    report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}
     report["merge_many"] = result.to_dict()
     report["output"] = {"files": [str(f) for f in files]}
     return report

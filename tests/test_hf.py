@@ -305,3 +305,18 @@ def test_token_data_needs_a_causal_language_model(
         f"{a}: token data measures next-token loss, which needs a causal language model; "
         "config.json names BertForMaskedLM",
     )
+
+
+def test_merge_many_of_transformers_with_freeze(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    a, b = hf_dirs["gpt2"]
+    perm = tmp_path / "perm"
+    assert run("permute", a, "-o", perm, "--seed", "4", "--quiet")[0] == 0
+    out = tmp_path / "many"
+    code, stdout, err = run("merge-many", a, b, perm, "-o", out, "--freeze", "residual", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["spec"]["frozen"] == ["residual"]
+    assert "residual" not in rep["merge_many"]["moved_fraction"][0]
+    assert logits("gpt2", out).isfinite().all()  # a loadable directory

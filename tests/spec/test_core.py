@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from rebasin.errors import SpecError
 from rebasin.permutation import compose, identity, invert, permute, random_permutation
 from rebasin.spec import Axis, PermutationSpec, dump_spec, load_spec
+from rebasin.spec.core import Heads
 
 SPEC = PermutationSpec(
     {
@@ -147,3 +148,59 @@ def test_heads_and_ties_are_checked() -> None:
         "group 'A': size 6 is not a multiple of 4 heads; tie 't': its groups have different head "
         "counts; tensor 'w': tied groups of 't' sit on two of its axes"
     )
+
+
+FUSED = PermutationSpec(
+    {
+        "qkv.weight": [(Axis("qk", 1, 0), Axis("qk", 1, 8), Axis("vo", 1, 16)), "res"],
+        "qkv.bias": [(Axis("qk", 1, 0), Axis("qk", 1, 8), Axis("vo", 1, 16))],
+        "proj.weight": ["res", "vo"],
+        "gate.weight": [(Axis("hid", 1, 0), Axis("hid", 1, 6)), "res"],
+        "down.weight": ["res", "hid"],
+        "norm.weight": ["res"],
+    },
+    {"qk": 8, "vo": 8, "res": 5, "hid": 6},
+    heads={"qk": Heads(2, "attn"), "vo": Heads(2, "attn"), "hid": Heads(3)},
+)
+FUSED_SHAPES = {
+    "qkv.weight": (24, 5),
+    "qkv.bias": (24,),
+    "proj.weight": (5, 8),
+    "gate.weight": (12, 5),
+    "down.weight": (5, 6),
+    "norm.weight": (5,),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_permutation_algebra_with_segments_and_heads(s1: int, s2: int) -> None:
+    from rebasin.permutation import check_permutation
+
+    FUSED.validate(FUSED_SHAPES)
+    state = {k: torch.randn(*v) for k, v in FUSED_SHAPES.items()}
+    p, q = random_permutation(FUSED, s1), random_permutation(FUSED, s2)
+    check_permutation(FUSED, p)  # heads stay whole, tied heads move together
+    pq = permute(permute(state, FUSED, p), FUSED, q)
+    direct = permute(state, FUSED, compose(p, q))
+    back = permute(permute(state, FUSED, p), FUSED, invert(p))
+    for k in state:
+        assert torch.equal(pq[k], direct[k])
+        assert torch.equal(back[k], state[k])
+    # segments move within their own stretch: the q, k and v thirds keep their rows' sets
+    moved = permute(state, FUSED, p)["qkv.bias"]
+    for lo in (0, 8, 16):
+        assert sorted(moved[lo : lo + 8].tolist()) == sorted(state["qkv.bias"][lo : lo + 8].tolist())
+    # q and k rows move together, so the bilinear form q.k is unchanged up to the input's order
+    w, m = state["qkv.weight"], permute(state, FUSED, p)["qkv.weight"]
+    r = p["res"]
+    assert torch.allclose((w[:8].T @ w[8:16])[r][:, r], m[:8].T @ m[8:16], atol=1e-5)
+
+
+def test_check_permutation_rejects_split_heads() -> None:
+    from rebasin.permutation import check_permutation
+
+    p = identity(FUSED)
+    p["qk"] = torch.tensor([0, 1, 2, 4, 3, 5, 6, 7])  # unit 3 and 4 swap across the head border
+    with pytest.raises(ValueError, match="the permutation splits a head"):
+        check_permutation(FUSED, p)
