@@ -18,7 +18,7 @@ from test_cli import expect_error, run
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-KINDS = ("gpt2", "llama", "llama-mha", "bert", "vit")
+KINDS = ("gpt2", "llama", "llama-mha", "bert", "roberta", "vit")
 
 
 def tiny(kind: str, seed: int) -> Any:
@@ -37,6 +37,9 @@ def tiny(kind: str, seed: int) -> Any:
         return t.BertForMaskedLM(
             t.BertConfig(hidden_size=32, vocab_size=50, max_position_embeddings=16, **small)
         )
+    if kind == "roberta":
+        cfg = t.RobertaConfig(hidden_size=32, vocab_size=50, max_position_embeddings=20, **small)
+        return t.RobertaForMaskedLM(cfg)
     cfg = t.ViTConfig(hidden_size=32, image_size=8, patch_size=4, num_channels=3, num_labels=5, **small)
     return t.ViTForImageClassification(cfg)
 

@@ -260,7 +260,9 @@ def _bert_attention(
     b.linear(o, res, eo)
 
 
-@register_spec("bert", "Hugging Face BERT: embeddings, encoder.layer.N.{attention, intermediate, output}")
+@register_spec(
+    "bert", "Hugging Face BERT / RoBERTa: embeddings, encoder.layer.N.{attention, intermediate, output}"
+)
 def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config = None) -> PermutationSpec:
     p, layers = _layers(shapes, r"^(.*?)encoder\.layer\.(\d+)\.attention\.self\.query\.weight$")
     b = _Builder(shapes, "bert")
@@ -292,6 +294,14 @@ def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
         b.norm(f"{c}.transform.LayerNorm")
         b.set(f"{c}.decoder.weight", None, res)
         b.keep(f"{c}.decoder.bias", f"{c}.bias")
+    if b.has("lm_head.dense.weight"):  # RoBERTa's MLM head
+        b.linear("lm_head.dense", res, res)
+        b.norm("lm_head.layer_norm")
+        b.set("lm_head.decoder.weight", None, res)
+        b.keep("lm_head.decoder.bias", "lm_head.bias")
+    if b.has("classifier.dense.weight"):  # RoBERTa's classification head reads the first token
+        b.linear("classifier.dense", None, res)
+        b.keep("classifier.out_proj.weight", "classifier.out_proj.bias")
     b.keep("cls.seq_relationship.weight", "cls.seq_relationship.bias", "classifier.weight", "classifier.bias")
     return b.finish()
 
