@@ -50,6 +50,15 @@ def logits_and_targets(out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return out, y
 
 
+def renamed(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` under the model's module names, where its checkpoint names differ (Hugging Face
+    models whose saved layout transformers renames on load carry ``rebasin_key_map``)."""
+    key_map = getattr(model, "rebasin_key_map", None)
+    if not key_map:
+        return state
+    return {key_map.get(k, k): v for k, v in state.items()}
+
+
 def tied_aside(own: dict[str, torch.Tensor], state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``own`` without the keys a checkpoint may leave out because they are tied to another key it
     has (an LM head sharing the input embedding, stored once)."""
@@ -76,6 +85,7 @@ def fit_problems(own: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
     """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
+    state = renamed(model, state)
     own = tied_aside(model.state_dict(), state)
     problems = fit_problems(own, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
@@ -203,6 +213,7 @@ def task_loss_fns(
     def call(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
         # buffers (BatchNorm running statistics) take values, never gradients
         full = {**fixed, **{k: v.detach() if k in buffers else v for k, v in params.items()}}
+        full = dict(renamed(model, full))
         return functional_call(model, full, (xb,))
 
     n = len(y)

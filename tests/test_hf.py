@@ -323,3 +323,22 @@ def test_merge_many_of_transformers_with_freeze(
     assert rep["spec"]["frozen"] == ["residual"]
     assert "residual" not in rep["merge_many"]["moved_fraction"][0]
     assert logits("gpt2", out).isfinite().all()  # a loadable directory
+
+
+def test_barrier_of_an_image_transformer_on_image_data(
+    hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    a, b = hf_dirs["vit"]
+    g = np.random.default_rng(0)
+    data = tmp_path / "images.npz"
+    np.savez(data, x=g.standard_normal((40, 3, 8, 8)).astype(np.float32), y=g.integers(0, 5, 40))
+    code, stdout, err = run("barrier", a, b, "--data", data, "--alphas", "3", "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)["evaluation"]
+    assert ev["model"]["name"] == "hf:ViTForImageClassification"
+    # B aligned to A computes what B computes: the aligned path ends where the naive one does
+    assert ev["paths"]["aligned"]["loss"]["test"][-1] == pytest.approx(
+        ev["paths"]["naive"]["loss"]["test"][-1], abs=1e-4
+    )

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from rebasin._imports import import_object
@@ -111,6 +112,7 @@ def hf_factory(config: Mapping[str, Any]) -> Callable[[], nn.Module]:
             "running a Hugging Face model needs transformers", "pip install 'rebasin[hf]'"
         ) from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # rebasin draws its own progress
     model_type = config.get("model_type")
     try:
         cfg = transformers.AutoConfig.for_model(str(model_type)).from_dict(dict(config))
@@ -119,8 +121,51 @@ def hf_factory(config: Mapping[str, Any]) -> Callable[[], nn.Module]:
     archs = config.get("architectures") or []
     cls = getattr(transformers, str(archs[0]), None) if archs else None
 
-    def make() -> nn.Module:
+    def build() -> nn.Module:
         model = cls(cfg) if cls is not None else transformers.AutoModelForCausalLM.from_config(cfg)
         return model.eval()
 
+    key_map = _saved_names(build())
+
+    def make() -> nn.Module:
+        model = build()
+        if key_map:
+            model.rebasin_key_map = key_map  # type: ignore[assignment]
+        return model
+
     return make
+
+
+def _saved_names(model: nn.Module) -> dict[str, str]:
+    """Checkpoint name -> module name, where ``save_pretrained`` writes other names than the
+    module's state dict holds (transformers renames some layouts on save and load). Found by
+    saving a fresh model and matching tensors by value; empty when the names agree."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct values everywhere (fresh biases are all zeros)
+        for v in own.values():
+            if v.is_floating_point():
+                v.copy_(torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype))
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)  # type: ignore[operator]
+        saved: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            saved.update(load_file(str(f)))
+    if set(saved) <= set(own):
+        return {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for k, v in own.items():
+        by_shape.setdefault(tuple(v.shape), []).append(k)
+    out = {}
+    for k, v in saved.items():
+        if k in own and torch.equal(own[k], v):
+            continue
+        hits = [m for m in by_shape.get(tuple(v.shape), []) if torch.equal(own[m], v)]
+        if len(hits) == 1:
+            out[k] = hits[0]
+    return out
