@@ -199,8 +199,9 @@ def test_spec_file_round_trip_keeps_segments_and_heads(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tracing_a_transformers_model_agrees_with_the_name_based_spec(kind: str) -> None:
-    """The tracer follows Hugging Face code: residual stream and MLPs move; the heads, which the
-    code splits with view(), stay fixed there (the name-based family moves them)."""
+    """The tracer follows Hugging Face code: every group it finds is a name-based group, with the
+    same head structure; it finds the heads too, except under grouped-query attention, whose
+    repeated kv heads it leaves fixed."""
     from rebasin.permutation import permute, random_permutation
     from rebasin.spec import infer_spec
     from rebasin.spec.trace import trace_spec
@@ -209,10 +210,13 @@ def test_tracing_a_transformers_model_agrees_with_the_name_based_spec(kind: str)
     x = torch.randn(2, 3, 8, 8) if kind == "vit" else torch.randint(0, 50, (2, 10))
     traced = trace_spec(model, (x,), name=kind)
     named = infer_spec(model.state_dict(), config=model.config.to_dict())
-    assert "residual" in traced.sizes and len(traced.sizes) == 3  # residual + one MLP per layer
-    named_sets = {frozenset(ms) for ms in named.groups.values()}
+    named_by_members = {frozenset(ms): g for g, ms in named.groups.items()}
     for g, ms in traced.groups.items():
-        assert frozenset(ms) in named_sets, g
+        assert frozenset(ms) in named_by_members, g
+        h = named.heads.get(named_by_members[frozenset(ms)])
+        assert (traced.heads[g].count if g in traced.heads else None) == (h.count if h else None), g
+    expected = len(named.sizes) if kind != "llama" else 3  # GQA: residual + MLPs only
+    assert len(traced.sizes) == expected, sorted(traced.sizes)
     other = type(model)(model.config).eval()
     other.load_state_dict(dict(permute(model.state_dict(), traced, random_permutation(traced, 1))))
     key = "pixel_values" if kind == "vit" else "input_ids"

@@ -17,11 +17,14 @@ from torch import nn
 from rebasin.models import build_model
 from rebasin.permutation import permute, random_permutation
 from rebasin.spec import infer_spec
-from rebasin.spec.core import PermutationSpec
+from rebasin.spec.core import Heads, PermutationSpec
 from rebasin.spec.trace import trace_spec
 
 HERE = Path(__file__).parent
-USER = ("residual_cnn", "mixer", "attention_net", "functional", "se_net", "einsum_attention")
+USER = (
+    "residual_cnn", "mixer", "attention_net", "functional", "se_net", "einsum_attention", "nano_gpt",
+    "nano_gpt_rope",
+)  # fmt: skip
 
 
 def ref(name: str) -> str:
@@ -113,6 +116,14 @@ def test_traced_groups_of_user_models() -> None:
     assert sizes["functional"] == {"wa": 16, "wb": 16, "wa.in1": 16}
     assert sizes["se_net"] == {"fc1": 4, "residual": 16, "pw": 24}
     assert sizes["einsum_attention"] == {"qkv.part0": 16, "o.in1": 16, "residual": 16}
+    # hand-written attention: heads found through the view into (heads, head dims)
+    nano = trace_spec(user_models.nano_gpt())
+    assert nano.heads["blocks.0.c_attn.part0"] == Heads(4, "blocks.0.c_attn.part0.heads")  # q/k
+    assert nano.heads["blocks.0.c_proj.in1"] == Heads(4, "blocks.0.c_attn.part0.heads")  # v/o
+    assert nano.sizes["blocks.0.c_attn.part0"] == 32  # moves within heads too
+    rope = trace_spec(user_models.nano_gpt_rope())
+    assert rope.sizes["blocks.0.c_attn.part0.heads"] == 4  # rotary: q/k move as whole heads only
+    assert rope.heads["blocks.0.c_proj.in1"].tie == rope.heads["blocks.0.c_attn.part0.heads"].tie
     spec = trace_spec(user_models.attention_net())
     assert spec.heads["attn.0.qk"].count == 4 and spec.heads["attn.0.qk"].tie == spec.heads["attn.0.vo"].tie
     assert (

@@ -160,6 +160,60 @@ class EinsumAttention(nn.Module):
         return self.out(x.mean(1))
 
 
+class NanoBlock(nn.Module):
+    def __init__(self, d: int, heads: int, rope: bool):
+        super().__init__()
+        self.heads, self.rope = heads, rope
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        if self.rope:  # rotary embedding on q and k, written out
+            hs = c // self.heads
+            ang = torch.arange(t)[:, None] * torch.arange(hs // 2)[None, :] * 0.1
+            cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+
+            def rot(z: torch.Tensor) -> torch.Tensor:
+                z1, z2 = z.chunk(2, dim=-1)
+                return z * cos + torch.cat([-z2, z1], dim=-1) * sin
+
+            q, k = rot(q), rot(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class NanoGPT(nn.Module):
+    """A nanoGPT-style model: attention written by hand (split, view into heads, SDPA)."""
+
+    def __init__(self, rope: bool = False, vocab: int = 20, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(8, d)
+        self.blocks = nn.ModuleList([NanoBlock(d, heads, rope) for _ in range(2)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.example_input = torch.randint(0, vocab, (2, 8))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def nano_gpt() -> nn.Module:
+    return NanoGPT()
+
+
+def nano_gpt_rope() -> nn.Module:
+    return NanoGPT(rope=True)
+
+
 def se_net() -> nn.Module:
     return SENet()
 

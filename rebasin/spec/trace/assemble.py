@@ -9,8 +9,18 @@ from rebasin.spec.trace.axes import Axes
 from rebasin.spec.trace.recorder import Recorder
 
 
-def _resolve(u: Axes) -> None:
-    """Propagate fixedness through merges and cats until nothing changes."""
+def _resolve(u: Axes, free: set[int]) -> dict[int, tuple[int, int]]:
+    """Propagate fixedness through merges and cats until nothing changes; return the composite
+    axes (flattened heads x head dims, both moving), out root -> (heads root, dims root).
+
+    A flattened axis may move as its leading dim in blocks (the rest fixed: a flatten before a
+    classifier, heads moving whole), or, when it is exactly two parameter-free moving dims
+    (``free``: heads and their dims, as attention code splits them), as heads with moves within
+    each head. Anything else fixes every dim involved."""
+
+    def composite(ins: list[int], fixed: set[int]) -> bool:
+        return len(ins) == 2 and all(u.find(i) in free and u.find(i) not in fixed for i in ins)
+
     changed = True
     while changed:
         changed = False
@@ -26,7 +36,14 @@ def _resolve(u: Axes) -> None:
         for out, ins in u.merges:
             moving = [i for i in ins if u.find(i) not in fixed]
             lead = ins[0]
-            if len(moving) > 1 or (moving and moving[0] != lead) or u.find(out) in [u.find(i) for i in ins]:
+            if u.find(out) in [u.find(i) for i in ins] or u.find(ins[0]) == u.find(ins[-1]):
+                for i in [out, *ins]:
+                    fix(i, "reshaped into itself")
+            elif composite(ins, fixed):
+                if u.find(out) in fixed:
+                    for i in ins:
+                        fix(i, "flattened into a fixed axis")
+            elif len(moving) > 1 or (moving and moving[0] != lead):
                 for i in [out, *ins]:
                     fix(i, "reshaped together with another moving axis")
             elif u.find(out) in fixed or u.find(lead) in fixed:
@@ -37,6 +54,41 @@ def _resolve(u: Axes) -> None:
                 for p, _ in pieces:
                     fix(p, "concatenated into a fixed axis")
                 fix(whole, "concatenated into a fixed axis")
+    # every flatten of the same heads and dims is the same axis (q and k, v and o's input)
+    fixed = u.fixed_roots()
+    first: dict[tuple[int, int], int] = {}
+    for out, ins in u.merges:
+        if composite(ins, fixed) and u.find(out) not in fixed:
+            key = (u.find(ins[0]), u.find(ins[1]))
+            if key in first:
+                u.link(first[key], out)
+            else:
+                first[key] = out
+    return {u.find(o): key for key, o in first.items()}
+
+
+def _free_split_dims(u: Axes, with_params: set[int]) -> set[int]:
+    """Parameter-free dims that may move through the axis they were split from: attention's
+    heads (h) and head dims (d), as code views a projection as (h, d). Only the plain pattern
+    qualifies: every such merge has two parameter-free dims; a head dim always pairs with the
+    same heads; heads never pair with other heads' dims in second place; neither is itself a
+    flattened axis. Anything subtler (grouped-query repeats, nested reshapes) stays fixed."""
+    outs = {u.find(o) for o, _ in u.merges}
+    pairs = [(u.find(ins[0]), u.find(ins[1])) for _, ins in u.merges if len(ins) == 2]
+    candidates = [
+        (h, d)
+        for h, d in pairs
+        if h not in with_params and d not in with_params and h not in outs and d not in outs
+    ]
+    partner: dict[int, set[int]] = {}
+    for h, d in pairs:
+        partner.setdefault(d, set()).add(h)
+    seconds = {d for _, d in pairs}
+    free = set()
+    for h, d in candidates:
+        if partner[d] == {h} and h not in seconds:
+            free |= {h, d}
+    return free
 
 
 def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
@@ -45,11 +97,20 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
     with_params = {u.find(i) for nodes in tracer.param_nodes.values() for i in nodes}
     special = {u.find(o) for o, _ in u.merges} | {u.find(i) for i, _, _ in u.heads}
     special |= {u.find(w) for w, _ in u.cats} | {u.find(p) for _, ps in u.cats for p, _ in ps}
+    free = _free_split_dims(u, with_params)
     for r in {u.find(i) for i in range(len(u.parent))}:
-        if r not in with_params and r not in special:
+        if r not in with_params and r not in special and r not in free:
             u.fix(r, "holds no parameter")
-    _resolve(u)
+    composites = _resolve(u, free)
     fixed = u.fixed_roots()
+    # head counts: a composite's heads, and a parameter-free lead moving in blocks (whole heads)
+    head_of: dict[int, int] = {c: h for c, (h, _) in composites.items()}
+    lead_out: dict[int, int] = {}  # a heads-in-blocks lead -> the axis it moves in blocks
+    for out, ins in u.merges:
+        lead = u.find(ins[0])
+        if lead in free and lead not in fixed and u.find(out) not in composites:
+            head_of.setdefault(lead, lead)
+            lead_out.setdefault(lead, u.find(out))
     group_of: dict[int, str] = {}
     sizes: dict[str, int] = {}
 
@@ -79,7 +140,12 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
             piece_names.setdefault(u.find(p), f"{base}.part{k}")
     roots = []
     for r in sorted({u.find(i) for i in range(len(u.parent))}):
-        if r in fixed or r in structural or u.size[r] < 2:
+        if r in fixed or u.size[r] < 2:
+            continue
+        if r in head_of:  # attention heads (and heads x head dims) found through reshapes
+            roots.append(r)
+            continue
+        if r in structural:
             continue
         if r not in heads_nodes and r not in piece_names and (r not in members or r not in carries):
             continue  # parameter-only axes (conv kernels) are not hidden units
@@ -100,6 +166,8 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
     for r in roots:
         if r not in group_of:
             hint = hints.get(r) or (piece_names.get(r) if r not in members else None)
+            if hint is None and r in lead_out and lead_out[r] in piece_names:
+                hint = f"{piece_names[lead_out[r]]}.heads"
             taken = sizes | {g: 0 for g in group_of.values()}
             group_of[r] = _group_name(members.get(r, []), taken, order, hint)
     for r in roots:
@@ -119,8 +187,12 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
                 return None
         for whole, pieces in u.cats:
             if u.find(whole) == root:
-                segs = tuple(Axis(group_of[u.find(p)], 1, off) for p, off in pieces if u.find(p) in group_of)
-                return segs or None
+                segs = []
+                for p, off in pieces:
+                    e = entry_for(u.find(p)) if u.find(p) != root else None
+                    if isinstance(e, Axis):  # a piece that is a group, or heads in blocks
+                        segs.append(Axis(e.group, e.inner, off))
+                return tuple(segs) or None
         return None
 
     axes: dict[str, list[AxisEntry]] = {}
@@ -132,6 +204,12 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
     sizes = {g: n for g, n in sizes.items() if g in used}
     heads: dict[str, Heads] = {}
     notes = list(tracer.notes)
+    ties: dict[int, str] = {}
+    for r, h in sorted(head_of.items()):
+        g = group_of.get(r)
+        if g is None or g not in sizes:
+            continue
+        heads[g] = Heads(u.size[h], ties.setdefault(h, f"{g}.heads"))
     for i, count, tie in u.heads:
         g = group_of.get(u.find(i))
         if g is None or g not in sizes:

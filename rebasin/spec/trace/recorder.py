@@ -128,8 +128,7 @@ class Recorder(TorchFunctionMode):
             return out
         self.calls += 1
         ins = [self.of(a) if isinstance(a, torch.Tensor) else a for a in args]
-        tensors_in = [a for a in args if isinstance(a, torch.Tensor)]
-        tensors_in += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        tensors_in = _tensors([*args, *kwargs.values()])  # lists of tensors (cat) included
         for t in tensors_in:
             self.of(t)
         same = isinstance(out, torch.Tensor) and any(out is t for t in tensors_in)
@@ -161,8 +160,10 @@ class Recorder(TorchFunctionMode):
                 if k >= 0 and self.u.size[i] == self.u.size[out[k]]:
                     if self.u.size[i] > 1:
                         self.u.link(i, out[k])
-                elif self.u.size[i] != 1:
+                elif self.u.size[i] != 1:  # a tiled or mismatched dim: neither side may move
                     self.u.fix(i, "broadcast mismatch")
+                    if k >= 0:
+                        self.u.fix(out[k], "broadcast mismatch")
 
     def dispatch(
         self, name: str, func: Any, ins: list[Any], args: Any, kw: dict[str, Any], out: Value, tin: list[Any]
@@ -209,6 +210,8 @@ class Recorder(TorchFunctionMode):
             if isinstance(b, list):
                 u.link(b[0], out[1])
             u.link(x[0], out[0])
+            for d in (*x[2:], *out[2:]):  # positions are tied to the input's layout
+                u.fix(d, "spatial positions")
         elif name == "batch_norm":
             self.broadcast(out, [x])
             for i, key in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
@@ -246,6 +249,8 @@ class Recorder(TorchFunctionMode):
             u.link(x[0], o[0])
             if len(x) == len(o) and len(x) >= 2:
                 u.link(x[1], o[1])
+            for d in (*x[2:], *o[2:]):
+                u.fix(d, "spatial positions")
             if isinstance(out, tuple):
                 self.fix_value(out[1:], "pooling indices")
         elif name == "multi_head_attention_forward":
@@ -275,7 +280,8 @@ class Recorder(TorchFunctionMode):
             self.matmul(ins[1], ins[2], out)
             self.broadcast(out, [x])
         elif name in ("cat", "concat", "concatenate"):
-            parts = [self.of(t) for t in args[0]]
+            # legacy empty 1-D tensors (an empty cache) are skipped by cat itself
+            parts = [self.of(t) for t in args[0] if not (t.dim() == 1 and t.numel() == 0)]
             self.cat(parts, out, arg(1, "dim", 0), tin)
         elif name in ("chunk", "split", "tensor_split"):
             self.split(x, out, arg(2, "dim", 0), tin)
@@ -319,8 +325,9 @@ class Recorder(TorchFunctionMode):
 
     # ---------------------------------------------------------------------------- structure
     def reshape(self, x: list[int], out: list[int]) -> None:
-        """Align the dims of a reshape in runs of equal size products: a 1:1 run links, a merge
-        (several dims into one) becomes a block member, a split or anything else stays fixed."""
+        """Align the dims of a reshape in runs of equal size products: a 1:1 run links; a merge
+        (several dims into one) or a split (one into several) records that the one dim is the
+        others flattened; anything else stays fixed."""
         xs = [i for i in x if self.u.size[i] != 1]
         os_ = [i for i in out if self.u.size[i] != 1]
         i = j = 0
@@ -347,9 +354,11 @@ class Recorder(TorchFunctionMode):
                 self.u.link(ri[0], rj[0])
             elif len(rj) == 1:  # several dims merged into one (a flatten)
                 self.u.merges.append((rj[0], ri))
-            else:  # a split: nothing in it may move
+            elif len(ri) == 1:  # one dim split into several (heads x head dims): the same relation
+                self.u.merges.append((ri[0], rj))
+            else:
                 for d in ri + rj:
-                    self.u.fix(d, "split by a reshape")
+                    self.u.fix(d, "reshaped across dims")
         for d in xs[i:] + os_[j:]:
             self.u.fix(d, "reshape")
 
@@ -471,6 +480,17 @@ class Recorder(TorchFunctionMode):
         while j < len(src) and k < len(out):
             self.u.link(src[j], out[k])
             j, k = j + 1, k + 1
+
+
+def _tensors(objs: Sequence[Any]) -> list[torch.Tensor]:
+    """Every tensor in a call's arguments, one level into lists and tuples."""
+    out: list[torch.Tensor] = []
+    for o in objs:
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, list | tuple):
+            out += [t for t in o if isinstance(t, torch.Tensor)]
+    return out
 
 
 def _has_tensor(obj: Any) -> bool:
