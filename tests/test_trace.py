@@ -184,6 +184,25 @@ def test_unknown_ops_fix_what_they_touch_and_are_listed() -> None:
     assert torch.allclose(model(x), other(x), atol=1e-6)
 
 
+class Assigner(nn.Module):
+    """Writing into one channel is not permutation-equivariant: that channel group must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)).clone()
+        h[:, 0] = 0.0
+        return self.b(h)
+
+
+def test_item_assignment_fixes_what_it_writes_into() -> None:
+    spec = trace_spec(Assigner())
+    assert spec.sizes == {} and spec.notes == ["not understood: item assignment (x[...] = ...)"]
+
+
 def test_model_that_does_not_fit_lists_first_mismatches(
     pairs: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:

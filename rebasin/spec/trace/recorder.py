@@ -124,6 +124,13 @@ class Recorder(TorchFunctionMode):
         except Exception:
             self.failed_at = name.lstrip(".")
             raise
+        if name == "__setitem__":  # writes into part of a tensor: nothing it touches may move
+            for t in _tensors([*args, *kwargs.values()]):
+                self.fix_value(self.of(t), "assigned into")
+            note = "not understood: item assignment (x[...] = ...)"
+            if note not in self.notes:
+                self.notes.append(note)
+            return out
         if not _has_tensor(out):
             return out
         self.calls += 1
