@@ -135,13 +135,14 @@ def traced_spec(
 ) -> tuple[PermutationSpec, str]:
     """Build the model (``--model``, else the architecture ``ck`` records), check that it fits
     the checkpoint, and trace it for its spec."""
-    from rebasin.evaluate import fit_problems
+    from rebasin.evaluate import fit_problems, renamed, tied_aside
     from rebasin.models.resolve import DATA_KEY, resolve_model
     from rebasin.spec.trace import trace_spec
 
     ref = resolve_model(model, model_args, ck.metadata, ck.name, ck.config)
     m = ref.factory()()
-    problems = fit_problems(m.state_dict(), ck.shapes)
+    shapes = renamed(m, ck.shapes)  # checkpoint names -> the model's own, where they differ
+    problems = fit_problems(tied_aside(m.state_dict(), shapes), shapes)
     if problems:
         raise ConfigError(
             f"model '{ref.name}' does not fit the checkpoint: " + "; ".join(problems),
@@ -155,6 +156,8 @@ def traced_spec(
 
         inputs = (load_data(data).x_train[:2],)
     s = trace_spec(m, inputs, name=ref.name)
+    back = {v: k for k, v in getattr(m, "rebasin_key_map", {}).items()}
+    s = s.renamed(back).restricted(ck.shapes)  # checkpoint names; tied aliases it stores once
     problems = s.problems(ck.shapes)
     if problems:  # cannot happen when the model fits; kept as a guard
         raise SpecError(problems, source=ck.name)

@@ -346,3 +346,21 @@ def test_barrier_of_an_image_transformer_on_image_data(
     assert ev["paths"]["aligned"]["loss"]["test"][-1] == pytest.approx(
         ev["paths"]["naive"]["loss"]["test"][-1], abs=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "vit"])
+def test_spec_trace_on_a_model_directory(
+    kind: str, hf_dirs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """--spec trace builds the class config.json names, traces it, and speaks checkpoint names
+    (ViT's saved names differ from its modules'; GPT-2's tied head is stored once)."""
+    a, _ = hf_dirs[kind]
+    code, stdout, err = run("spec", a, "--spec", "trace", "--json")
+    assert code == 0, err
+    traced = json.loads(stdout)
+    named = json.loads(run("spec", a, "--json")[1])
+    assert traced["source"].startswith("traced:hf:")
+    assert len(traced["groups"]) == len(named["groups"])
+    out = tmp_path / "perm"
+    assert run("permute", a, "-o", out, "--spec", "trace", "--seed", "6", "--quiet")[0] == 0
+    assert torch.allclose(logits(kind, a), logits(kind, out), atol=1e-4)

@@ -167,6 +167,24 @@ class PermutationSpec:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def renamed(self, names: Mapping[str, str]) -> PermutationSpec:
+        """This spec with tensors renamed (``old -> new``; others keep their names)."""
+        if not names:
+            return self
+        axes = {names.get(p, p): list(es) for p, es in self.axes_to_perm.items()}
+        return PermutationSpec(axes, self.sizes, self.family, self.heads, self.notes)
+
+    def restricted(self, names: Iterable[str]) -> PermutationSpec:
+        """This spec without the tensors not in ``names`` (e.g. a tied head stored once)."""
+        keep = set(names)
+        if all(p in keep for p in self.axes_to_perm):
+            return self
+        axes = {p: list(es) for p, es in self.axes_to_perm.items() if p in keep}
+        used = {a.group for es in axes.values() for e in es for a in parts(e)}
+        sizes = {g: n for g, n in self.sizes.items() if g in used}
+        heads = {g: h for g, h in self.heads.items() if g in used}
+        return PermutationSpec(axes, sizes, self.family, heads, self.notes)
+
     def without(self, groups: Iterable[str]) -> PermutationSpec:
         """This spec with ``groups`` removed: their axes stay fixed (identity)."""
         drop = set(groups)

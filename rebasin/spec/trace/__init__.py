@@ -40,6 +40,13 @@ def example_input(model: nn.Module) -> tuple[torch.Tensor, ...]:
     if given is not None:
         v = given() if callable(given) else given
         return v if isinstance(v, tuple) else (v,)
+    cfg = getattr(model, "config", None)  # a Hugging Face model: its config says what it reads
+    kind = getattr(model, "main_input_name", None)
+    if cfg is not None and kind == "pixel_values" and hasattr(cfg, "image_size"):
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        return (torch.randn(2, getattr(cfg, "num_channels", 3), size, size),)
+    if cfg is not None and kind == "input_ids" and hasattr(cfg, "vocab_size"):
+        return (torch.randint(0, cfg.vocab_size, (2, 8)),)
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             return (torch.randint(0, m.num_embeddings, (2, 8)),)
