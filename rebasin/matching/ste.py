@@ -64,19 +64,20 @@ class StraightThrough:
         progress: Progress | None = None,
     ) -> MatchResult:
         t0 = time.perf_counter()
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"unknown estimator '{self.estimator}' (choose from {', '.join(ESTIMATORS)})")
         dev = torch.device(self.device)
         fa, fb = float32_state(a, dev), float32_state(b, dev)
-        wm = WeightMatching(seed=self.seed, device=self.device, backend=self.backend, max_iter=20)
         start = WeightMatching(
             seed=self.seed, device=self.device, backend=self.backend, restarts=self.restarts
         ).match(fa, fb, spec)
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"unknown estimator '{self.estimator}' (choose from {', '.join(ESTIMATORS)})")
-        perm: Permutation = start.perm
+        perm: Permutation = {g: v.clone() for g, v in start.perm.items()}
         if self.estimator == "reinmax":
-            return self._reinmax(fa, fb, spec, perm, task_loss, score, progress, t0)
-        free = {k: fa[k].clone().requires_grad_(True) for k in spec.params}
-        opt = torch.optim.Adam(list(free.values()), lr=self.lr or 1e-3)
+            step_fn, lr = self._reinmax_step(fa, fb, spec, perm, task_loss), self.lr or 0.1
+            label, extra = "straight-through estimator (ReinMax)", {"tau": self.tau}
+        else:
+            step_fn, lr = self._st_step(fa, fb, spec, task_loss), self.lr or 1e-3
+            label, extra = "straight-through estimator", {}
 
         def midpoint(p: Permutation) -> dict[str, torch.Tensor]:
             pb = permute(fb, spec, p)
@@ -85,25 +86,14 @@ class StraightThrough:
         best_perm, best_score = perm, score(midpoint(perm))
         scores = [best_score]
         for step in range(self.steps):
-            with torch.no_grad():
-                target = {k: v.detach() for k, v in free.items()}
-            perm = wm.match(target, fb, spec, init=perm).perm
-            pb = permute(fb, spec, perm)
-            params = {}
-            for k in fb:
-                ste = pb[k] + (free[k] - free[k].detach()) if k in free else pb[k]
-                params[k] = 0.5 * (fa[k] + ste)
-            loss = task_loss(params, step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            perm = step_fn(step, perm)
             if (step + 1) % self.eval_every == 0 or step == self.steps - 1:
                 s = score(midpoint(perm))
                 scores.append(s)
                 if s < best_score:
                     best_perm, best_score = {g: v.clone() for g, v in perm.items()}, s
             if progress:
-                progress("straight-through estimator", step + 1, self.steps)
+                progress(label, step + 1, self.steps)
         groups = {}
         for g, n in spec.sizes.items():
             moved = float((best_perm[g] != torch.arange(n)).float().mean())
@@ -116,9 +106,10 @@ class StraightThrough:
             groups=groups,
             options={
                 "steps": self.steps,
-                "lr": self.lr or 1e-3,
+                "lr": lr,
                 "seed": self.seed,
                 "estimator": self.estimator,
+                **extra,
                 "eval_every": self.eval_every,
                 "midpoint_loss_start": scores[0],
                 "midpoint_loss_best": best_score,
@@ -127,39 +118,60 @@ class StraightThrough:
             seconds=time.perf_counter() - t0,
         )
 
-    def _reinmax(
+    def _st_step(
         self,
         fa: dict[str, torch.Tensor],
         fb: dict[str, torch.Tensor],
         spec: PermutationSpec,
-        perm: Permutation,
         task_loss: TaskLoss,
-        score: Score,
-        progress: Progress | None,
-        t0: float,
-    ) -> MatchResult:
+    ) -> Callable[[int, Permutation], Permutation]:
+        """One step of the paper's estimator: free weights, projected by weight matching."""
+        wm = WeightMatching(seed=self.seed, device=self.device, backend=self.backend, max_iter=20)
+        free = {k: fa[k].clone().requires_grad_(True) for k in spec.params}
+        opt = torch.optim.Adam(list(free.values()), lr=self.lr or 1e-3)
+
+        def step_fn(step: int, perm: Permutation) -> Permutation:
+            with torch.no_grad():
+                target = {k: v.detach() for k, v in free.items()}
+            perm = wm.match(target, fb, spec, init=perm).perm
+            pb = permute(fb, spec, perm)
+            params = {}
+            for k in fb:
+                ste = pb[k] + (free[k] - free[k].detach()) if k in free else pb[k]
+                params[k] = 0.5 * (fa[k] + ste)
+            loss = task_loss(params, step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return perm
+
+        return step_fn
+
+    def _reinmax_step(
+        self,
+        fa: dict[str, torch.Tensor],
+        fb: dict[str, torch.Tensor],
+        spec: PermutationSpec,
+        start: Permutation,
+        task_loss: TaskLoss,
+    ) -> Callable[[int, Permutation], Permutation]:
+        """One ReinMax step on per-group permutation logits (see the module docstring)."""
         backend = resolve_backend(self.backend)
         dev = next(iter(fa.values())).device
         # logits with the start permutation as a clear (not saturated) winner of every row
         logits = {}
         for g, n in sorted(spec.sizes.items()):
             w = torch.zeros(n, n, device=dev)
-            w[torch.arange(n, device=dev), perm[g].to(dev)] = 3.0 * self.tau
+            w[torch.arange(n, device=dev), start[g].to(dev)] = 3.0 * self.tau
             logits[g] = w.requires_grad_(True)
         opt = torch.optim.Adam(list(logits.values()), lr=self.lr or 0.1)
         duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
 
-        def midpoint(p: Permutation) -> dict[str, torch.Tensor]:
-            pb = permute(fb, spec, p)
-            return {k: 0.5 * (fa[k] + pb[k]) for k in fb}
-
-        best_perm, best_score = {g: v.clone() for g, v in perm.items()}, score(midpoint(perm))
-        scores = [best_score]
-        for step in range(self.steps):
-            mats = {}
+        def step_fn(step: int, _: Permutation) -> Permutation:
             hard = solve_groups(
                 {g: w.detach().double().cpu().numpy() for g, w in logits.items()}, spec, backend
             )
+            perm, mats = {}, {}
             for g, w in logits.items():
                 n = spec.sizes[g]
                 perm[g] = torch.from_numpy(hard[g])
@@ -181,33 +193,6 @@ class StraightThrough:
             if bool(torch.isfinite(loss.detach())):
                 loss.backward()
                 opt.step()
-            if (step + 1) % self.eval_every == 0 or step == self.steps - 1:
-                s = score(midpoint(perm))
-                scores.append(s)
-                if s < best_score:
-                    best_perm, best_score = {g: v.clone() for g, v in perm.items()}, s
-            if progress:
-                progress("straight-through estimator (ReinMax)", step + 1, self.steps)
-        groups = {}
-        for g, n in spec.sizes.items():
-            moved = float((best_perm[g] != torch.arange(n)).float().mean())
-            groups[g] = GroupStats(n, float("nan"), float("nan"), moved)
-        return MatchResult(
-            method="ste",
-            perm=best_perm,
-            objective_identity=float("nan"),
-            objective=-best_score,
-            groups=groups,
-            options={
-                "steps": self.steps,
-                "lr": self.lr or 0.1,
-                "seed": self.seed,
-                "estimator": "reinmax",
-                "tau": self.tau,
-                "eval_every": self.eval_every,
-                "midpoint_loss_start": scores[0],
-                "midpoint_loss_best": best_score,
-                "midpoint_loss_per_eval": scores,
-            },
-            seconds=time.perf_counter() - t0,
-        )
+            return perm
+
+        return step_fn
