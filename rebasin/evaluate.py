@@ -83,17 +83,26 @@ def fit_problems(own: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[
     return problems
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
-    state = renamed(model, state)
-    own = tied_aside(model.state_dict(), state)
-    problems = fit_problems(own, {k: tuple(v.shape) for k, v in state.items()})
+def check_fits(
+    model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str, model_name: str, made: str = "trained"
+) -> dict[str, torch.Tensor]:
+    """The model's tensors a checkpoint with these ``shapes`` (under the model's names) must
+    supply (tied aliases it stores once aside); ConfigError naming the first differences."""
+    own = tied_aside(model.state_dict(), shapes)
+    problems = fit_problems(own, shapes)
     if problems:
         raise ConfigError(
             f"model '{model_name}' does not fit the checkpoint: " + "; ".join(problems),
-            "pass the --model (and --model-args) the checkpoint was trained with",
+            f"pass the --model (and --model-args) the checkpoint was {made} with",
             source=source,
         )
+    return own
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
+    state = renamed(model, state)
+    own = check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, source, model_name)
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k].to(v.dtype))

@@ -135,20 +135,14 @@ def traced_spec(
 ) -> tuple[PermutationSpec, str]:
     """Build the model (``--model``, else the architecture ``ck`` records), check that it fits
     the checkpoint, and trace it for its spec."""
-    from rebasin.evaluate import fit_problems, renamed, tied_aside
+    from rebasin.evaluate import check_fits, renamed
     from rebasin.models.resolve import DATA_KEY, resolve_model
     from rebasin.spec.trace import trace_spec
 
     ref = resolve_model(model, model_args, ck.metadata, ck.name, ck.config)
     m = ref.factory()()
-    shapes = renamed(m, ck.shapes)  # checkpoint names -> the model's own, where they differ
-    problems = fit_problems(tied_aside(m.state_dict(), shapes), shapes)
-    if problems:
-        raise ConfigError(
-            f"model '{ref.name}' does not fit the checkpoint: " + "; ".join(problems),
-            "pass the --model (and --model-args) the checkpoint was made with",
-            source=ck.name,
-        )
+    # checkpoint names -> the model's own, where they differ
+    check_fits(m, renamed(m, ck.shapes), ck.name, ref.name, made="made")
     inputs = None
     data = data or ck.metadata.get(DATA_KEY)
     if getattr(m, "example_input", None) is None and data:
