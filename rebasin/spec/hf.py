@@ -168,7 +168,11 @@ def _dim(shapes: Shapes, name: str, axis: int) -> int:
 # ------------------------------------------------------------------------------------------- GPT-2
 
 
-@register_spec("gpt2", "Hugging Face GPT-2: wte/wpe, h.N.{ln_1, attn.c_attn (q|k|v), attn.c_proj, mlp}, ln_f")
+@register_spec(
+    "gpt2",
+    "Hugging Face GPT-2: wte/wpe, h.N.{ln_1, attn.c_attn (q|k|v), attn.c_proj, mlp}, ln_f",
+    typical=r"(^|\.)(wte|wpe|h|ln_\d|ln_f|c_attn|c_proj|c_fc|lm_head)(\.|$)",
+)
 def gpt2_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config = None) -> PermutationSpec:
     p, layers = _layers(shapes, r"^(.*?)h\.(\d+)\.attn\.c_attn\.weight$")
     b = _Builder(shapes, "gpt2")
@@ -209,6 +213,8 @@ def gpt2_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
     "llama",
     "LLaMA / Mistral / Qwen naming: embed_tokens, layers.N.{self_attn.{q,k,v,o}_proj, "
     "mlp.{gate,up,down}_proj}",
+    typical=r"(^|\.)(embed_tokens|layers|self_attn|[qkvo]_proj|gate_proj|up_proj|down_proj|"
+    r"input_layernorm|post_attention_layernorm|norm|lm_head)(\.|$)",
 )
 def llama_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config = None) -> PermutationSpec:
     p, layers = _layers(shapes, r"^(.*?)layers\.(\d+)\.self_attn\.q_proj\.weight$")
@@ -261,7 +267,10 @@ def _bert_attention(
 
 
 @register_spec(
-    "bert", "Hugging Face BERT / RoBERTa: embeddings, encoder.layer.N.{attention, intermediate, output}"
+    "bert",
+    "Hugging Face BERT / RoBERTa: embeddings, encoder.layer.N.{attention, intermediate, output}",
+    typical=r"(^|\.)(embeddings|word_embeddings|encoder|layer|attention|query|key|value|"
+    r"intermediate|output|LayerNorm|pooler)(\.|$)",
 )
 def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config = None) -> PermutationSpec:
     p, layers = _layers(shapes, r"^(.*?)encoder\.layer\.(\d+)\.attention\.self\.query\.weight$")
@@ -309,7 +318,12 @@ def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
 # --------------------------------------------------------------------------------------------- ViT
 
 
-@register_spec("vit", "Hugging Face ViT: patch-embedding conv, cls token, position embeddings, layers")
+@register_spec(
+    "vit",
+    "Hugging Face ViT: patch-embedding conv, cls token, position embeddings, layers",
+    typical=r"(^|\.)(embeddings|patch_embeddings|cls_token|position_embeddings|layernorm_before|"
+    r"layernorm_after|encoder|layers?|attention|classifier)(\.|$)",
+)
 def vit_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config = None) -> PermutationSpec:
     new = any(re.match(r"^(.*?)layers\.\d+\.attention\.q_proj\.weight$", n) for n in shapes)
     if new:  # transformers >= 5 naming

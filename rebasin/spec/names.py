@@ -140,7 +140,11 @@ _SHORTCUTS = ("downsample", "shortcut")
 _HEADS = ("fc", "linear", "classifier", "head")
 
 
-@register_spec("resnet", "torchvision-style ResNets: conv1/bn1 stem, layerN.M blocks, fc head")
+@register_spec(
+    "resnet",
+    "torchvision-style ResNets: conv1/bn1 stem, layerN.M blocks, fc head",
+    typical=r"(^|\.)(conv\d|bn\d|layer\d+|downsample|shortcut|fc)(\.|$)",
+)
 def resnet_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
     """Spec for ResNets with torchvision naming; residual stages tie permutations."""
     if "conv1.weight" not in shapes:
@@ -327,13 +331,21 @@ def _chain_in_order(names: Sequence[str], shapes: Shapes, family: str, convs: bo
     return PermutationSpec(axes, sizes, family=family)
 
 
-@register_spec("mlp", "dense layers in a chain (nn.Sequential or fc1/fc2/... names), optional norms")
+@register_spec(
+    "mlp",
+    "dense layers in a chain (nn.Sequential or fc1/fc2/... names), optional norms",
+    typical=r"(^|\.)(fc\d*|linear\d*|dense\d*|layers?|net|mlp|\d+)(\.|$)",
+)
 def mlp_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
     """Spec for a chain of dense layers."""
     return _chain(shapes, order, "mlp", convs=False)
 
 
-@register_spec("vgg", "conv/norm feature stack, flatten, dense classifier (VGG-style CNNs)")
+@register_spec(
+    "vgg",
+    "conv/norm feature stack, flatten, dense classifier (VGG-style CNNs)",
+    typical=r"(^|\.)(features|classifier|conv\d*|bn\d*|\d+)(\.|$)",
+)
 def vgg_spec(shapes: Shapes, order: Sequence[str] | None = None) -> PermutationSpec:
     """Spec for a plain CNN: convolutions (with norms), a flatten, dense layers."""
     return _chain(shapes, order, "vgg", convs=True)
@@ -397,28 +409,12 @@ def infer_spec(
     )
 
 
-# Names typical of each family, for "closest family" suggestions.
-_TYPICAL = {
-    "resnet": r"(^|\.)(conv\d|bn\d|layer\d+|downsample|shortcut|fc)(\.|$)",
-    "mlp": r"(^|\.)(fc\d*|linear\d*|dense\d*|layers?|net|mlp|\d+)(\.|$)",
-    "vgg": r"(^|\.)(features|classifier|conv\d*|bn\d*|\d+)(\.|$)",
-    "transformer": r"(^|\.)(embed|pos|blocks|ln\d|ln_f|attn|qkv|proj|mlp|head)(\.|$)",
-    "gpt2": r"(^|\.)(wte|wpe|h|ln_\d|ln_f|c_attn|c_proj|c_fc|lm_head)(\.|$)",
-    "llama": r"(^|\.)(embed_tokens|layers|self_attn|[qkvo]_proj|gate_proj|up_proj|down_proj|"
-    r"input_layernorm|post_attention_layernorm|norm|lm_head)(\.|$)",
-    "bert": r"(^|\.)(embeddings|word_embeddings|encoder|layer|attention|query|key|value|"
-    r"intermediate|output|LayerNorm|pooler)(\.|$)",
-    "vit": r"(^|\.)(embeddings|patch_embeddings|cls_token|position_embeddings|layernorm_before|"
-    r"layernorm_after|encoder|layers?|attention|classifier)(\.|$)",
-}
-
-
 def closest_families(shapes: Shapes) -> list[tuple[str, float]]:
     """Registered families ranked by the share of tensor names that look like theirs."""
     names = list(shapes)
     out = []
     for fam in list_specs():
-        rx = _TYPICAL.get(fam.name)
+        rx = fam.typical
         if rx is None or not names:
             continue
         hit = sum(1 for n in names if re.search(rx, n))
@@ -434,6 +430,7 @@ _TBLOCK = re.compile(r"^blocks\.(\d+)\.")
 @register_spec(
     "transformer",
     "rebasin's small pre-LN transformer: embed, pos, blocks.N.{ln1,attn,ln2,mlp}, ln_f, head",
+    typical=r"(^|\.)(embed|pos|blocks|ln\d|ln_f|attn|qkv|proj|mlp|head)(\.|$)",
 )
 def transformer_spec(
     shapes: Shapes, order: Sequence[str] | None = None, config: Mapping[str, Any] | None = None

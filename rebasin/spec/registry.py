@@ -29,6 +29,8 @@ class SpecFamily:
     name: str
     description: str
     builder: SpecBuilder
+    typical: str | None = None
+    """A regex matching tensor names typical of the family (for "closest family" suggestions)."""
 
     def build(self, shapes: Shapes, order: Sequence[str] | None, config: Config = None) -> PermutationSpec:
         """Run the builder (passing ``config`` where it takes one)."""
@@ -40,13 +42,16 @@ class SpecFamily:
 _FAMILIES: dict[str, SpecFamily] = {}
 
 
-def register_spec(name: str, description: str) -> Callable[[SpecBuilder], SpecBuilder]:
-    """Decorator registering a spec builder under ``name`` (a name may be registered once)."""
+def register_spec(
+    name: str, description: str, typical: str | None = None
+) -> Callable[[SpecBuilder], SpecBuilder]:
+    """Decorator registering a spec builder under ``name`` (a name may be registered once);
+    ``typical`` is a regex matching the family's usual tensor names."""
 
     def deco(fn: SpecBuilder) -> SpecBuilder:
         if name in _FAMILIES:
             raise ValueError(f"spec family '{name}' is already registered")
-        _FAMILIES[name] = SpecFamily(name, description, fn)
+        _FAMILIES[name] = SpecFamily(name, description, fn, typical)
         return fn
 
     return deco
