@@ -121,7 +121,7 @@ class _Builder:
             self.notes.append(f"attention: {n_heads} heads of {hd} dims; moves {what}")
         return q, k, v, o
 
-    def finish(self, layer_re: re.Pattern[str] | None = None) -> PermutationSpec:
+    def finish(self) -> PermutationSpec:
         extra = [n for n in self.shapes if n not in self.axes and n not in self.fixed]
         if extra:
             n = extra[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rebasin.spec.core import Axis, AxisEntry, Heads, PermutationSpec
+from rebasin.spec.core import Axis, AxisEntry, Heads, PermutationSpec, parts
 from rebasin.spec.trace.axes import Axes
 from rebasin.spec.trace.recorder import Recorder
 
@@ -200,35 +200,27 @@ def build_spec(tracer: Recorder, family: str) -> PermutationSpec:
         entries = [entry_for(u.find(i)) for i in nodes]
         for name in tracer.names.get(key, []):
             axes[name] = list(entries)
-    used = {a.group for es in axes.values() for e in es for a in ((e,) if isinstance(e, Axis) else e or ())}
+    used = {a.group for es in axes.values() for e in es for a in parts(e)}
     sizes = {g: n for g, n in sizes.items() if g in used}
     heads: dict[str, Heads] = {}
     notes = list(tracer.notes)
+    dropped = []
     ties: dict[int, str] = {}
     for r, h in sorted(head_of.items()):
         g = group_of.get(r)
-        if g is None or g not in sizes:
-            continue
-        heads[g] = Heads(u.size[h], ties.setdefault(h, f"{g}.heads"))
+        if g in sizes:
+            heads[g] = Heads(u.size[h], ties.setdefault(h, f"{g}.heads"))
     for i, count, tie in u.heads:
         g = group_of.get(u.find(i))
-        if g is None or g not in sizes:
+        if g not in sizes or g in dropped:
             continue
         if g in heads and heads[g].count != count:
             notes.append(f"group '{g}' needs two head structures; it stays fixed")
-            sizes.pop(g)
+            dropped.append(g)
             continue
         heads[g] = Heads(count, tie)
-    if set(heads) != {g for g in heads if g in sizes}:
-        heads = {g: h for g, h in heads.items() if g in sizes}
-    axes = {p: [e if _entry_groups(e) <= set(sizes) else None for e in es] for p, es in axes.items()}
-    return PermutationSpec(axes, sizes, family=family, heads=heads, notes=notes)
-
-
-def _entry_groups(e: AxisEntry) -> set[str]:
-    if e is None:
-        return set()
-    return {a.group for a in ((e,) if isinstance(e, Axis) else e)}
+    spec = PermutationSpec(axes, sizes, family=family, heads=heads, notes=notes)
+    return spec.without(dropped) if dropped else spec
 
 
 def _group_name(
