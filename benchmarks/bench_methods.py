@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rebasin import barrier_checkpoints, build_options
 from rebasin.demo import DEMO_MODEL, train_checkpoint
-from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints
 
 METHODS = [
     ("none (naive)", None, {}),
@@ -59,10 +59,10 @@ def main() -> None:
         for name, method, extra in METHODS:
             if method is not None and args.only not in name:
                 continue
-            opts = MergeOptions(method=method or "weight", **extra)
             if args.quick and method in ("sinkhorn", "ste"):
-                opts.steps = 20
-            rep = barrier_checkpoints(a, b, opts, EvalOptions(alphas=alphas), align=method is not None)
+                extra = {**extra, "steps": 20}
+            values = {"method": method or "weight", "align": method is not None, "alphas": alphas, **extra}
+            rep = barrier_checkpoints(a, b, build_options(values, "barrier", evaluate="always"))
             path = "aligned" if method else "naive"
             search = rep["match"]["seconds"] if method else 0.0
             curve = rep["evaluation"]["paths"][path]

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from rebasin.matching import WeightMatching
+from rebasin.matching import match
 from rebasin.models import build_model
 from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec
@@ -46,7 +46,7 @@ def main() -> None:
                 spec = infer_spec(a)
                 p = random_permutation(spec, 10_000 + trial)
                 b = dict(permute(a, spec, p))
-                r = WeightMatching(restarts=restarts, seed=trial).match(a, b, spec)
+                r = match(a, b, spec, restarts=restarts, seed=trial)
                 want = invert(p)
                 exact = [torch.equal(r.perm[g], want[g]) for g in spec.sizes]
                 ok += all(exact)

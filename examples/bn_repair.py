@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rebasin import Options, WeightMatching, barrier_checkpoints
 from rebasin.demo import train_checkpoint
-from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints
+from rebasin.options import EvalOptions
 
 
 def main() -> None:
@@ -40,7 +41,9 @@ def main() -> None:
             train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
             paths.append(p)
         for bn in modes:
-            rep = barrier_checkpoints(*paths, MergeOptions(restarts=3), EvalOptions(alphas=alphas, bn=bn))
+            rep = barrier_checkpoints(
+                *paths, Options(match=WeightMatching(restarts=3), evaluate=EvalOptions(alphas=alphas, bn=bn))
+            )
             paths_ = rep["evaluation"]["paths"]
             mid = len(paths_["aligned"]["alphas"]) // 2
             aligned, naive = paths_["aligned"], paths_["naive"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rebasin import Options, WeightMatching, barrier_checkpoints
 from rebasin.demo import train_checkpoint
-from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints
+from rebasin.options import EvalOptions
 from rebasin.plot import plot_curves
 
 
@@ -28,7 +29,9 @@ def main() -> None:
         p = args.out / f"mlp{seed}.safetensors"
         train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
         paths.append(p)
-    report = barrier_checkpoints(*paths, MergeOptions(restarts=5), EvalOptions(alphas=alphas))
+    report = barrier_checkpoints(
+        *paths, Options(match=WeightMatching(restarts=5), evaluate=EvalOptions(alphas=alphas))
+    )
     plot_curves(report["evaluation"], args.out / "mlp_barrier.png", f"MLP 3 x {hidden} on MNIST-1D")
     print(f"{'path':<8} {'split':<6} {'loss barrier':>12} {'error barrier':>13} {'midpoint acc':>12}")
     for name, curve in report["evaluation"]["paths"].items():

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rebasin import Options, WeightMatching, barrier_checkpoints
 from rebasin.demo import train_checkpoint
-from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints
+from rebasin.options import EvalOptions
 
 
 def main() -> None:
@@ -31,7 +32,9 @@ def main() -> None:
             p = args.out / f"resnet20_w{w}_s{seed}.safetensors"
             train_checkpoint("resnet20", arch, "digits", p, seed=seed, epochs=epochs, lr=3e-3, force=True)
             paths.append(p)
-        rep = barrier_checkpoints(*paths, MergeOptions(restarts=3), EvalOptions(alphas=alphas, bn="reset"))
+        rep = barrier_checkpoints(
+            *paths, Options(match=WeightMatching(restarts=3), evaluate=EvalOptions(alphas=alphas, bn="reset"))
+        )
         ev = rep["evaluation"]
         nb = ev["paths"]["naive"]["barriers"]["test"]["loss"]["linear"]
         ab = ev["paths"]["aligned"]["barriers"]["test"]["loss"]["linear"]

@@ -22,7 +22,12 @@ _EXPORTS = {
     "list_specs": "rebasin.spec.registry",
     "match": "rebasin.matching",
     "MatchResult": "rebasin.matching.result",
-    "WeightMatching": "rebasin.matching.weight",
+    "WeightMatching": "rebasin.matching.methods",
+    "get_matcher": "rebasin.matching.registry",
+    "list_matchers": "rebasin.matching.registry",
+    "register_matcher": "rebasin.matching.registry",
+    "Options": "rebasin.options",
+    "build_options": "rebasin.options",
     "permute": "rebasin.permutation",
     "invert": "rebasin.permutation",
     "compose": "rebasin.permutation",
@@ -30,7 +35,8 @@ _EXPORTS = {
     "interpolate": "rebasin.merge",
     "average": "rebasin.merge",
     "merge_checkpoints": "rebasin.pipeline",
-    "MergeOptions": "rebasin.pipeline",
+    "MergeOptions": "rebasin.options",
+    "barrier_checkpoints": "rebasin.pipeline",
     "RebasinError": "rebasin.errors",
 }
 
@@ -38,16 +44,21 @@ __all__ = [
     "Checkpoint",
     "MatchResult",
     "MergeOptions",
+    "Options",
     "PermutationSpec",
     "RebasinError",
     "WeightMatching",
     "__version__",
     "average",
+    "barrier_checkpoints",
+    "build_options",
     "compose",
     "dump_spec",
+    "get_matcher",
     "infer_spec",
     "interpolate",
     "invert",
+    "list_matchers",
     "list_specs",
     "load_checkpoint",
     "load_spec",
@@ -55,6 +66,7 @@ __all__ = [
     "merge_checkpoints",
     "permute",
     "random_permutation",
+    "register_matcher",
     "register_spec",
     "save_checkpoint",
 ]
@@ -63,11 +75,13 @@ if TYPE_CHECKING:
     from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from rebasin.errors import RebasinError
     from rebasin.matching import match
+    from rebasin.matching.methods import WeightMatching
+    from rebasin.matching.registry import get_matcher, list_matchers, register_matcher
     from rebasin.matching.result import MatchResult
-    from rebasin.matching.weight import WeightMatching
     from rebasin.merge import average, interpolate
+    from rebasin.options import MergeOptions, Options, build_options
     from rebasin.permutation import compose, invert, permute, random_permutation
-    from rebasin.pipeline import MergeOptions, merge_checkpoints
+    from rebasin.pipeline import barrier_checkpoints, merge_checkpoints
     from rebasin.spec.core import PermutationSpec, dump_spec, load_spec
     from rebasin.spec.names import infer_spec
     from rebasin.spec.registry import list_specs, register_spec

@@ -15,9 +15,10 @@ from torch import nn
 
 from rebasin.data.core import Dataset
 from rebasin.errors import ConfigError
-from rebasin.evaluate import evaluate, load_into
+from rebasin.evaluate import evaluate
 from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
+from rebasin.models.fit import load_into
 from rebasin.repair import channel_stats, repair, repair_targets, reset_batchnorm
 
 BN_MODES = ("none", "reset", "repair")

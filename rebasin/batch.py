@@ -13,45 +13,27 @@ Relative paths are taken from the plan's folder. Every problem of a plan is repo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rebasin.errors import ConfigError, RebasinError
+from rebasin.options import OptionInfo, Options, build_options, check_value, plan_options
 
-ITEM_KEYS = {
-    "name": str,
-    "a": str,
-    "b": str,
-    "output": str,
-    "report": str,
-    "save_permuted": str,
-    "method": str,
-    "spec": str,
-    "alpha": float,
-    "seed": int,
-    "restarts": int,
-    "max_iter": int,
-    "data": str,
-    "model": str,
-    "model_args": dict,
-    "alphas": int,
-    "bn": str,
-    "align": bool,
-    "max_barrier": float,
-    "force": bool,
-    "max_train": int,
-    "device": str,
-    "cost": str,
-    "steps": int,
-    "epochs": int,
-    "lr": float,
-    "estimator": str,
-    "freeze": list,
-}
-DEFAULT_KEYS = set(ITEM_KEYS) - {"name", "a", "b", "output", "report", "save_permuted"}
+ITEM_ONLY = {"name": str, "a": str, "b": str, "align": bool}
+"""Keys of an item beyond the options model's plan options (``rebasin.options.plan_options``)."""
 PATH_KEYS = ("a", "b", "output", "report", "save_permuted")
+
+
+def item_keys() -> dict[str, OptionInfo | type]:
+    """Every key an item may have: its own keys, ``method``, and the plan options."""
+    return {**ITEM_ONLY, "method": str, **{o.name: o for o in plan_options()}}
+
+
+def default_keys() -> set[str]:
+    """Keys ``defaults`` may set (not the item's name, inputs or output paths)."""
+    return set(item_keys()) - {"name", *PATH_KEYS}
 
 
 @dataclass
@@ -62,11 +44,15 @@ class Plan:
     items: list[dict[str, Any]]
 
 
-def _check_type(where: str, key: str, value: Any, problems: list[str]) -> None:
-    want = ITEM_KEYS[key]
+def _check(where: str, key: str, value: Any, problems: list[str]) -> None:
+    want = item_keys()[key]
+    if isinstance(want, OptionInfo):
+        try:
+            check_value(want, value, "plan")
+        except ConfigError as e:
+            problems.append(f"{where}: {e.message}")
+        return
     ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
     if not ok:
         problems.append(f"{where}: '{key}' must be {want.__name__}, got {value!r}")
 
@@ -96,10 +82,10 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         problems.append("'defaults' must be a mapping")
         defaults = {}
     for k, v in defaults.items():
-        if k not in DEFAULT_KEYS:
+        if k not in default_keys():
             problems.append(f"defaults: unknown key '{k}'")
         else:
-            _check_type("defaults", k, v, problems)
+            _check("defaults", k, v, problems)
     items = data.get("items")
     if not isinstance(items, list) or not items:
         problems.append("'items' must be a non-empty list")
@@ -113,11 +99,12 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
             continue
         if isinstance(item.get("name"), str):
             where = f"item '{item['name']}'"
+        before = len(problems)
         for k, v in item.items():
-            if k not in ITEM_KEYS:
+            if k not in item_keys():
                 problems.append(f"{where}: unknown key '{k}'")
             else:
-                _check_type(where, k, v, problems)
+                _check(where, k, v, problems)
         for req in ("a", "b"):
             if req not in item:
                 problems.append(f"{where}: missing '{req}'")
@@ -134,53 +121,36 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
                 problems.append(f"{where}: {k} file '{merged[k]}' does not exist")
         if "output" not in merged and "data" not in merged:
             problems.append(f"{where}: nothing to do (give 'output' to merge, 'data' to measure a barrier)")
+        elif len(problems) == before:
+            try:
+                item_options(merged)
+            except ConfigError as e:
+                problems.append(f"{where}: {e.message}")
         out.append(merged)
     if problems:
         raise ConfigError("; ".join(problems), source=src)
     return Plan(p, out)
 
 
+def item_options(item: dict[str, Any]) -> Options:
+    """The typed options of one item (the same model the command line builds)."""
+    values = {k: v for k, v in item.items() if k not in ("name", "a", "b")}
+    evaluate = "always" if "data" in item else "never"
+    return build_options(values, "batch", style="plan", evaluate=evaluate)
+
+
 def run_item(item: dict[str, Any]) -> dict[str, Any]:
     """Run one item (merge when it has an output, else barrier); return its summary row."""
-    from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints, gate_value, merge_checkpoints
+    from rebasin.pipeline import barrier_checkpoints, gate_value, merge_checkpoints
     from rebasin.report import write_report
 
-    opts = MergeOptions(
-        method=item.get("method", "weight"),
-        alpha=float(item.get("alpha", 0.5)),
-        spec=item.get("spec", "auto"),
-        seed=item.get("seed", 0),
-        restarts=item.get("restarts", 1),
-        max_iter=item.get("max_iter", 100),
-        device=item.get("device", "cpu"),
-        force=item.get("force", False),
-        save_permuted=item.get("save_permuted"),
-        cost=item.get("cost", "l2"),
-        steps=item.get("steps"),
-        epochs=item.get("epochs"),
-        lr=item.get("lr"),
-        estimator=item.get("estimator", "st"),
-        freeze=[str(f) for f in item.get("freeze", [])],
-        model=item.get("model"),
-        model_args=item.get("model_args"),
-    )
-    ev = None
-    if "data" in item:
-        ev = EvalOptions(
-            data=item["data"],
-            model=item.get("model"),
-            model_args=item.get("model_args"),
-            alphas=item.get("alphas", 25),
-            bn=item.get("bn", "auto"),
-            max_train=item.get("max_train"),
-            device=item.get("device", "cpu"),
-        )
+    opts = item_options(item)
     row: dict[str, Any] = {"name": item["name"], "a": item["a"], "b": item["b"]}
     if "output" in item:
-        report = merge_checkpoints(item["a"], item["b"], item["output"], opts, None, ev)
+        report = merge_checkpoints(item["a"], item["b"], item["output"], opts)
         row["outputs"] = [f for fs in report["output"]["files"].values() for f in fs]
     else:
-        report = barrier_checkpoints(item["a"], item["b"], opts, ev, align=item.get("align", True))
+        report = barrier_checkpoints(item["a"], item["b"], opts)
         row["outputs"] = []
     if "report" in item:
         write_report(report, item["report"])
@@ -223,6 +193,3 @@ def summarize(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "passed": passed,
         "failed": len(rows) - passed,
     }
-
-
-Callback = Callable[[dict[str, Any]], None]

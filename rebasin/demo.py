@@ -89,7 +89,8 @@ def run_demo(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train A (seed 0) and B (seed 1), merge, evaluate; write everything into ``out_dir``."""
-    from rebasin.pipeline import EvalOptions, MergeOptions, merge_checkpoints
+    from rebasin.options import EvalOptions, Options, OutputOptions
+    from rebasin.pipeline import merge_checkpoints
     from rebasin.plot import plot_curves
     from rebasin.report import write_report
 
@@ -105,9 +106,8 @@ def run_demo(
         paths["a"],
         paths["b"],
         paths["merged"],
-        MergeOptions(force=True),
+        Options(output=OutputOptions(force=True), evaluate=EvalOptions(alphas=alphas)),
         progress,
-        EvalOptions(alphas=alphas),
     )
     report["command"] = "demo"
     plots = plot_curves(report["evaluation"], d / "barrier.png")

@@ -85,8 +85,11 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         best = m["restarts"][m["best_restart"]]
         state = "converged" if best["converged"] else "max-iter reached"
         runs = f"{best['sweeps']} sweeps ({state}), {len(m['restarts'])} run(s), "
+    name = m.get("objective_name") or "objective"
+    better = {"max": "higher is better", "min": "lower is better"}.get(m.get("direction", ""), "")
     err.print(
-        f"objective {_fmt(m['objective_identity'])} -> {_fmt(m['objective'])}; "
+        f"{name} {_fmt(m['objective_identity'])} -> {_fmt(m['objective'])}"
+        f"{f' ({better})' if better else ''}; "
         f"L2 distance {_fmt(d['l2_before'])} -> {_fmt(d['l2_after'])}; "
         f"{runs}{report['timings']['match_s']:.2f}s",
         soft_wrap=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import CASES, Case
 
-from rebasin.matching import match
+from rebasin.matching import CallableData, match
 from rebasin.merge import interpolate
 from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec, list_specs
@@ -87,7 +87,7 @@ def test_activation_matching_recovers_planted_permutation(case: Case) -> None:
     b = dict(permute(state, spec, perm))
     x = torch.cat([case.inputs(s) for s in range(8)])
     features = activation_features(lambda: case.make(3), spec, x, batch_size=7)
-    result = match(state, b, spec, "activation", features=features)
+    result = match(state, b, spec, "activation", data=CallableData(features_fn=features))
     assert torch.is_grad_enabled()  # collecting activations must not leak no_grad
     want = invert(perm)
     for g in spec.sizes:

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rebasin.data.core import _BUILTIN, Dataset, register_data
+from rebasin.data.core import Dataset, register_data
 from rebasin.errors import ConfigError
-
-
-def list_data() -> list[str]:
-    """Names of the built-in data sets."""
-    return list(_BUILTIN)
 
 
 def _standardize(x: np.ndarray, xt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

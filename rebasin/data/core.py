@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,7 @@ import torch
 
 from rebasin._imports import import_object
 from rebasin.errors import ConfigError
-
-_BUILTIN: dict[str, Callable[[int], Dataset]] = {}
+from rebasin.registry import Registry
 
 
 @dataclass
@@ -48,16 +46,21 @@ class Dataset:
         }
 
 
-def register_data(name: str) -> Callable[[Callable[[int], Dataset]], Callable[[int], Dataset]]:
+DataLoader = Callable[[int], "Dataset"]
+
+DATASETS: Registry[DataLoader] = Registry(
+    "data", more="; or a .safetensors/.npz file, or MODULE:FUNCTION", known="built-in"
+)
+
+
+def register_data(name: str) -> Callable[[DataLoader], DataLoader]:
     """Decorator registering a built-in data set loader ``fn(seed) -> Dataset``."""
+    return DATASETS.register(name)
 
-    def deco(fn: Callable[[int], Dataset]) -> Callable[[int], Dataset]:
-        if name in _BUILTIN:
-            raise ValueError(f"data set '{name}' is already registered")
-        _BUILTIN[name] = fn
-        return fn
 
-    return deco
+def list_data() -> list[str]:
+    """Names of the built-in data sets."""
+    return DATASETS.names()
 
 
 def batches(
@@ -75,22 +78,14 @@ def load_data(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """Turn a data argument into a Dataset: a built-in name, a ``.safetensors``/``.npz`` file with
     ``x``, ``y`` (and optionally ``x_test``, ``y_test``), or ``MODULE:FUNCTION`` returning a Dataset
     or ``(x_train, y_train, x_test, y_test)``."""
-    from rebasin.data import builtin  # noqa: F401  (registers the built-ins)
-
-    if spec in _BUILTIN:
-        return validate(_BUILTIN[spec](seed), spec)
+    if spec in DATASETS:
+        return validate(DATASETS.get(spec)(seed), spec)
     p = Path(spec)
     if p.suffix in (".npz", ".safetensors"):
         return validate(_from_file(p, seed, test_fraction), spec)
     if ":" in spec:
         return validate(_from_hook(spec, seed), spec)
-    close = difflib.get_close_matches(spec, list(_BUILTIN), n=2, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
-    raise ConfigError(
-        f"unknown data '{spec}' (built-in: {', '.join(_BUILTIN)}; or a .safetensors/.npz file, "
-        "or MODULE:FUNCTION)",
-        hint,
-    )
+    raise DATASETS.unknown(spec)
 
 
 def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:

@@ -1,21 +1,54 @@
-"""Matching: find the permutation of B that aligns it with A."""
+"""Matching: find the permutation of B that aligns it with A.
+
+Matchers are registered by name (:mod:`rebasin.matching.registry`); the built-in ones live in
+:mod:`rebasin.matching.methods`. Imports are lazy: reading the registry imports no torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from rebasin.errors import ConfigError
-from rebasin.matching.activation import ActivationMatching, Features
-from rebasin.matching.many import ManyResult, MergeMany
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
-from rebasin.matching.weight import WeightMatching
-from rebasin.spec.core import PermutationSpec
+    from rebasin.matching.activation import Features
+    from rebasin.matching.many import ManyResult, MergeMany
+    from rebasin.matching.methods import ActivationMatching, SinkhornRebasin, StraightThrough, WeightMatching
+    from rebasin.matching.registry import (
+        CallableData,
+        DataSide,
+        Matcher,
+        MatchProblem,
+        get_matcher,
+        list_matchers,
+        register_matcher,
+    )
+    from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
+    from rebasin.spec.core import PermutationSpec
 
-METHODS = ("weight", "activation", "ste", "sinkhorn")
-DATA_METHODS = ("activation", "ste")
+_EXPORTS = {
+    "Features": "rebasin.matching.activation",
+    "ManyResult": "rebasin.matching.many",
+    "MergeMany": "rebasin.matching.many",
+    "ActivationMatching": "rebasin.matching.methods",
+    "SinkhornRebasin": "rebasin.matching.methods",
+    "StraightThrough": "rebasin.matching.methods",
+    "WeightMatching": "rebasin.matching.methods",
+    "CallableData": "rebasin.matching.registry",
+    "DataSide": "rebasin.matching.registry",
+    "Matcher": "rebasin.matching.registry",
+    "MatchProblem": "rebasin.matching.registry",
+    "get_matcher": "rebasin.matching.registry",
+    "list_matchers": "rebasin.matching.registry",
+    "register_matcher": "rebasin.matching.registry",
+    "GroupStats": "rebasin.matching.result",
+    "MatchResult": "rebasin.matching.result",
+    "Permutation": "rebasin.matching.result",
+    "Progress": "rebasin.matching.result",
+    "RestartTrace": "rebasin.matching.result",
+}
 
 
 def match(
@@ -25,60 +58,45 @@ def match(
     method: str = "weight",
     *,
     progress: Progress | None = None,
-    features: Features | None = None,
-    task_loss: Any = None,
-    score: Any = None,
+    data: DataSide | None = None,
+    seed: int = 0,
+    device: str = "cpu",
     **options: Any,
 ) -> MatchResult:
-    """Align ``b`` to ``a`` under ``spec`` with the named method (options go to its solver).
+    """Align ``b`` to ``a`` under ``spec`` with the registered method ``method``, configured by
+    ``options`` (an option the method does not use is an error naming the methods that do).
+    Data-driven methods need ``data`` (see :class:`rebasin.matching.registry.DataSide`)."""
+    from rebasin.matching.registry import MatchProblem, get_matcher
 
-    Data-driven methods (``activation``) need ``features``: a callable running a state dict on data
-    and yielding per-batch activations for each group (see :mod:`rebasin.matching.activation`)."""
-    if method == "sinkhorn":
-        from rebasin.matching.sinkhorn import SinkhornRebasin
+    matcher = get_matcher(method, **options)
+    return matcher.match(MatchProblem(a, b, spec, data, seed, device), progress)
 
-        known = {"cost", "steps", "lr", "tau_start", "tau_end", "seed", "device", "backend"}
-        return SinkhornRebasin(**{k: v for k, v in options.items() if k in known and v is not None}).match(
-            a, b, spec, task_loss, progress
-        )
-    if method == "ste":
-        from rebasin.matching.ste import StraightThrough
 
-        if task_loss is None or score is None:
-            raise ConfigError("method 'ste' needs data: pass --data (and a model, --model)")
-        known = {"steps", "lr", "seed", "device", "backend", "restarts", "estimator", "tau"}
-        return StraightThrough(**{k: v for k, v in options.items() if k in known and v is not None}).match(
-            a, b, spec, task_loss, score, progress
-        )
-    if method == "activation":
-        if features is None:
-            raise ConfigError("method 'activation' needs data: pass --data (and a model, --model)")
-        known = {"backend"}  # seed, restarts, ... do not apply: activation matching is exact
-        return ActivationMatching(**{k: v for k, v in options.items() if k in known}).match(
-            a, b, spec, features, progress
-        )
-    if method == "weight":
-        options = {k: v for k, v in options.items() if k not in ("cost", "steps", "lr")}
-        try:
-            solver = WeightMatching(**options)
-        except TypeError as e:
-            raise ConfigError(f"bad option for weight matching: {e}") from None
-        return solver.match(a, b, spec, progress=progress)
-    raise ConfigError(f"unknown matching method '{method}' (available: {', '.join(METHODS)})")
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rebasin.matching' has no attribute {name!r}")
 
 
 __all__ = [
-    "DATA_METHODS",
-    "METHODS",
     "ActivationMatching",
+    "CallableData",
+    "DataSide",
     "Features",
     "GroupStats",
     "ManyResult",
+    "MatchProblem",
     "MatchResult",
+    "Matcher",
     "MergeMany",
     "Permutation",
     "Progress",
     "RestartTrace",
+    "SinkhornRebasin",
+    "StraightThrough",
     "WeightMatching",
+    "get_matcher",
+    "list_matchers",
     "match",
+    "register_matcher",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,71 +52,70 @@ class _Moments:
         return (cov / (torch.outer(sa, sb) + eps)).numpy()
 
 
-@dataclass(frozen=True)
-class ActivationMatching:
-    """Configured activation matcher (``backend``: linear-assignment back-end)."""
+OBJECTIVE = "summed correlation of matched units"
 
-    backend: str = "auto"
 
-    def match(
-        self,
-        a: Mapping[str, torch.Tensor],
-        b: Mapping[str, torch.Tensor],
-        spec: PermutationSpec,
-        features: Features,
-        progress: Progress | None = None,
-    ) -> MatchResult:
-        """Permutation of ``b``'s units maximizing their correlation with ``a``'s, per group."""
-        backend = resolve_backend(self.backend)
-        t0 = time.perf_counter()
-        moments = {g: _Moments(n) for g, n in spec.sizes.items()}
-        batches = 0
-        for fa, fb in zip(features(a), features(b), strict=True):
-            for g, taps_a in fa.items():
-                if g not in moments:
-                    continue
-                for ta, tb in zip(taps_a, fb[g], strict=True):
-                    if ta.shape != tb.shape or ta.shape[-1] != spec.sizes[g]:
-                        raise MatchError(f"activations of group '{g}' have shape {tuple(ta.shape)}")
-                    moments[g].add(ta, tb)
-            batches += 1
-            if progress:
-                progress("collecting activations", batches, batches)
-        # a unit (tied head groups) is activation-matched only when every group in it has taps
-        missing = {g for g, m in moments.items() if m.count == 0}
-        by_weights = {g for unit in spec.units if not missing.isdisjoint(unit) for g in unit}
-        if len(by_weights) == len(spec.sizes):
-            raise MatchError(
-                "no activations were recorded for any group (no module outputs them): "
-                "use --method weight, sinkhorn or ste"
-            )
-        perm, groups = {}, {}
-        costs = {g: m.correlation() for g, m in moments.items() if g not in by_weights}
-        solved = solve_groups(costs, spec, backend)
-        for g, c in costs.items():
-            p = solved[g]
-            n = spec.sizes[g]
-            perm[g] = torch.from_numpy(p)
-            groups[g] = GroupStats(
-                size=n,
-                objective_before=float(np.trace(c)),
-                objective_after=float(c[np.arange(n), p].sum()),
-                moved_fraction=float((p != np.arange(n)).mean()),
-            )
-        if by_weights:  # groups no module outputs (attention heads): weight matching, the rest held
-            from rebasin.matching.weight import WeightMatching
-            from rebasin.permutation import permute
-
-            rest = spec.without(costs)
-            wm = WeightMatching(backend=backend).match(a, permute(b, spec, perm), rest)
-            perm.update(wm.perm)
-            groups.update(wm.groups)
-        return MatchResult(
-            method="activation",
-            perm=perm,
-            objective_identity=sum(s.objective_before for s in groups.values()),
-            objective=sum(s.objective_after for s in groups.values()),
-            groups=groups,
-            options={"backend": backend, "batches": batches, "weight_matched": sorted(by_weights)},
-            seconds=time.perf_counter() - t0,
+def activation_matching(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    features: Features,
+    backend: str = "auto",
+    progress: Progress | None = None,
+) -> MatchResult:
+    """Permutation of ``b``'s units maximizing their correlation with ``a``'s, per group."""
+    backend = resolve_backend(backend)
+    t0 = time.perf_counter()
+    moments = {g: _Moments(n) for g, n in spec.sizes.items()}
+    batches = 0
+    for fa, fb in zip(features(a), features(b), strict=True):
+        for g, taps_a in fa.items():
+            if g not in moments:
+                continue
+            for ta, tb in zip(taps_a, fb[g], strict=True):
+                if ta.shape != tb.shape or ta.shape[-1] != spec.sizes[g]:
+                    raise MatchError(f"activations of group '{g}' have shape {tuple(ta.shape)}")
+                moments[g].add(ta, tb)
+        batches += 1
+        if progress:
+            progress("collecting activations", batches, batches)
+    # a unit (tied head groups) is activation-matched only when every group in it has taps
+    missing = {g for g, m in moments.items() if m.count == 0}
+    by_weights = {g for unit in spec.units if not missing.isdisjoint(unit) for g in unit}
+    if len(by_weights) == len(spec.sizes):
+        raise MatchError(
+            "no activations were recorded for any group (no module outputs them): "
+            "use --method weight, sinkhorn or ste"
         )
+    perm, groups = {}, {}
+    costs = {g: m.correlation() for g, m in moments.items() if g not in by_weights}
+    solved = solve_groups(costs, spec, backend)
+    for g, c in costs.items():
+        p = solved[g]
+        n = spec.sizes[g]
+        perm[g] = torch.from_numpy(p)
+        groups[g] = GroupStats(
+            size=n,
+            objective_before=float(np.trace(c)),
+            objective_after=float(c[np.arange(n), p].sum()),
+            moved_fraction=float((p != np.arange(n)).mean()),
+        )
+    if by_weights:  # groups no module outputs (attention heads): weight matching, the rest held
+        from rebasin.matching.weight import weight_matching
+        from rebasin.permutation import permute
+
+        rest = spec.without(costs)
+        wm = weight_matching(a, permute(b, spec, perm), rest, backend=backend)
+        perm.update(wm.perm)
+        groups.update(wm.groups)
+    return MatchResult(
+        method="activation",
+        perm=perm,
+        objective_identity=sum(s.objective_before for s in groups.values()),
+        objective=sum(s.objective_after for s in groups.values()),
+        groups=groups,
+        objective_name=OBJECTIVE,
+        maximize=True,
+        options={"backend": backend, "batches": batches, "weight_matched": sorted(by_weights)},
+        seconds=time.perf_counter() - t0,
+    )

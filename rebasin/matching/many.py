@@ -16,7 +16,7 @@ import torch
 
 from rebasin.errors import MatchError
 from rebasin.matching.result import Permutation, Progress
-from rebasin.matching.weight import WeightMatching
+from rebasin.matching.weight import weight_matching
 from rebasin.permutation import permute
 from rebasin.spec.core import PermutationSpec
 
@@ -81,7 +81,6 @@ class MergeMany:
         aligned = [dict(permute(s, spec, p)) for s, p in zip(base, perms, strict=True)]
         history = [_distance(aligned, keys)]
         rng = np.random.default_rng([self.seed, 7])
-        solver = WeightMatching(seed=self.seed, device=self.device, backend=self.backend)
         converged = False
         rounds = 0
         best = (history[0], [dict(p) for p in perms])
@@ -90,7 +89,9 @@ class MergeMany:
             for i in rng.permutation(len(states)):
                 others = [aligned[j] for j in range(len(states)) if j != i]
                 target = _mean(others, touched)
-                r = solver.match(target, base[i], spec)
+                r = weight_matching(
+                    target, base[i], spec, seed=self.seed, device=self.device, backend=self.backend
+                )
                 if any(not torch.equal(r.perm[g], perms[i][g]) for g in spec.sizes):
                     changed = True
                     perms[i] = r.perm

@@ -46,30 +46,45 @@ class RestartTrace:
 
 @dataclass(frozen=True)
 class MatchResult:
-    """A found permutation of B (``p[i]`` = unit of B placed at position i) and its diagnostics."""
+    """A found permutation of B (``p[i]`` = unit of B placed at position i) and its diagnostics.
+
+    ``objective`` is what the method optimizes, named by ``objective_name``; ``maximize`` says
+    which way is better. ``objective_identity`` is its value with B as it is. ``history`` holds
+    its values as the run went on (sweeps, steps or evaluations). ``converged`` is None for
+    methods where convergence means nothing (a fixed number of steps, a single exact solve)."""
 
     method: str
     perm: Permutation
     objective_identity: float
     objective: float
     groups: dict[str, GroupStats]
+    objective_name: str = ""
+    maximize: bool = True
+    history: list[float] = field(default_factory=list)
+    converged: bool | None = None
     restarts: list[RestartTrace] = field(default_factory=list)
     best_restart: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
-    @property
-    def converged(self) -> bool:
-        """Whether the best run stopped because no group could improve."""
-        return not self.restarts or self.restarts[self.best_restart].converged
+    def improved(self) -> bool:
+        """Whether the found permutation is at least as good as B as it is, on the method's own
+        criterion (tiny float differences aside)."""
+        tol = 1e-9 * max(1.0, abs(self.objective_identity))
+        if self.maximize:
+            return self.objective >= self.objective_identity - tol
+        return self.objective <= self.objective_identity + tol
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready diagnostics (the permutation itself is omitted)."""
         return {
             "method": self.method,
             "options": self.options,
+            "objective_name": self.objective_name,
+            "direction": "max" if self.maximize else "min",
             "objective_identity": self.objective_identity,
             "objective": self.objective,
+            "history": self.history,
             "converged": self.converged,
             "best_restart": self.best_restart,
             "seconds": round(self.seconds, 4),

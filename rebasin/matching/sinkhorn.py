@@ -15,18 +15,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rebasin.errors import ConfigError
 from rebasin.matching.assignment import resolve_backend, solve_groups
-from rebasin.matching.result import GroupStats, MatchResult, Progress, float32_state
-from rebasin.spec.core import Axis, PermutationSpec, parts
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
+from rebasin.spec.core import Axis, parts
 
-COSTS = ("l2", "mid", "rnd")
+if TYPE_CHECKING:
+    from rebasin.matching.methods import SinkhornRebasin
+    from rebasin.matching.registry import DataSide, MatchProblem
+
 TaskLoss = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
 """task_loss(params, step) -> scalar loss of a model with these parameters on the step's batch."""
 
@@ -121,113 +123,111 @@ def soft_permute(t: torch.Tensor, entries: tuple[Any, ...], soft: Mapping[str, t
     return t
 
 
-@dataclass(frozen=True)
-class SinkhornRebasin:
-    """Configured Sinkhorn re-basin.
-
-    Args:
-        cost: ``l2`` (data-free), ``mid`` or ``rnd`` (need ``task_loss``).
-        steps: optimizer steps; lr: Adam learning rate on the logits.
-        tau_start, tau_end: temperature, annealed geometrically over the steps.
-        sinkhorn_iters: most Sinkhorn iterations per projection.
-        seed: seeds the initial noise and the random lambdas.
-    """
-
-    cost: str = "l2"
-    steps: int = 300
-    lr: float = 0.1
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    sinkhorn_iters: int = 200
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    init: str = "identity"
-
-    def match(
-        self,
-        a: Mapping[str, torch.Tensor],
-        b: Mapping[str, torch.Tensor],
-        spec: PermutationSpec,
-        task_loss: TaskLoss | None = None,
-        progress: Progress | None = None,
-    ) -> MatchResult:
-        if self.cost not in COSTS:
-            raise ConfigError(f"unknown Sinkhorn cost '{self.cost}' (choose from {', '.join(COSTS)})")
-        if self.cost != "l2" and task_loss is None:
-            raise ConfigError(f"Sinkhorn cost '{self.cost}' needs data: pass --data (and a model, --model)")
-        backend = resolve_backend(self.backend)
-        t0 = time.perf_counter()
-        dev = torch.device(self.device)
-        gen = torch.Generator().manual_seed(self.seed)
-        fa, fb = float32_state(a, dev), float32_state(b, dev)
-        logits = {}
-        for g, n in sorted(spec.sizes.items()):
-            w = torch.eye(n) * (1.0 if self.init == "identity" else 0.0) + 0.01 * torch.randn(
-                n, n, generator=gen
-            )
-            logits[g] = w.to(dev).requires_grad_(True)
-        opt = torch.optim.Adam(list(logits.values()), lr=self.lr)
-        duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
-        scale = sum(float((fa[k] ** 2).sum()) for k in spec.params) or 1.0
-        history = []
-        ratio = (self.tau_end / self.tau_start) ** (1 / max(1, self.steps - 1))
-        for step in range(self.steps):
-            tau = self.tau_start * ratio**step
-            soft = {
-                g: ImplicitSinkhorn.apply(w / tau, self.sinkhorn_iters, 1e-4, duals[g])
-                for g, w in logits.items()
-            }
-            pb = {
-                k: soft_permute(fb[k], spec.axes_to_perm[k], soft) if k in spec.axes_to_perm else fb[k]
-                for k in fb
-            }
-            if self.cost == "l2":
-                loss = sum(((fa[k] - pb[k]) ** 2).sum() for k in spec.params) / scale
-            else:
-                assert task_loss is not None
-                lam = 0.5 if self.cost == "mid" else float(torch.rand((), generator=gen))
-                params = {k: (1 - lam) * fa[k] + lam * pb[k] for k in fb}
-                loss = task_loss(params, step)
-            opt.zero_grad()
-            if not bool(torch.isfinite(loss.detach())):  # type: ignore[union-attr]
-                continue  # a diverging batch: skip it rather than poison the logits
-            loss.backward()  # type: ignore[union-attr]
-            opt.step()
-            history.append(float(loss.detach()))  # type: ignore[union-attr]
-            if progress and (step % 10 == 0 or step == self.steps - 1):
-                progress(f"sinkhorn ({self.cost})", step + 1, self.steps)
-        perm, groups = {}, {}
-        costs = {g: w.detach().double().cpu().numpy() for g, w in logits.items()}
-        solved = solve_groups(costs, spec, backend)
-        for g, c in costs.items():
-            p = solved[g]
-            perm[g] = torch.from_numpy(p)
-            n = spec.sizes[g]
-            groups[g] = GroupStats(
-                n, float(np.trace(c)), float(c[np.arange(n), p].sum()), float((p != np.arange(n)).mean())
-            )
-        from rebasin.permutation import permute
-
-        hard = permute({k: fb[k] for k in spec.params}, spec, perm)
-        dist = math.sqrt(sum(float(((fa[k] - hard[k]) ** 2).sum()) for k in spec.params))
-        ident = math.sqrt(sum(float(((fa[k] - fb[k]) ** 2).sum()) for k in spec.params))
-        return MatchResult(
-            method="sinkhorn",
-            perm=perm,
-            objective_identity=-ident,
-            objective=-dist,
-            groups=groups,
-            options={
-                "cost": self.cost,
-                "steps": self.steps,
-                "lr": self.lr,
-                "tau_start": self.tau_start,
-                "tau_end": self.tau_end,
-                "seed": self.seed,
-                "backend": backend,
-                "loss_first": history[0] if history else None,
-                "loss_last": history[-1] if history else None,
-            },
-            seconds=time.perf_counter() - t0,
+def sinkhorn_rebasin(
+    opts: SinkhornRebasin, problem: MatchProblem, data: DataSide | None, progress: Progress | None = None
+) -> MatchResult:
+    """Run Sinkhorn re-basin with the options ``opts`` (see :class:`SinkhornRebasin`). The data
+    costs (``mid``, ``rnd``) need ``data``. The result never ends worse than B as it is on the
+    method's criterion (distance for ``l2``, midpoint loss on training data otherwise): if the
+    found permutation is worse, the identity is kept."""
+    a, b, spec = problem.a, problem.b, problem.spec
+    task_loss = data.task_loss() if data is not None else None
+    if opts.cost != "l2" and task_loss is None:
+        raise ConfigError(f"Sinkhorn cost '{opts.cost}' needs data: pass --data (and a model, --model)")
+    steps = opts.steps
+    if opts.epochs is not None and data is not None:
+        steps = opts.epochs * data.batches_per_epoch()
+    backend = resolve_backend(opts.backend)
+    t0 = time.perf_counter()
+    dev = torch.device(problem.device)
+    gen = torch.Generator().manual_seed(problem.seed)
+    fa, fb = float32_state(a, dev), float32_state(b, dev)
+    logits = {}
+    for g, n in sorted(spec.sizes.items()):
+        w = torch.eye(n) * (1.0 if opts.init == "identity" else 0.0) + 0.01 * torch.randn(n, n, generator=gen)
+        logits[g] = w.to(dev).requires_grad_(True)
+    opt = torch.optim.Adam(list(logits.values()), lr=opts.lr)
+    duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
+    scale = sum(float((fa[k] ** 2).sum()) for k in spec.params) or 1.0
+    history = []
+    ratio = (opts.tau_end / opts.tau_start) ** (1 / max(1, steps - 1))
+    for step in range(steps):
+        tau = opts.tau_start * ratio**step
+        soft = {
+            g: ImplicitSinkhorn.apply(w / tau, opts.sinkhorn_iters, 1e-4, duals[g]) for g, w in logits.items()
+        }
+        pb = {
+            k: soft_permute(fb[k], spec.axes_to_perm[k], soft) if k in spec.axes_to_perm else fb[k]
+            for k in fb
+        }
+        if opts.cost == "l2":
+            loss = sum(((fa[k] - pb[k]) ** 2).sum() for k in spec.params) / scale
+        else:
+            assert task_loss is not None
+            lam = 0.5 if opts.cost == "mid" else float(torch.rand((), generator=gen))
+            params = {k: (1 - lam) * fa[k] + lam * pb[k] for k in fb}
+            loss = task_loss(params, step)
+        opt.zero_grad()
+        if not bool(torch.isfinite(loss.detach())):  # type: ignore[union-attr]
+            continue  # a diverging batch: skip it rather than poison the logits
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        history.append(float(loss.detach()))  # type: ignore[union-attr]
+        if progress and (step % 10 == 0 or step == steps - 1):
+            progress(f"sinkhorn ({opts.cost})", step + 1, steps)
+    perm, groups = {}, {}
+    costs = {g: w.detach().double().cpu().numpy() for g, w in logits.items()}
+    solved = solve_groups(costs, spec, backend)
+    for g, c in costs.items():
+        p = solved[g]
+        perm[g] = torch.from_numpy(p)
+        n = spec.sizes[g]
+        groups[g] = GroupStats(
+            n, float(np.trace(c)), float(c[np.arange(n), p].sum()), float((p != np.arange(n)).mean())
         )
+    from rebasin.permutation import identity, permute
+
+    if opts.cost == "l2":
+        name = "||A - pi(B)||"
+
+        def criterion(p: Permutation) -> float:
+            hard = permute({k: fb[k] for k in spec.params}, spec, p)
+            return math.sqrt(sum(float(((fa[k] - hard[k]) ** 2).sum()) for k in spec.params))
+
+    else:
+        assert data is not None
+        name, score = "midpoint loss (training data)", data.score()
+
+        def criterion(p: Permutation) -> float:
+            pb = permute(fb, spec, p)
+            return score({k: 0.5 * (fa[k] + pb[k]) for k in fb})
+
+    ident = identity(spec)
+    at_identity, found = criterion(ident), criterion(perm)
+    kept_identity = found > at_identity
+    if kept_identity:
+        perm, found = ident, at_identity
+    return MatchResult(
+        method="sinkhorn",
+        perm=perm,
+        objective_identity=at_identity,
+        objective=found,
+        groups=groups,
+        objective_name=name,
+        maximize=False,
+        history=history,
+        converged=None,
+        options={
+            "cost": opts.cost,
+            "steps": steps,
+            "lr": opts.lr,
+            "tau_start": opts.tau_start,
+            "tau_end": opts.tau_end,
+            "seed": problem.seed,
+            "backend": backend,
+            "loss_first": history[0] if history else None,
+            "loss_last": history[-1] if history else None,
+            "kept_identity": kept_identity,
+        },
+        seconds=time.perf_counter() - t0,
+    )

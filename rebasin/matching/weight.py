@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,140 +21,136 @@ from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progre
 from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec.core import Member, PermutationSpec
 
+OBJECTIVE = "<A, pi(B)>"
 
-@dataclass(frozen=True)
-class WeightMatching:
-    """Configured weight-matching solver.
 
-    Args:
-        max_iter: most sweeps over all groups per run.
-        restarts: independent runs (run 0 starts at the identity, later runs at a random
-            permutation); the run with the highest objective wins.
-        seed: seeds group orders and random starts; runs are reproducible.
-        device: torch device for the cost-matrix products.
-        backend: linear-assignment back-end (``auto``, ``scipy``, ``lap``).
-        tol: relative improvement below which a group counts as unchanged.
-    """
+def weight_matching(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    *,
+    max_iter: int = 100,
+    restarts: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+    backend: str = "auto",
+    tol: float = 1e-12,
+    init: Permutation | None = None,
+    progress: Progress | None = None,
+) -> MatchResult:
+    """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
+    :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
 
-    max_iter: int = 100
-    restarts: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    tol: float = 1e-12
-
-    def match(
-        self,
-        a: Mapping[str, torch.Tensor],
-        b: Mapping[str, torch.Tensor],
-        spec: PermutationSpec,
-        progress: Progress | None = None,
-        init: Permutation | None = None,
-    ) -> MatchResult:
-        """Find the permutation of ``b`` that aligns it with ``a``."""
-        if self.max_iter < 1 or self.restarts < 1:
-            raise MatchError("max_iter and restarts must be at least 1")
-        backend = resolve_backend(self.backend)
-        t0 = time.perf_counter()
-        problem = _Problem(a, b, spec, torch.device(self.device))
-        best: tuple[float, Permutation] | None = None
-        traces: list[RestartTrace] = []
-        best_k = 0
-        for k in range(self.restarts):
-            seed = [int(self.seed), k]
-            rng = np.random.default_rng(seed)
-            if init is not None and k == 0:
-                start, how = {g: v.clone() for g, v in init.items()}, "given"
-            elif k == 0:
-                start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
-            else:
-                start = random_permutation(spec, int(rng.integers(2**62)))
-                how = "random"
-            perm, trace = self._descend(problem, start, rng, backend, progress, k)
-            traces.append(RestartTrace(seed, how, *trace))
-            if best is None or trace[0] > best[0]:
-                best, best_k = (trace[0], perm), k
-        assert best is not None
-        perm = best[1]
-        groups = {}
-        for g in spec.sizes:
-            c = problem.cost(g, perm)
-            n = spec.sizes[g]
-            groups[g] = GroupStats(
-                size=n,
-                objective_before=float(np.trace(c)),
-                objective_after=float(c[np.arange(n), perm[g].numpy()].sum()),
-                moved_fraction=float((perm[g] != torch.arange(n)).float().mean()),
-            )
-        ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
-        return MatchResult(
-            method="weight",
-            perm=perm,
-            objective_identity=problem.objective(ident),
-            objective=best[0],
-            groups=groups,
-            restarts=traces,
-            best_restart=best_k,
-            options={
-                "max_iter": self.max_iter,
-                "restarts": self.restarts,
-                "seed": self.seed,
-                "device": self.device,
-                "backend": backend,
-            },
-            seconds=time.perf_counter() - t0,
+    Run 0 starts at the identity (or ``init``), later runs at a random permutation; the run with
+    the highest objective wins. Runs are reproducible from ``seed``."""
+    if max_iter < 1 or restarts < 1:
+        raise MatchError("max_iter and restarts must be at least 1")
+    backend = resolve_backend(backend)
+    t0 = time.perf_counter()
+    problem = _Problem(a, b, spec, torch.device(device))
+    best: tuple[float, Permutation] | None = None
+    traces: list[RestartTrace] = []
+    best_k = 0
+    for k in range(restarts):
+        run_seed = [int(seed), k]
+        rng = np.random.default_rng(run_seed)
+        if init is not None and k == 0:
+            start, how = {g: v.clone() for g, v in init.items()}, "given"
+        elif k == 0:
+            start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
+        else:
+            start = random_permutation(spec, int(rng.integers(2**62)))
+            how = "random"
+        label = f"weight matching (run {k + 1}/{restarts}"
+        perm, trace = _descend(problem, start, rng, backend, max_iter, tol, progress, label, k, restarts)
+        traces.append(RestartTrace(run_seed, how, *trace))
+        if best is None or trace[0] > best[0]:
+            best, best_k = (trace[0], perm), k
+    assert best is not None
+    perm = best[1]
+    groups = {}
+    for g in spec.sizes:
+        c = problem.cost(g, perm)
+        n = spec.sizes[g]
+        groups[g] = GroupStats(
+            size=n,
+            objective_before=float(np.trace(c)),
+            objective_after=float(c[np.arange(n), perm[g].numpy()].sum()),
+            moved_fraction=float((perm[g] != torch.arange(n)).float().mean()),
         )
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    return MatchResult(
+        method="weight",
+        perm=perm,
+        objective_identity=problem.objective(ident),
+        objective=best[0],
+        groups=groups,
+        objective_name=OBJECTIVE,
+        maximize=True,
+        history=traces[best_k].objective_per_sweep,
+        converged=traces[best_k].converged,
+        restarts=traces,
+        best_restart=best_k,
+        options={
+            "max_iter": max_iter,
+            "restarts": restarts,
+            "seed": seed,
+            "device": device,
+            "backend": backend,
+        },
+        seconds=time.perf_counter() - t0,
+    )
 
-    def _descend(
-        self,
-        problem: _Problem,
-        perm: Permutation,
-        rng: np.random.Generator,
-        backend: str,
-        progress: Progress | None,
-        k: int,
-    ) -> tuple[Permutation, tuple[float, int, bool, list[float]]]:
-        spec = problem.spec
-        units = spec.units
-        names = sorted(spec.sizes)
-        history = [problem.objective(perm)]
-        total = history[0]  # the objective is linear in each group: track it by the gains
-        dirty = set(names)  # groups whose cost may have changed since last solved
-        converged = False
-        sweep = 0
-        for sweep in range(1, self.max_iter + 1):
-            improved = False
-            for u in rng.permutation(len(units)):
-                unit = units[int(u)]
-                if dirty.isdisjoint(unit):
-                    continue
-                dirty.difference_update(unit)
-                costs = {g: problem.cost(g, perm) for g in unit}
-                new = solve_unit(costs, spec.heads, backend)
-                old_val = new_val = 0.0
-                for g, c in costs.items():
-                    rows = np.arange(spec.sizes[g])
-                    old_val += float(c[rows, perm[g].numpy()].sum())
-                    new_val += float(c[rows, new[g]].sum())
-                if new_val > old_val + self.tol * max(1.0, abs(old_val)):
-                    for g in unit:
-                        perm[g] = torch.from_numpy(new[g])
-                        dirty |= spec.neighbours[g]
-                    total += new_val - old_val
-                    improved = True
-            history.append(total)
-            if progress:
-                progress(
-                    f"weight matching (run {k + 1}/{self.restarts}, sweep {sweep})",
-                    k + 1 - 1 / (sweep + 1),
-                    self.restarts,
-                )
-            if not improved:
-                converged = True
-                break
-        final = problem.objective(perm)  # exact, free of accumulated rounding
-        history[-1] = final
-        return perm, (final, sweep, converged, history)
+
+def _descend(
+    problem: _Problem,
+    perm: Permutation,
+    rng: np.random.Generator,
+    backend: str,
+    max_iter: int,
+    tol: float,
+    progress: Progress | None,
+    label: str,
+    k: int,
+    restarts: int,
+) -> tuple[Permutation, tuple[float, int, bool, list[float]]]:
+    spec = problem.spec
+    units = spec.units
+    names = sorted(spec.sizes)
+    history = [problem.objective(perm)]
+    total = history[0]  # the objective is linear in each group: track it by the gains
+    dirty = set(names)  # groups whose cost may have changed since last solved
+    converged = False
+    sweep = 0
+    for sweep in range(1, max_iter + 1):
+        improved = False
+        for u in rng.permutation(len(units)):
+            unit = units[int(u)]
+            if dirty.isdisjoint(unit):
+                continue
+            dirty.difference_update(unit)
+            costs = {g: problem.cost(g, perm) for g in unit}
+            new = solve_unit(costs, spec.heads, backend)
+            old_val = new_val = 0.0
+            for g, c in costs.items():
+                rows = np.arange(spec.sizes[g])
+                old_val += float(c[rows, perm[g].numpy()].sum())
+                new_val += float(c[rows, new[g]].sum())
+            if new_val > old_val + tol * max(1.0, abs(old_val)):
+                for g in unit:
+                    perm[g] = torch.from_numpy(new[g])
+                    dirty |= spec.neighbours[g]
+                total += new_val - old_val
+                improved = True
+        history.append(total)
+        if progress:
+            progress(f"{label}, sweep {sweep})", k + 1 - 1 / (sweep + 1), restarts)
+        if not improved:
+            converged = True
+            break
+    final = problem.objective(perm)  # exact, free of accumulated rounding
+    history[-1] = final
+    return perm, (final, sweep, converged, history)
 
 
 class _Problem:

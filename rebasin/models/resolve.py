@@ -65,7 +65,7 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
 
 def resolve_model(
     model: str | None,
-    model_args: str | dict[str, Any] | None,
+    model_args: str | Mapping[str, Any] | None,
     metadata: Mapping[str, str],
     source: str,
     config: Mapping[str, Any] | None = None,

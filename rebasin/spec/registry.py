@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rebasin.errors import ConfigError
+from rebasin.registry import Registry
 from rebasin.spec.core import PermutationSpec
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -39,7 +38,7 @@ class SpecFamily:
         return self.builder(shapes, order)
 
 
-_FAMILIES: dict[str, SpecFamily] = {}
+FAMILIES: Registry[SpecFamily] = Registry("spec family", more=", or a spec file")
 
 
 def register_spec(
@@ -49,9 +48,7 @@ def register_spec(
     ``typical`` is a regex matching the family's usual tensor names."""
 
     def deco(fn: SpecBuilder) -> SpecBuilder:
-        if name in _FAMILIES:
-            raise ValueError(f"spec family '{name}' is already registered")
-        _FAMILIES[name] = SpecFamily(name, description, fn, typical)
+        FAMILIES.add(name, SpecFamily(name, description, fn, typical))
         return fn
 
     return deco
@@ -59,14 +56,9 @@ def register_spec(
 
 def list_specs() -> list[SpecFamily]:
     """Registered spec families, in the order automatic inference tries them."""
-    return list(_FAMILIES.values())
+    return FAMILIES.values()
 
 
 def get_spec_family(name: str) -> SpecFamily:
     """Look a family up by name; unknown names fail with close matches."""
-    if name in _FAMILIES:
-        return _FAMILIES[name]
-    close = difflib.get_close_matches(name, list(_FAMILIES), n=3, cutoff=0.5)
-    known = ", ".join(_FAMILIES)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
-    raise ConfigError(f"unknown spec family '{name}' (known: {known}, or a spec file)", hint)
+    return FAMILIES.get(name)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CASES
+from helpers import run
 from safetensors.torch import save_file
-from test_cli import run
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("REBASIN_UPDATE_GOLDEN") == "1"
@@ -43,7 +43,7 @@ def test_name_based_spec_matches_golden(case: object, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "vit"])
 def test_transformers_spec_matches_golden(kind: str, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from test_hf import tiny
+    from helpers import tiny
 
     d = tmp_path / kind
     tiny(kind, 0).save_pretrained(d)

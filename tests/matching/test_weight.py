@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rebasin.matching import WeightMatching, match
+from rebasin.matching import match
 from rebasin.matching.assignment import solve_assignment
 from rebasin.models import build_model
 from rebasin.permutation import permute
@@ -72,7 +72,7 @@ def test_group_stats() -> None:
 def test_max_iter_caps_sweeps() -> None:
     a, b = pair("mlp", in_features=16, hidden=64)
     spec = infer_spec(a)
-    r = WeightMatching(max_iter=1).match(a, b, spec)
+    r = match(a, b, spec, max_iter=1)
     assert r.restarts[0].sweeps == 1
 
 

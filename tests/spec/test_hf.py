@@ -8,40 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from helpers import expect_error, run, tiny
 from safetensors import safe_open
-from test_cli import expect_error, run
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 KINDS = ("gpt2", "llama", "llama-mha", "bert", "roberta", "vit")
-
-
-def tiny(kind: str, seed: int) -> Any:
-    """A tiny random model of one family (4 heads of 8 dims; LLaMA: 2 kv heads)."""
-    torch.manual_seed(seed)
-    t = transformers
-    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
-    if kind == "gpt2":
-        cfg = t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
-        return t.GPT2LMHeadModel(cfg)
-    if kind.startswith("llama"):
-        kv = 4 if kind == "llama-mha" else 2
-        cfg = t.LlamaConfig(hidden_size=32, num_key_value_heads=kv, vocab_size=50, **small)
-        return t.LlamaForCausalLM(cfg)
-    if kind == "bert":
-        return t.BertForMaskedLM(
-            t.BertConfig(hidden_size=32, vocab_size=50, max_position_embeddings=16, **small)
-        )
-    if kind == "roberta":
-        cfg = t.RobertaConfig(hidden_size=32, vocab_size=50, max_position_embeddings=20, **small)
-        return t.RobertaForMaskedLM(cfg)
-    cfg = t.ViTConfig(hidden_size=32, image_size=8, patch_size=4, num_channels=3, num_labels=5, **small)
-    return t.ViTForImageClassification(cfg)
 
 
 def logits(kind: str, path: Path) -> torch.Tensor:

@@ -10,11 +10,13 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+
+from rebasin.cli.params import choice, with_options
+from rebasin.matching.registry import list_matchers
 
 app = typer.Typer(
     name="rebasin",
@@ -25,39 +27,6 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Method(str, Enum):
-    weight = "weight"
-    activation = "activation"
-    ste = "ste"
-    sinkhorn = "sinkhorn"
-
-
-class Cost(str, Enum):
-    l2 = "l2"
-    mid = "mid"
-    rnd = "rnd"
-
-
-class Estimator(str, Enum):
-    st = "st"
-    reinmax = "reinmax"
-
-
-class BarrierMethod(str, Enum):
-    weight = "weight"
-    activation = "activation"
-    ste = "ste"
-    sinkhorn = "sinkhorn"
-    none = "none"
-
-
-class BNMode(str, Enum):
-    auto = "auto"
-    none = "none"
-    reset = "reset"
-    repair = "repair"
 
 
 def _handled(fn: F) -> F:
@@ -100,89 +69,20 @@ def _root(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on stderr.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-SpecOpt = Annotated[
-    str,
-    typer.Option(
-        "--spec",
-        help="auto (trace --model if given, else infer from names), trace, a family name "
-        "(mlp, vgg, resnet, transformer, gpt2, llama, bert, vit) or a spec file.",
-    ),
-]
-ShardOpt = Annotated[
-    str | None,
-    typer.Option("--shard-size", help="Split outputs above this size (e.g. 2GB) into shards with an index."),
-]
-
-
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data",
-        help="mnist1d, digits, synthetic, a .safetensors/.npz file with x and y, or MODULE:FUNCTION.",
-    ),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", help="Built-in model name or MODULE:FACTORY (default: the architecture recorded in A)."
-    ),
-]
-TraceModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", help="MODULE:FACTORY or file.py:FACTORY (or a built-in name): trace it for the spec."
-    ),
-]
-ModelArgsOpt = Annotated[str | None, typer.Option("--model-args", help="JSON object of factory arguments.")]
-BNOpt = Annotated[
-    BNMode,
-    typer.Option(
-        "--bn", help="BatchNorm handling: auto (reset where the model has BatchNorm), none, reset, repair."
-    ),
-]
-AlphasOpt = Annotated[int, typer.Option("--alphas", min=2, help="Points on the interpolation grid.")]
 MaxBarrierOpt = Annotated[
     float | None,
-    typer.Option("--max-barrier", help="Exit 1 if the aligned test loss barrier exceeds this."),
+    typer.Option("--max-barrier", help="Gate for items that set none: exit 1 above this barrier."),
 ]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+AlphasOpt = Annotated[int, typer.Option("--alphas", help="Points on the interpolation grid.")]
 
 
-CostOpt = Annotated[
-    Cost,
-    typer.Option(
-        "--cost", help="Sinkhorn cost: l2 (data-free), mid (midpoint loss), rnd (random-lambda loss)."
-    ),
-]
-StepsOpt = Annotated[
-    int | None,
-    typer.Option("--steps", min=1, help="Optimizer steps for ste / sinkhorn (defaults 200 / 300)."),
-]
-
-
-EpochsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--epochs", min=1, help="For ste / sinkhorn with data: passes over the training data (sets --steps)."
-    ),
-]
-FreezeOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--freeze",
-        metavar="GROUP_PATTERN",
-        help="Keep groups matching this glob fixed (repeatable), e.g. residual or 'layers.*.attn.*'.",
-    ),
-]
-EstimatorOpt = Annotated[
-    Estimator,
-    typer.Option(
-        "--estimator", help="ste gradient: st (straight-through on weights) or reinmax (second order)."
-    ),
-]
-LrOpt = Annotated[
-    float | None, typer.Option("--lr", help="Adam learning rate for ste / sinkhorn (defaults 1e-3 / 0.1).")
-]
+METHOD = typer.Option("--method", help="How to find the permutation (see docs/algorithms.md).")
+BARRIER_METHOD = typer.Option(
+    "--method", help="Alignment of the aligned path; none draws the naive path only."
+)
+MethodName: Any = choice(list_matchers())
+BarrierMethodName: Any = choice([*list_matchers(), "none"])
 
 
 def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
@@ -202,125 +102,60 @@ def _emit_json(report: Any) -> None:
     sys.stdout.write(to_json(report))
 
 
+def _options(command: str, values: dict[str, Any], evaluate: str = "auto") -> Any:
+    from rebasin.options import build_options
+
+    return build_options(values, command, evaluate=evaluate)
+
+
 @app.command()
 @_handled
+@with_options("merge", required=("output",))
 def merge(
     a: Annotated[Path, typer.Argument(help="Reference checkpoint A.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B, aligned to A before merging.")],
-    output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="Merged checkpoint (.safetensors, or a directory)."),
-    ],
-    method: Annotated[Method, typer.Option("--method", help="How to find the permutation.")] = Method.weight,
-    cost: CostOpt = Cost.l2,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
-    estimator: EstimatorOpt = Estimator.st,
-    freeze: FreezeOpt = None,
-    spec: SpecOpt = "auto",
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of B: (1 - alpha) A + alpha pi(B).")] = 0.5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for group order and restarts.")] = 0,
-    restarts: Annotated[
-        int,
-        typer.Option("--restarts", min=1, help="Runs of weight matching; the best objective wins."),
-    ] = 1,
-    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Most sweeps per run.")] = 100,
-    device: Annotated[str, typer.Option("--device", help="Device for cost matrices (cpu, cuda).")] = "cpu",
-    save_permuted: Annotated[
-        Path | None, typer.Option("--save-permuted", help="Also write pi(B) alone.")
-    ] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
-    shard_size: ShardOpt = None,
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_args: ModelArgsOpt = None,
-    bn: BNOpt = BNMode.auto,
-    alphas: AlphasOpt = 25,
-    max_barrier: MaxBarrierOpt = None,
-    force: ForceOpt = False,
+    method: Annotated[MethodName, METHOD] = "weight",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    values: dict[str, Any] | None = None,
 ) -> None:
     """Align B to A and write (1 - alpha) A + alpha pi(B); with --data, also measure the barrier."""
     from rebasin import render
-    from rebasin.pipeline import EvalOptions, MergeOptions, gate_value, merge_checkpoints
+    from rebasin.pipeline import gate_value, merge_checkpoints
     from rebasin.report import write_report
 
-    if report is not None:
+    opts = _options("merge", {**(values or {}), "method": method})
+    if opts.output.report is not None:
         from rebasin.checkpoint import check_output_path
 
-        check_output_path(report, [a, b], force)
-    opts = MergeOptions(
-        method=method.value,
-        alpha=alpha,
-        spec=spec,
-        seed=seed,
-        restarts=restarts,
-        max_iter=max_iter,
-        device=device,
-        shard_size=shard_size,
-        force=force,
-        save_permuted=save_permuted,
-        cost=cost.value,
-        steps=steps,
-        epochs=epochs,
-        lr=lr,
-        estimator=estimator.value,
-        freeze=freeze or [],
-        model=model,
-        model_args=model_args,
-    )
-    evaluation = None
-    if (
-        data is not None
-        or model is not None
-        or bn in (BNMode.reset, BNMode.repair)
-        or max_barrier is not None
-    ):
-        evaluation = EvalOptions(
-            data=data,
-            model=model,
-            model_args=model_args,
-            alphas=alphas,
-            bn=bn.value,
-            device=device,
-            optional=data is None and bn not in (BNMode.reset, BNMode.repair) and max_barrier is None,
-        )
+        check_output_path(opts.output.report, [a, b], opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
-        rep = merge_checkpoints(a, b, output, opts, progress, evaluation)
-    if report is not None:
-        write_report(rep, report)
+        rep = merge_checkpoints(a, b, None, opts, progress)
+    if opts.output.report is not None:
+        write_report(rep, opts.output.report)
     if as_json:
         _emit_json(rep)
     elif not quiet:
         render.merge_summary(rep)
         if "evaluation" in rep:
             render.evaluation_summary(rep)
-    _gate(gate_value(rep), max_barrier, quiet or as_json)
+    _gate(gate_value(rep), opts.evaluate.max_barrier if opts.evaluate else None, quiet or as_json)
 
 
 @app.command()
 @_handled
+@with_options("permute", required=("output",))
 def permute(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to permute.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the permuted checkpoint.")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random permutation.")] = 0,
-    spec: SpecOpt = "auto",
-    model: TraceModelOpt = None,
-    model_args: ModelArgsOpt = None,
-    shard_size: ShardOpt = None,
-    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    values: dict[str, Any] | None = None,
 ) -> None:
     """Write a random, function-preserving permutation of a checkpoint."""
     from rebasin import render
     from rebasin.pipeline import permute_checkpoint
 
-    rep = permute_checkpoint(
-        checkpoint, output, seed, spec, force=force, shard_size=shard_size, model=model, model_args=model_args
-    )
+    rep = permute_checkpoint(checkpoint, None, _options("permute", values or {}, "never"))
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -329,44 +164,27 @@ def permute(
 
 @app.command("merge-many")
 @_handled
+@with_options("merge-many", required=("output",))
 def merge_many(
     checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the merged checkpoint.")],
-    spec: SpecOpt = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rounds over all models.")] = 20,
-    freeze: FreezeOpt = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
-    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
-    shard_size: ShardOpt = None,
-    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    values: dict[str, Any] | None = None,
 ) -> None:
     """MergeMany: align every model to the mean of the others, repeat, write the mean."""
     from rebasin import render
     from rebasin.pipeline import merge_many_checkpoints
     from rebasin.report import write_report
 
-    if report is not None:
+    opts = _options("merge-many", values or {}, "never")
+    if opts.output.report is not None:
         from rebasin.checkpoint import check_output_path
 
-        check_output_path(report, checkpoints, force)
+        check_output_path(opts.output.report, checkpoints, opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
-        rep = merge_many_checkpoints(
-            checkpoints,
-            output,
-            spec=spec,
-            seed=seed,
-            max_rounds=max_rounds,
-            device=device,
-            force=force,
-            shard_size=shard_size,
-            progress=progress,
-            freeze=freeze or [],
-        )
-    if report is not None:
-        write_report(rep, report)
+        rep = merge_many_checkpoints(checkpoints, None, opts, progress)
+    if opts.output.report is not None:
+        write_report(rep, opts.output.report)
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -375,28 +193,25 @@ def merge_many(
 
 @app.command("spec")
 @_handled
+@with_options("spec")
 def spec_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose spec to show.")],
-    spec: SpecOpt = "auto",
-    model: TraceModelOpt = None,
-    model_args: ModelArgsOpt = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Export the spec (.yaml or .json).")
-    ] = None,
-    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    values: dict[str, Any] | None = None,
 ) -> None:
-    """Show the permutation groups (and the tensors left fixed); export them with -o."""
+    """Show the permutation groups (and the tensors left fixed); export them with -o (.yaml or .json)."""
     from rebasin import render
     from rebasin.checkpoint import check_output_path
     from rebasin.pipeline import describe_spec
     from rebasin.report import spec_info
     from rebasin.spec.core import dump_spec
 
+    opts = _options("spec", values or {}, "never")
+    output = Path(opts.output.output) if opts.output.output else None
     if output is not None:
-        check_output_path(output, [checkpoint], force)
-    s, source, fixed = describe_spec(checkpoint, spec, model, model_args)
+        check_output_path(output, [checkpoint], opts.output.force)
+    s, source, fixed = describe_spec(checkpoint, opts)
     if output is not None:
         text = dump_spec(s, fixed, as_json=output.suffix == ".json")
         tmp = output.with_name(f".{output.name}.tmp")
@@ -430,76 +245,32 @@ def inspect(
 
 @app.command()
 @_handled
+@with_options("barrier")
 def barrier(
     a: Annotated[Path, typer.Argument(help="Checkpoint A (alpha = 0).")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B (alpha = 1).")],
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_args: ModelArgsOpt = None,
-    method: Annotated[
-        BarrierMethod,
-        typer.Option("--method", help="Alignment for the aligned path; none draws the naive path only."),
-    ] = BarrierMethod.weight,
-    cost: CostOpt = Cost.l2,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
-    estimator: EstimatorOpt = Estimator.st,
-    freeze: FreezeOpt = None,
-    spec: SpecOpt = "auto",
-    alphas: AlphasOpt = 25,
-    bn: BNOpt = BNMode.auto,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    restarts: Annotated[int, typer.Option("--restarts", min=1)] = 1,
-    max_train: Annotated[
-        int | None, typer.Option("--max-train", help="Use at most N training examples.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write the curves as PNG (and SVG beside it).")
-    ] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
-    max_barrier: MaxBarrierOpt = None,
-    force: ForceOpt = False,
+    method: Annotated[BarrierMethodName, BARRIER_METHOD] = "weight",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    values: dict[str, Any] | None = None,
 ) -> None:
     """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
     from rebasin import render
     from rebasin.checkpoint import check_output_path
-    from rebasin.pipeline import EvalOptions, MergeOptions, barrier_checkpoints, gate_value
+    from rebasin.pipeline import barrier_checkpoints, gate_value
     from rebasin.report import write_report
 
+    align = method != "none"
+    opts = _options(
+        "barrier", {**(values or {}), "method": method if align else "weight", "align": align}, "always"
+    )
+    plot, report = opts.output.plot, opts.output.report
     for out in (plot, report):
         if out is not None:
-            check_output_path(out, [a, b], force)
-    opts = MergeOptions(
-        method=method.value if method != BarrierMethod.none else "weight",
-        spec=spec,
-        seed=seed,
-        restarts=restarts,
-        device=device,
-        cost=cost.value,
-        steps=steps,
-        epochs=epochs,
-        lr=lr,
-        estimator=estimator.value,
-        freeze=freeze or [],
-        model=model,
-        model_args=model_args,
-    )
-    ev = EvalOptions(
-        data=data,
-        model=model,
-        model_args=model_args,
-        alphas=alphas,
-        bn=bn.value,
-        max_train=max_train,
-        device=device,
-    )
+            check_output_path(out, [a, b], opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
-        rep = barrier_checkpoints(a, b, opts, ev, align=method != BarrierMethod.none, progress=progress)
-    written = []
+        rep = barrier_checkpoints(a, b, opts, progress)
+    written: list[Any] = []
     if plot is not None:
         from rebasin.plot import plot_curves
 
@@ -513,7 +284,7 @@ def barrier(
         render.evaluation_summary(rep)
         if written:
             render.wrote(written)
-    _gate(gate_value(rep), max_barrier, quiet or as_json)
+    _gate(gate_value(rep), opts.evaluate.max_barrier if opts.evaluate else None, quiet or as_json)
 
 
 @app.command("train")

@@ -13,27 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import expect_error, no_leftovers, run
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from rebasin.cli import app
 from rebasin.models import build_model
-
-runner = CliRunner()
-
-
-def run(*args: str | Path) -> tuple[int, str, str]:
-    r = runner.invoke(app, [str(a) for a in args])
-    if r.exception and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.stdout, r.stderr
-
-
-def no_leftovers(directory: Path, *names: str) -> None:
-    for n in names:
-        assert not (directory / n).exists(), n
-    assert not [p.name for p in directory.iterdir() if p.name.startswith(".rebasin-")]
 
 
 def test_merge_writes_mean_of_a_and_permuted_b(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -245,16 +229,6 @@ def test_console_script_runs(mlp_pair: tuple[Path, Path], tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------ bad input
-
-
-def expect_error(args: list[str | Path], line: str, hint: str | None = None) -> None:
-    code, stdout, stderr = run(*args)
-    assert code == 2, stderr
-    assert stdout == ""
-    lines = stderr.splitlines()
-    assert lines[0] == f"error: {line}"
-    if hint is not None:
-        assert lines[1] == f"hint: {hint}"
 
 
 def test_missing_file(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import expect_error, no_leftovers, run
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_cli import expect_error, no_leftovers, run
 
 
 def test_barrier_command_writes_plot_and_report(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:

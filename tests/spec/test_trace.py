@@ -10,8 +10,8 @@ import pytest
 import torch
 import user_models
 from conftest import CASES, Case
+from helpers import expect_error, run
 from safetensors.torch import load_file, save_file
-from test_cli import expect_error, run
 from torch import nn
 
 from rebasin.models import build_model
@@ -20,7 +20,7 @@ from rebasin.spec import infer_spec
 from rebasin.spec.core import Heads, PermutationSpec
 from rebasin.spec.trace import trace_spec
 
-HERE = Path(__file__).parent
+HERE = Path(user_models.__file__).parent
 USER = (
     "residual_cnn", "mixer", "attention_net", "functional", "se_net", "einsum_attention", "nano_gpt",
     "nano_gpt_rope",

@@ -1,0 +1,219 @@
+"""Load checkpoints: safetensors (file, sharded index, directory), .pt/.pth/.bin state dicts.
+
+Loading is lazy for safetensors (tensors are read on access). Nothing read from a file runs code:
+pickles load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebasin.checkpoint.state import Checkpoint, LazyStateDict, _st_dtype, natural_key
+from rebasin.errors import CheckpointError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint (lazily where the format allows). Raises CheckpointError on bad input.
+
+    A ``config.json`` of a Hugging Face model (a JSON object with ``model_type`` or
+    ``architectures``) in the directory, or next to the file, is read into ``Checkpoint.config``."""
+    ck = _load(path)
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    config = read_hf_config(folder / "config.json")
+    if config is not None:
+        ck.config = config
+        if p.is_dir():
+            ck.model_dir = p
+    return ck
+
+
+def read_hf_config(path: Path) -> dict[str, Any] | None:
+    """A Hugging Face config.json as a dict, or None when absent or not a model config."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot parse config.json ({e})", source=str(path)) from None
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+        return data
+    return None
+
+
+def _load(path: str | os.PathLike[str]) -> Checkpoint:
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise CheckpointError("no such file or directory", source=name)
+    if p.is_dir():
+        return _load_dir(p, name)
+    if p.name.endswith(".safetensors.index.json"):
+        return _load_index(p, name)
+    if p.suffix == ".safetensors":
+        return _load_safetensors([p], p, name, "safetensors", {})
+    if p.suffix in TORCH_SUFFIXES:
+        return _load_torch(p, name)
+    raise CheckpointError(
+        "not a checkpoint (expected .safetensors, *.safetensors.index.json, a directory of "
+        "shards, or a .pt/.pth/.bin state dict)",
+        source=name,
+    )
+
+
+def _load_dir(p: Path, name: str) -> Checkpoint:
+    indexes = sorted(p.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _load_index(indexes[0], name, root=p)
+    if len(indexes) > 1:
+        found = ", ".join(i.name for i in indexes)
+        raise CheckpointError(f"several shard indexes in one directory ({found})", source=name)
+    shards = sorted(p.glob("*.safetensors"))
+    if shards:
+        return _load_safetensors(shards, p, name, "safetensors-dir", {})
+    torch_files = sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+    if len(torch_files) == 1:
+        ck = _load_torch(torch_files[0], name)
+        ck.path = p
+        return ck
+    raise CheckpointError("directory holds no .safetensors or single .pt/.bin checkpoint", source=name)
+
+
+def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
+    try:
+        index = json.loads(p.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"not a valid shard index ({e})", source=name) from None
+    files = sorted({p.parent / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"shard '{f.name}' listed in the index is missing", source=name)
+    meta = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+    ck = _load_safetensors(files, root or p, name, "safetensors-sharded", meta)
+    ck.files = [p, *files]
+    return ck
+
+
+def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    owner: dict[str, object] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        label = name if len(files) == 1 and f == path else f"{name}/{f.name}"
+        try:
+            h = safe_open(str(f), framework="pt", device="cpu")
+            keys = list(h.keys())
+            for k in keys:
+                sl = h.get_slice(k)
+                shapes[k] = tuple(int(d) for d in sl.get_shape())
+                dtypes[k] = _st_dtype(sl.get_dtype())
+            file_meta = h.metadata() or {}
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"not a valid safetensors file ({_clean(e)}); it may be truncated or corrupted",
+                source=label,
+            ) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read ({e.strerror or e})", source=label) from None
+        for k in keys:
+            if k in owner:
+                raise CheckpointError(f"tensor '{k}' appears in more than one shard", source=label)
+            owner[k] = h
+        if not metadata:
+            metadata = dict(file_meta)
+    metadata = {**metadata, **meta}
+
+    def get(key: str) -> torch.Tensor:
+        try:
+            return owner[key].get_tensor(key)  # type: ignore[attr-defined]
+        except Exception as e:  # corrupted data region
+            raise CheckpointError(f"cannot read tensor '{key}' ({_clean(e)})", source=name) from None
+
+    state = LazyStateDict(sorted(owner, key=natural_key), get)
+    return Checkpoint(path, fmt, state, metadata, list(files), shapes, dtypes)
+
+
+def _load_torch(p: Path, name: str) -> Checkpoint:
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read ({e.strerror or e})", source=name) from None
+    is_zip = zipfile.is_zipfile(p)
+    if not is_zip and magic != b"\x80":
+        raise CheckpointError(
+            "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)", source=name
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported" in str(e):
+            raise CheckpointError(
+                "refusing to load: the file holds Python objects other than tensors "
+                "(loaded with weights_only=True)",
+                "convert it to a plain state dict or to .safetensors where it was made",
+                source=name,
+            ) from None
+        raise CheckpointError(f"not a PyTorch checkpoint ({first})", source=name) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"not a readable PyTorch checkpoint ({first}); it may be truncated or corrupted",
+            source=name,
+        ) from None
+    state = _find_state_dict(obj, name)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    dtypes = {k: v.dtype for k, v in state.items()}
+    ordered = {k: state[k] for k in sorted(state, key=natural_key)}
+    return Checkpoint(p, "torch", ordered, {}, [p], shapes, dtypes, order=list(state))
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                return dict(obj[key])
+        keys = ", ".join(repr(k) for k in list(obj)[:6])
+        raise CheckpointError(
+            f"no state dict found (top-level keys: {keys or 'none'})",
+            "expected a mapping of tensor names to tensors, or a dict holding one under 'state_dict'",
+            source=name,
+        )
+    raise CheckpointError(
+        f"no state dict found (the file holds a {type(obj).__name__}, not a mapping of tensors)",
+        source=name,
+    )
+
+
+def _clean(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0].removeprefix("Error while deserializing header: ")

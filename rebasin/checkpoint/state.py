@@ -1,0 +1,129 @@
+"""The in-memory view of a checkpoint: lazy tensors, metadata, the files behind it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A read-only mapping whose tensors are produced on access by ``getter(key)``."""
+
+    def __init__(self, keys: Iterable[str], getter: Callable[[str], torch.Tensor]):
+        self._keys = list(keys)
+        self._index = set(self._keys)
+        self._getter = getter
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._index:
+            raise KeyError(key)
+        return self._getter(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its tensors (possibly lazy), string metadata and the files behind it."""
+
+    path: Path
+    format: str
+    state: StateDict
+    metadata: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    order: list[str] | None = None
+    """The tensor order the file was written in, where the format keeps it (.pt files)."""
+    config: dict[str, Any] | None = None
+    """A Hugging Face ``config.json`` found in the checkpoint's directory (or next to its file)."""
+    model_dir: Path | None = None
+    """The Hugging Face model directory the checkpoint was read from (config and tokenizer files)."""
+
+    @property
+    def name(self) -> str:
+        """How error messages name this checkpoint (the path as given)."""
+        return str(self.path)
+
+    def sha256(self) -> str:
+        """SHA-256 over the bytes of every file of the checkpoint, in order."""
+        h = hashlib.sha256()
+        for f in self.files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def num_parameters(self) -> int:
+        """Total number of elements over all tensors."""
+        n = 0
+        for s in self.shapes.values():
+            k = 1
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+    def dtype_counts(self) -> dict[str, int]:
+        """How many tensors of each dtype."""
+        out: dict[str, int] = {}
+        for dt in self.dtypes.values():
+            key = str(dt).removeprefix("torch.")
+            out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key placing 'layer2' before 'layer10' and 'net.2' before 'net.10'."""
+    out: list[tuple[int, int | str]] = []
+    for tok in re.split(r"(\d+)", name):
+        if tok.isdigit():
+            out.append((0, int(tok)))
+        elif tok:
+            out.append((1, tok))
+    return out
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _st_dtype(code: str) -> torch.dtype:
+    if code in _ST_DTYPES:
+        return _ST_DTYPES[code]
+    for attr in ("float8_e4m3fn", "float8_e5m2"):
+        if code.upper().replace("_", "") in attr.upper().replace("_", "") and hasattr(torch, attr):
+            dt: torch.dtype = getattr(torch, attr)
+            return dt
+    return torch.uint8
+
+
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_CODES[getattr(torch, _name)] = _code

@@ -1,0 +1,149 @@
+"""The built-in matchers, registered by name. Each class is the method's options (its fields);
+``match`` runs the solver module, imported only then (this module imports no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from rebasin.errors import ConfigError
+from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
+from rebasin.options import option
+
+if TYPE_CHECKING:
+    from rebasin.matching.result import MatchResult, Progress
+
+RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
+
+
+@register_matcher("weight")
+@dataclass(frozen=True)
+class WeightMatching(Matcher):
+    """Weight matching (Git Re-Basin): coordinate descent maximizing sum <A, pi(B)>."""
+
+    objective = "<A, pi(B)> (higher is better)"
+
+    restarts: int = option(1, RESTARTS_HELP, ge=1, commands=ALIGN)
+    max_iter: int = option(100, "Most sweeps per run of weight matching.", ge=1, commands=ALIGN)
+    tol: float = 1e-12
+    """Relative improvement below which a group counts as unchanged."""
+
+    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.weight import weight_matching
+
+        return weight_matching(
+            problem.a,
+            problem.b,
+            problem.spec,
+            max_iter=self.max_iter,
+            restarts=self.restarts,
+            seed=problem.seed,
+            device=problem.device,
+            backend=self.backend,
+            tol=self.tol,
+            progress=progress,
+        )
+
+
+@register_matcher("activation")
+@dataclass(frozen=True)
+class ActivationMatching(Matcher):
+    """Activation matching (Git Re-Basin): correlate hidden units on data, one assignment per group."""
+
+    objective = "summed correlation of matched units (higher is better)"
+
+    def needs_data(self) -> bool:
+        return True
+
+    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.activation import activation_matching
+
+        data = problem.need_data("method 'activation'")
+        return activation_matching(
+            problem.a, problem.b, problem.spec, data.features(), self.backend, progress
+        )
+
+
+STEPS_HELP = "Optimizer steps."
+EPOCHS_HELP = "Passes over the training data in mini-batches (sets the steps)."
+
+
+@register_matcher("sinkhorn")
+@dataclass(frozen=True)
+class SinkhornRebasin(Matcher):
+    """Sinkhorn re-basin: soft permutations by implicit Sinkhorn differentiation."""
+
+    objective = "||A - pi(B)|| for cost l2, midpoint loss on training data for mid/rnd (lower is better)"
+
+    cost: str = option(
+        "l2",
+        "Sinkhorn cost: l2 (data-free), mid (midpoint loss), rnd (random-lambda loss).",
+        choices=("l2", "mid", "rnd"),
+        commands=ALIGN,
+    )
+    steps: int = option(300, STEPS_HELP, ge=1, commands=ALIGN)
+    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN)
+    lr: float = option(0.1, "Adam learning rate.", gt=0.0, commands=ALIGN)
+    tau_start: float = option(1.0, "Sinkhorn temperature at the start.", gt=0.0, plan=False)
+    tau_end: float = option(0.05, "Sinkhorn temperature at the end.", gt=0.0, plan=False)
+    sinkhorn_iters: int = option(200, "Most Sinkhorn iterations per projection.", ge=1, plan=False)
+    init: str = "identity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs is not None and self.cost == "l2":
+            raise ConfigError("--epochs applies to Sinkhorn's data costs (mid, rnd) only")
+
+    def needs_data(self) -> bool:
+        return self.cost != "l2"
+
+    def describe(self) -> str:
+        return f"sinkhorn ({self.cost})"
+
+    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.sinkhorn import sinkhorn_rebasin
+
+        data = problem.need_data(f"Sinkhorn cost '{self.cost}'") if self.needs_data() else None
+        return sinkhorn_rebasin(self, problem, data, progress)
+
+
+@register_matcher("ste")
+@dataclass(frozen=True)
+class StraightThrough(Matcher):
+    """Straight-through estimator (Git Re-Basin), or ReinMax: learn pi on the midpoint's task loss."""
+
+    objective = "midpoint loss on training data (lower is better)"
+
+    estimator: str = option(
+        "st",
+        "Gradient: st (straight-through on weights) or reinmax (second order, on logits).",
+        choices=("st", "reinmax"),
+        commands=ALIGN,
+    )
+    steps: int = option(200, STEPS_HELP, ge=1, commands=ALIGN)
+    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN)
+    lr: float | None = option(
+        None, "Adam learning rate.", gt=0.0, commands=ALIGN, default_text="1e-3, 0.1 with reinmax"
+    )
+    restarts: int = option(1, RESTARTS_HELP, ge=1, commands=ALIGN)
+    eval_every: int = option(25, "Steps between evaluations of the midpoint.", ge=1, plan=False)
+    tau: float = option(1.0, "ReinMax's Sinkhorn temperature.", gt=0.0, plan=False)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate used: ``lr``, else the estimator's default."""
+        if self.lr is not None:
+            return self.lr
+        return 0.1 if self.estimator == "reinmax" else 1e-3
+
+    def needs_data(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "ste (reinmax)" if self.estimator == "reinmax" else "ste"
+
+    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.ste import straight_through
+
+        data = problem.need_data("method 'ste'")
+        return straight_through(self, problem, data, progress)

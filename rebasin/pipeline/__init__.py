@@ -1,0 +1,28 @@
+"""The top-level stories used by the command line and the API, split by concern:
+``checks`` (inputs), ``specs`` (spec resolution), ``evaluation`` (the model and data side),
+``writing`` (outputs) and ``commands`` (one function per command)."""
+
+from rebasin.options import EvalOptions, MergeOptions, Options, build_options
+from rebasin.pipeline.commands import (
+    barrier_checkpoints,
+    describe_spec,
+    inspect_checkpoint,
+    merge_checkpoints,
+    merge_many_checkpoints,
+    permute_checkpoint,
+)
+from rebasin.pipeline.evaluation import gate_value
+
+__all__ = [
+    "EvalOptions",
+    "MergeOptions",
+    "Options",
+    "barrier_checkpoints",
+    "build_options",
+    "describe_spec",
+    "gate_value",
+    "inspect_checkpoint",
+    "merge_checkpoints",
+    "merge_many_checkpoints",
+    "permute_checkpoint",
+]

@@ -1,0 +1,55 @@
+"""Input checks shared by every command: two checkpoints that fit each other, finite float weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rebasin.checkpoint import Checkpoint, natural_key
+from rebasin.errors import CheckpointError
+from rebasin.spec.core import PermutationSpec
+
+
+def _fmt_shape(s: Sequence[int]) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def _names(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_pair(a: Checkpoint, b: Checkpoint) -> None:
+    """Both checkpoints must hold the same tensor names and shapes."""
+    missing = sorted(set(a.shapes) - set(b.shapes), key=natural_key)
+    if missing:
+        raise CheckpointError(f"tensors missing that A has: {_names(missing)}", source=b.name)
+    extra = sorted(set(b.shapes) - set(a.shapes), key=natural_key)
+    if extra:
+        raise CheckpointError(f"tensors missing that B has: {_names(extra)}", source=a.name)
+    for k in sorted(a.shapes, key=natural_key):
+        if a.shapes[k] != b.shapes[k]:
+            raise CheckpointError(
+                f"tensor '{k}' has shape {_fmt_shape(b.shapes[k])}, A has {_fmt_shape(a.shapes[k])}",
+                source=b.name,
+            )
+
+
+def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
+    """Weights must be floating point and finite."""
+    touched = set(spec.params) if spec else set()
+    for k in ck.state:
+        dt = ck.dtypes[k]
+        is_float = dt.is_floating_point
+        if not is_float and (k in touched or k.endswith((".weight", ".bias")) or k in ("weight", "bias")):
+            raise CheckpointError(
+                f"tensor '{k}' has integer dtype {str(dt).removeprefix('torch.')}; "
+                "weights must be floating point",
+                source=ck.name,
+            )
+        if is_float:
+            t = ck.state[k]
+            if not bool(torch.isfinite(t).all()):
+                what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)

@@ -1,0 +1,309 @@
+"""The command stories, each one screen: load -> spec -> (data) -> match -> permute -> merge ->
+evaluate -> write. The command line and the Python API both call these."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebasin.checkpoint import Checkpoint, check_output_path, load_checkpoint
+from rebasin.errors import ConfigError, SpecError
+from rebasin.matching.registry import MatchProblem
+from rebasin.matching.result import MatchResult, Progress
+from rebasin.merge import interpolate
+from rebasin.models.resolve import DATA_KEY
+from rebasin.options import Options, parse_size
+from rebasin.permutation import permute, random_permutation
+from rebasin.pipeline.checks import check_pair, check_weights
+from rebasin.pipeline.evaluation import (
+    EvaluatorData,
+    check_data_available,
+    evaluation_report,
+    make_evaluator,
+    wants_evaluation,
+)
+from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
+from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
+from rebasin.report import input_info, l2_distance, new_report, spec_info
+from rebasin.spec.core import PermutationSpec
+from rebasin.spec.names import infer_spec
+
+PathLike = str | os.PathLike[str]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t, 4)
+
+
+def _load_pair(a_path: PathLike, b_path: PathLike) -> tuple[Checkpoint, Checkpoint]:
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    check_pair(a, b)
+    return a, b
+
+
+def _spec(opts: Options, a: Checkpoint, *others: Checkpoint) -> tuple[PermutationSpec, str, list[str]]:
+    """Resolve the spec for ``a``, freeze groups, and check the weights it touches."""
+    data = opts.evaluate.data if opts.evaluate else None
+    spec, source = resolve_spec(opts.spec.spec, a, opts.model.model, opts.model.model_args, data)
+    spec, frozen = freeze_groups(spec, opts.spec.freeze)
+    for ck in (a, *others):
+        check_weights(ck, spec)
+    return spec, source, frozen
+
+
+def _align(
+    opts: Options, a: Checkpoint, b: Checkpoint, spec: PermutationSpec, ev: Any, progress: Progress | None
+) -> MatchResult:
+    """Run the configured matcher, with the data side where it needs one."""
+    matcher = opts.matcher
+    data = EvaluatorData(ev, a, spec, opts.run.seed) if ev is not None and matcher.needs_data() else None
+    problem = MatchProblem(a.state, b.state, spec, data, opts.run.seed, opts.run.device)
+    return matcher.match(problem, progress)
+
+
+def _match_report(
+    command: str, a: Checkpoint, b: Checkpoint, spec: PermutationSpec, source: str, frozen: list[str], r: Any
+) -> dict[str, Any]:
+    report = new_report(command)
+    report["inputs"] = {"a": input_info(a), "b": input_info(b)}
+    report["spec"] = spec_info(spec, source, list(a.state)) | {"frozen": frozen}
+    report["method"] = {"name": r.method, "options": r.options}
+    report["match"] = r.to_dict()
+    return report
+
+
+def merge_checkpoints(
+    a_path: PathLike,
+    b_path: PathLike,
+    out: PathLike | None = None,
+    options: Options | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Align B to A, write ``(1 - alpha) A + alpha pi(B)`` to ``out`` (if given); return the report.
+    With evaluation options, also measure the naive and aligned paths and apply the BatchNorm mode
+    (reset or REPAIR) to the merged checkpoint."""
+    opts = options or Options()
+    out = out if out is not None else opts.output.output
+    o = opts.output
+    if (
+        out is not None
+        and o.save_permuted is not None
+        and Path(out).resolve() == Path(o.save_permuted).resolve()
+    ):
+        raise ConfigError("--save-permuted must differ from the output path")
+    for p in (out, o.save_permuted):
+        if p is not None:
+            check_output_path(p, [a_path, b_path], o.force)
+    shard, timings, t0 = parse_size(o.shard_size), dict[str, float](), time.perf_counter()
+    with _timed(timings, "load_s"):
+        a, b = _load_pair(a_path, b_path)
+    with _timed(timings, "spec_s"):
+        spec, source, frozen = _spec(opts, a, b)
+    check_data_available(opts.matcher, opts, a)
+    wanted = wants_evaluation(opts, a)
+    ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
+    result = _align(opts, a, b, spec, ev, progress)
+    timings["match_s"] = round(result.seconds, 4)
+    b_aligned = permute(b.state, spec, result.perm)
+    report = _match_report("merge", a, b, spec, source, frozen, result)
+    with _timed(timings, "distance_s"):
+        report["distance"] = {
+            "l2_before": l2_distance(a.state, b.state),
+            "l2_after": l2_distance(a.state, b_aligned),
+        }
+    common = _provenance(opts, result, source, spec, report)
+    if ev is not None and wanted is not None:
+        with _timed(timings, "evaluate_s"):
+            report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, wanted.alphas, progress)
+        common["bn"] = ev.bn
+    written: dict[str, list[str]] = {}
+    with _timed(timings, "write_s"):
+        alpha = opts.merge.alpha
+        if out is not None:
+            fixed_bn = wanted is not None and ev is not None and ev.bn != "none"
+            merged = (
+                ev.merged_state(a.state, b_aligned, alpha)  # type: ignore[union-attr]
+                if fixed_bn
+                else interpolate(a.state, b_aligned, alpha)
+            )
+            meta = output_metadata(a.metadata, command="merge", alpha=alpha, **common)
+            written["merged"] = [
+                str(f)
+                for f in write_checkpoint(merged, out, meta, a, shard, sub_progress(progress, "writing"))
+            ]
+        if o.save_permuted is not None:
+            meta = output_metadata(b.metadata, command="align", **common)
+            written["permuted"] = [
+                str(f) for f in write_checkpoint(b_aligned, o.save_permuted, meta, b, shard)
+            ]
+    timings["total_s"] = round(time.perf_counter() - t0, 4)
+    report["output"] = {"alpha": opts.merge.alpha, "files": written}
+    report["timings"] = timings
+    return report
+
+
+def _provenance(
+    opts: Options, result: MatchResult, source: str, spec: PermutationSpec, report: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "method": result.method,
+        "seed": opts.run.seed,
+        "spec": source,
+        "spec_digest": spec.digest(),
+        "input_a.sha256": report["inputs"]["a"]["sha256"],
+        "input_b.sha256": report["inputs"]["b"]["sha256"],
+    }
+
+
+def _curves(
+    ev: Any, a: Any, b: Any, b_aligned: Any | None, alphas: int, progress: Progress | None
+) -> dict[str, Any]:
+    """Naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation section."""
+    from rebasin.barrier import alpha_grid
+
+    grid = alpha_grid(alphas)
+    curves = {"naive": ev.curve(a, b, grid, progress, "naive")}
+    if b_aligned is not None:
+        curves["aligned"] = ev.curve(a, b_aligned, grid, progress, "aligned")
+    return evaluation_report(ev, curves)
+
+
+def barrier_checkpoints(
+    a_path: PathLike, b_path: PathLike, options: Options | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Loss/accuracy along the naive path and (unless ``options.align`` is off) the aligned path."""
+    opts = options or Options()
+    t0 = time.perf_counter()
+    a, b = _load_pair(a_path, b_path)
+    ev = make_evaluator(a, opts)
+    b_aligned = None
+    if opts.align:
+        spec, source, frozen = _spec(opts, a, b)
+        result = _align(opts, a, b, spec, ev, progress)
+        report = _match_report("barrier", a, b, spec, source, frozen, result)
+        b_aligned = permute(b.state, spec, result.perm)
+    else:
+        check_weights(a)
+        check_weights(b)
+        report = new_report("barrier")
+        report["inputs"] = {"a": input_info(a), "b": input_info(b)}
+        report["method"] = {"name": "none"}
+    alphas = (opts.evaluate.alphas if opts.evaluate else None) or 25
+    report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, alphas, progress)
+    report["timings"] = {"total_s": round(time.perf_counter() - t0, 4)}
+    return report
+
+
+def permute_checkpoint(
+    path: PathLike, out: PathLike | None = None, options: Options | None = None
+) -> dict[str, Any]:
+    """Write a random function-preserving permutation of a checkpoint; return the report."""
+    opts = options or Options()
+    out = out if out is not None else opts.output.output
+    if out is None:
+        raise ConfigError("permute needs an output path (-o)")
+    check_output_path(out, [path], opts.output.force)
+    ck = load_checkpoint(path)
+    s, source, frozen = _spec(opts, ck)
+    perm = random_permutation(s, opts.run.seed)
+    meta = output_metadata(
+        ck.metadata, command="permute", seed=opts.run.seed, spec=source, spec_digest=s.digest()
+    )
+    files = write_checkpoint(permute(ck.state, s, perm), out, meta, ck, parse_size(opts.output.shard_size))
+    report = new_report("permute")
+    report["inputs"] = {"a": input_info(ck)}
+    report["spec"] = spec_info(s, source, list(ck.state)) | {"frozen": frozen}
+    report["seed"] = opts.run.seed
+    report["moved_fraction"] = {g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()}
+    report["output"] = {"files": [str(f) for f in files]}
+    return report
+
+
+def merge_many_checkpoints(
+    paths: Sequence[PathLike],
+    out: PathLike | None = None,
+    options: Options | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Align N checkpoints to a common reference (MergeMany) and write the mean of the aligned models."""
+    from rebasin.matching.many import MergeMany
+    from rebasin.merge import average
+
+    opts = options or Options()
+    out = out if out is not None else opts.output.output
+    if len(paths) < 2:
+        raise ConfigError("merge-many needs at least two checkpoints")
+    if out is None:
+        raise ConfigError("merge-many needs an output path (-o)")
+    check_output_path(out, paths, opts.output.force)
+    cks = [load_checkpoint(p) for p in paths]
+    for ck in cks[1:]:
+        check_pair(cks[0], ck)
+    s, source, frozen = _spec(opts, *cks)
+    solver = MergeMany(max_rounds=opts.merge.max_rounds, seed=opts.run.seed, device=opts.run.device)
+    result = solver.match([c.state for c in cks], s, progress)
+    aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
+    meta = output_metadata(
+        cks[0].metadata,
+        command="merge-many",
+        method="merge-many",
+        seed=opts.run.seed,
+        spec=source,
+        spec_digest=s.digest(),
+        models=len(cks),
+    )
+    files = write_checkpoint(average(aligned), out, meta, cks[0], parse_size(opts.output.shard_size))
+    report = new_report("merge-many")
+    report["inputs"] = [input_info(c) for c in cks]
+    report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}
+    report["merge_many"] = result.to_dict()
+    report["output"] = {"files": [str(f) for f in files]}
+    return report
+
+
+def describe_spec(path: PathLike, options: Options | None = None) -> tuple[PermutationSpec, str, list[str]]:
+    """The spec of a checkpoint, where it came from, and the tensors it leaves fixed."""
+    opts = options or Options()
+    ck = load_checkpoint(path)
+    s, source = resolve_spec(opts.spec.spec, ck, opts.model.model, opts.model.model_args)
+    return s, source, s.fixed(list(ck.state))
+
+
+def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Tensors, shapes, dtypes, parameter count, metadata and the recognized family."""
+    ck = load_checkpoint(path)
+    info = new_report("inspect")
+    info["input"] = input_info(ck, with_hash=False)
+    info["files"] = [str(f) for f in ck.files]
+    info["metadata"] = dict(sorted(ck.metadata.items()))
+    info["tensors"] = [
+        {"name": k, "shape": list(ck.shapes[k]), "dtype": str(ck.dtypes[k]).removeprefix("torch.")}
+        for k in ck.state
+    ]
+    try:
+        s = infer_spec(ck.shapes, order=ck.order, config=spec_config(ck))
+        info["family"] = s.family
+        info["groups"] = len(s.sizes)
+    except SpecError:
+        info["family"] = None
+    return info
+
+
+__all__ = [
+    "DATA_KEY",
+    "barrier_checkpoints",
+    "describe_spec",
+    "inspect_checkpoint",
+    "merge_checkpoints",
+    "merge_many_checkpoints",
+    "permute_checkpoint",
+]

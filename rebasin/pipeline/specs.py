@@ -1,0 +1,119 @@
+"""Spec resolution: which permutation groups a checkpoint has (inferred, traced, a family, a file),
+and which of them are frozen."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rebasin.checkpoint import Checkpoint
+from rebasin.errors import ConfigError, SpecError
+from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, DATA_KEY
+from rebasin.spec.core import PermutationSpec, load_spec
+from rebasin.spec.names import infer_spec
+from rebasin.spec.registry import list_specs
+
+ModelArgs = str | Mapping[str, Any] | None
+
+
+def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[PermutationSpec, list[str]]:
+    """Hold the groups matching any glob pattern (``residual``, ``layers.*.attn.*``) at identity."""
+    frozen: list[str] = []
+    for pat in patterns:
+        hit = [g for g in spec.sizes if fnmatch.fnmatchcase(g, pat)]
+        if not hit:
+            names = list(spec.sizes)
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ConfigError(f"--freeze '{pat}' matches no group (groups: {shown})")
+        frozen += [g for g in hit if g not in frozen]
+    if not frozen:
+        return spec, []
+    out = spec.without(frozen)
+    if not out.sizes:
+        raise ConfigError("--freeze leaves no group free to move; nothing to align")
+    return out, frozen
+
+
+def traced_spec(
+    ck: Checkpoint, model: str | None, model_args: ModelArgs, data: str | None = None
+) -> tuple[PermutationSpec, str]:
+    """Build the model (``--model``, else the architecture ``ck`` records), check that it fits
+    the checkpoint, and trace it for its spec."""
+    from rebasin.models.fit import check_fits, renamed
+    from rebasin.models.resolve import resolve_model
+    from rebasin.spec.trace import trace_spec
+
+    ref = resolve_model(model, model_args, ck.metadata, ck.name, ck.config)
+    m = ref.factory()()
+    # checkpoint names -> the model's own, where they differ
+    check_fits(m, renamed(m, ck.shapes), ck.name, ref.name, made="made")
+    inputs = None
+    data = data or ck.metadata.get(DATA_KEY)
+    if getattr(m, "example_input", None) is None and data:
+        from rebasin.data import load_data
+
+        inputs = (load_data(data).x_train[:2],)
+    s = trace_spec(m, inputs, name=ref.name)
+    back = {v: k for k, v in getattr(m, "rebasin_key_map", {}).items()}
+    s = s.renamed(back).restricted(ck.shapes)  # checkpoint names; tied aliases it stores once
+    problems = s.problems(ck.shapes)
+    if problems:  # cannot happen when the model fits; kept as a guard
+        raise SpecError(problems, source=ck.name)
+    return s, f"traced:{ref.name}"
+
+
+def spec_config(ck: Checkpoint) -> dict[str, Any] | None:
+    """What name-based inference may know beyond shapes: a Hugging Face config.json, or the head
+    count of rebasin's own transformer from the architecture the checkpoint records."""
+    if ck.config is not None:
+        return ck.config
+    if ck.metadata.get(ARCH_KEY) == "transformer":
+        import inspect
+
+        from rebasin.models.transformer import Transformer
+
+        try:
+            args = json.loads(ck.metadata.get(ARGS_KEY, "{}"))
+        except ValueError:
+            return None
+        default = inspect.signature(Transformer).parameters["heads"].default
+        return {"num_attention_heads": args.get("heads", default)}
+    return None
+
+
+def resolve_spec(
+    spec: str | PermutationSpec,
+    ck: Checkpoint,
+    model: str | None = None,
+    model_args: ModelArgs = None,
+    data: str | None = None,
+) -> tuple[PermutationSpec, str]:
+    """A spec from ``auto`` (traced from ``model`` when one is given, else inferred from names),
+    ``trace`` (the model, or the architecture the checkpoint records), a family name, a spec
+    file, or a PermutationSpec."""
+    if isinstance(spec, PermutationSpec):
+        s, source = spec, "given"
+    elif spec == "trace" or (spec == "auto" and model):
+        s, source = traced_spec(ck, model, model_args, data)
+    elif spec == "auto":
+        s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=spec_config(ck))
+        source = f"inferred:{s.family}"
+    elif spec in {f.name for f in list_specs()}:
+        s = infer_spec(ck.shapes, spec, order=ck.order, source=ck.name, config=spec_config(ck))
+        source = f"family:{spec}"
+    elif Path(spec).suffix in (".yaml", ".yml", ".json") or os.sep in spec or Path(spec).exists():
+        s = load_spec(spec)
+        source = f"file:{spec}"
+        problems = s.problems(ck.shapes)
+        if problems:
+            raise SpecError(problems, "the spec does not fit this checkpoint", source=spec)
+    else:
+        infer_spec(ck.shapes, spec)  # raises the unknown-family error with suggestions
+        raise ConfigError(f"unknown spec '{spec}'")
+    if not s.sizes:
+        raise SpecError("the spec has no permutation groups; nothing to align", source=ck.name)
+    return s, source

@@ -1,0 +1,74 @@
+"""Writing results: output metadata and checkpoints written like their input (Hugging Face
+folders keep their config and tokenizer files; tied heads are stored once)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebasin._version import __version__
+from rebasin.checkpoint import Checkpoint, LazyStateDict, copy_model_files, save_checkpoint
+from rebasin.matching.result import Progress
+
+PathLike = str | os.PathLike[str]
+
+_KEEP = ("rebasin.arch", "rebasin.arch_args", "rebasin.data")
+
+
+def output_metadata(base: dict[str, str], **items: Any) -> dict[str, str]:
+    out = {k: v for k, v in base.items() if not k.startswith("rebasin.") or k in _KEEP}
+    out.setdefault("format", "pt")  # what Hugging Face loaders expect of a PyTorch safetensors file
+    out["rebasin.version"] = __version__
+    out.update({f"rebasin.{k}": str(v) for k, v in items.items() if v is not None})
+    return out
+
+
+def write_checkpoint(
+    state: Any,
+    out: PathLike,
+    meta: dict[str, str],
+    like: Checkpoint,
+    shard: int | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Write ``state`` like the input ``like``: into a directory, a Hugging Face input's
+    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it."""
+    if like.config is not None:
+        state = _untie(state, like)
+    files = save_checkpoint(state, out, meta, shard_size=shard, progress=progress)
+    out_p = Path(out)
+    if like.model_dir is not None and out_p.is_dir():
+        files += copy_model_files(like.model_dir, out_p)
+    return files
+
+
+_TIED = (
+    ("lm_head.weight", ("embed_tokens.weight", "wte.weight")),
+    ("cls.predictions.decoder.weight", ("word_embeddings.weight",)),
+)
+
+
+def _untie(state: Any, like: Checkpoint) -> Any:
+    """Drop an output head tied to the input embedding (config ``tie_word_embeddings``): Hugging
+    Face stores tied weights once and re-ties them on load."""
+    assert like.config is not None
+    if like.config.get("tie_word_embeddings", True) is False:
+        return state
+    drop = []
+    for head, embeds in _TIED:
+        emb = [k for k in state if k.endswith(embeds) and k != head]
+        if head in state and len(emb) == 1 and torch.equal(like.state[head], like.state[emb[0]]):
+            drop.append(head)
+    if not drop:
+        return state
+    return LazyStateDict([k for k in state if k not in drop], lambda k: state[k])
+
+
+def sub_progress(progress: Progress | None, desc: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(desc, done, total)
