@@ -79,7 +79,9 @@ def test_out_of_range_values_are_one_line_errors(
 def test_plan_style_names_keys() -> None:
     with pytest.raises(ConfigError, match=r"^'steps' must be at least 1, got -5$"):
         build_options({"method": "ste", "steps": -5}, "batch", style="plan")
-    with pytest.raises(ConfigError, match=r"^'restarts' does not apply to method 'activation' \(used by: weight, ste\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^'restarts' does not apply to method 'activation' \(used by: weight, ste\)$"
+    ):
         build_options({"method": "activation", "restarts": 2}, "batch", style="plan")
 
 

@@ -70,7 +70,9 @@ def _data_side(case: Case, a: dict[str, torch.Tensor], spec: Any) -> CallableDat
 
 
 @pytest.mark.parametrize("matcher", [m for m in CONFIGS if m.needs_data()], ids=_id)
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("mlp-sequential", "resnet20-bn")], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.id in ("mlp-sequential", "resnet20-bn")], ids=lambda c: c.id
+)
 def test_data_driven_matchers_never_end_worse_than_their_start(matcher: Matcher, case: Case) -> None:
     """On the criterion each reports (its objective, in its direction), the result is at least as
     good as B as it is."""
