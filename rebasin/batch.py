@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebasin.errors import ConfigError, RebasinError
+from rebasin._imports import is_code_ref
+from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs
+from rebasin.errors import ConfigError, RebasinError, error_line
 from rebasin.options import OptionInfo, Options, build_options, check_value, plan_options
 
 ITEM_ONLY = {"name": str, "a": str, "b": str, "align": bool}
@@ -57,18 +59,18 @@ def _check(where: str, key: str, value: Any, problems: list[str]) -> None:
         problems.append(f"{where}: '{key}' must be {want.__name__}, got {value!r}")
 
 
-def load_plan(path: str | os.PathLike[str]) -> Plan:
-    """Read and validate a plan; raise ConfigError listing every problem."""
-    import yaml
+CODE_KEYS = ("model", "data")
+"""Plan keys whose value may name code to import (``MODULE:NAME``, ``file.py:NAME``)."""
+
+
+def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
+    """Read and validate a plan; raise ConfigError listing every problem. Keys that name code to
+    import are refused unless ``allow_code`` (``rebasin batch --allow-code``)."""
+    from rebasin.textfiles import read_data
 
     p = Path(path)
     src = str(path)
-    if not p.exists():
-        raise ConfigError("no such file", source=src)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse plan ({str(e).splitlines()[0]})", source=src) from None
+    data = read_data(p, "plan")
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError("a plan must be a mapping with 'format_version' and 'items'", source=src)
@@ -92,6 +94,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         items = []
     out = []
     names: set[str] = set()
+    claimed: dict[Path, str] = {}
     for i, item in enumerate(items):
         where = f"item {i + 1}"
         if not isinstance(item, dict):
@@ -110,6 +113,10 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
                 problems.append(f"{where}: missing '{req}'")
         merged = {**defaults, **item}
         merged.setdefault("name", f"item{i + 1}")
+        for k in CODE_KEYS:
+            v = merged.get(k)
+            if isinstance(v, str) and is_code_ref(v) and not allow_code:
+                problems.append(f"{where}: '{k}' names code ('{v}'); pass --allow-code to import and run it")
         if merged["name"] in names:
             problems.append(f"{where}: duplicate name")
         names.add(merged["name"])
@@ -124,12 +131,31 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         elif len(problems) == before:
             try:
                 item_options(merged)
-            except ConfigError as e:
-                problems.append(f"{where}: {e.message}")
+                outputs = item_outputs(merged)
+                guard_outputs(outputs, [merged["a"], merged["b"]], bool(merged.get("force")))
+            except RebasinError as e:
+                problems.append(f"{where}: {e.line()}")
+            else:
+                for o in outputs:
+                    key = o.path.resolve()
+                    if key in claimed:
+                        other = claimed[key]
+                        problems.append(f"{where}: {o.role} '{o.path}' is also written by item '{other}'")
+                    claimed[key] = merged["name"]
         out.append(merged)
     if problems:
         raise ConfigError("; ".join(problems), source=src)
     return Plan(p, out)
+
+
+def item_outputs(item: dict[str, Any]) -> list[Output]:
+    """The paths an item writes (checked by the output guard when the plan is loaded)."""
+    out = [checkpoint_output(item["output"], "output")] if "output" in item else []
+    if "save_permuted" in item:
+        out.append(checkpoint_output(item["save_permuted"], "save_permuted"))
+    if "report" in item:
+        out.append(file_output(item["report"], "report"))
+    return out
 
 
 def item_options(item: dict[str, Any]) -> Options:
@@ -141,24 +167,21 @@ def item_options(item: dict[str, Any]) -> Options:
 
 def run_item(item: dict[str, Any]) -> dict[str, Any]:
     """Run one item (merge when it has an output, else barrier); return its summary row."""
-    from rebasin.pipeline import barrier_checkpoints, gate_value, merge_checkpoints
-    from rebasin.report import write_report
+    from rebasin.pipeline import barrier_checkpoints, gate, gate_value, merge_checkpoints
 
     opts = item_options(item)
     row: dict[str, Any] = {"name": item["name"], "a": item["a"], "b": item["b"]}
     if "output" in item:
         report = merge_checkpoints(item["a"], item["b"], item["output"], opts)
-        row["outputs"] = [f for fs in report["output"]["files"].values() for f in fs]
     else:
         report = barrier_checkpoints(item["a"], item["b"], opts)
-        row["outputs"] = []
-    if "report" in item:
-        write_report(report, item["report"])
-        row["outputs"].append(item["report"])
+    row["outputs"] = [f for fs in report.get("output", {}).get("files", {}).values() for f in fs]
     row["barrier"] = gate_value(report)
     row["max_barrier"] = item.get("max_barrier")
-    gated = row["max_barrier"] is not None and row["barrier"] is not None
-    row["status"] = "gate_failed" if gated and row["barrier"] > row["max_barrier"] else "ok"
+    reason = gate(row["barrier"], row["max_barrier"])
+    row["status"] = "ok" if reason is None else "gate_failed"
+    if reason is not None:
+        row["reason"] = reason
     return row
 
 
@@ -169,13 +192,13 @@ def run_plan(plan: Plan, max_barrier: float | None = None) -> Iterator[dict[str,
             item = {**item, "max_barrier": max_barrier}
         try:
             yield run_item(item)
-        except RebasinError as e:
+        except Exception as e:  # an item's failure, user code's included, is that item's row
             yield {
                 "name": item["name"],
                 "a": item["a"],
                 "b": item["b"],
                 "status": "error",
-                "error": e.line(),
+                "error": error_line(e),
                 "barrier": None,
                 "max_barrier": item.get("max_barrier"),
                 "outputs": [],

@@ -31,7 +31,7 @@ def train_checkpoint(
     import torch
 
     from rebasin.checkpoint import check_output_path, save_checkpoint
-    from rebasin.data import load_data
+    from rebasin.data import list_data, load_data
     from rebasin.evaluate import check_data_fits
     from rebasin.models.resolve import DATA_KEY, ModelRef
     from rebasin.report import new_report
@@ -48,7 +48,7 @@ def train_checkpoint(
     metrics = train(model, data, cfg, progress)
     meta = {
         **ref.metadata(),
-        DATA_KEY: data_name,
+        **({DATA_KEY: data_name} if data_name in list_data() else {}),
         "rebasin.command": "train",
         "rebasin.seed": str(seed),
         "rebasin.train": f"epochs={epochs} lr={lr} batch_size={batch_size} weight_decay={weight_decay}",

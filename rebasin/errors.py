@@ -45,3 +45,17 @@ class MatchError(RebasinError):
 
 class ConfigError(RebasinError):
     """Bad options or usage."""
+
+
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """One line for any error: a RebasinError's own line, an OS error's file and reason, else the
+    exception's type and the first line of its message (cut at ``limit`` characters)."""
+    if isinstance(e, RebasinError):
+        line = e.line()
+    elif isinstance(e, OSError) and e.strerror:
+        reason = e.strerror[0].lower() + e.strerror[1:]
+        line = f"{e.filename}: {reason}" if e.filename else reason
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        line = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

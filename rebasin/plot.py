@@ -51,7 +51,11 @@ def plot_curves(
     fig.suptitle(title or f"linear mode connectivity: {model} on {data} (BatchNorm: {bn})")
     png = Path(path)
     svg = png.with_suffix(".svg")
-    fig.savefig(png, dpi=120)
-    fig.savefig(svg)
-    plt.close(fig)
+    from rebasin.checkpoint.atomic import write_with
+
+    try:
+        write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))
+        write_with(svg, lambda t: fig.savefig(t, format="svg"))
+    finally:
+        plt.close(fig)
     return [png, svg]

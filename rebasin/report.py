@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,14 @@ def l2_distance(a: StateDict, b: StateDict) -> float:
     return math.sqrt(total)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON can hold it (non-finite floats become null)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -73,19 +73,11 @@ def _jsonable(obj: Any) -> Any:
 
 def to_json(report: Mapping[str, Any]) -> str:
     """Serialize a report (non-finite floats become null)."""
-    return json.dumps(_jsonable(report), indent=2) + "\n"
+    return json.dumps(jsonable(report), indent=2) + "\n"
 
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a report as JSON, atomically."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".rebasin-", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(to_json(report))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from rebasin.checkpoint.atomic import write_bytes
+
+    write_bytes(path, to_json(report).encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -39,14 +40,68 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return ck
 
 
+MAX_JSON_BYTES = 64 << 20
+"""Largest config.json or shard index read (a real one is kilobytes; LLM indexes a few MB)."""
+
+
+def regular_file(p: Path, label: str) -> None:
+    """Refuse anything but a regular file, unread: a FIFO would hang, a device read forever."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"cannot read ({(e.strerror or str(e)).lower()})", source=label) from None
+    if not stat.S_ISREG(mode):
+        kinds = {
+            stat.S_ISFIFO: "a FIFO",
+            stat.S_ISCHR: "a device",
+            stat.S_ISBLK: "a device",
+            stat.S_ISSOCK: "a socket",
+        }
+        kind = next((k for test, k in kinds.items() if test(mode)), "not a regular file")
+        raise CheckpointError(f"is {kind}, not a checkpoint file; refusing to read it", source=label)
+
+
+def _read_json(p: Path, label: str, what: str) -> Any:
+    regular_file(p, label)
+    if p.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(
+            f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; refusing to read it", source=label
+        )
+    try:
+        return json.loads(p.read_bytes())
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot parse {what} ({first})", source=label) from None
+
+
+def inside(folder: Path, entry: object, label: str) -> Path:
+    """The file an index names, which must stay inside the index's folder: a relative path
+    without ``..`` that does not leave the folder through a symbolic link either."""
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        raise CheckpointError(f"the index names an invalid shard {entry!r}", source=label)
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(
+            f"shard '{entry}' named by the index lies outside its folder; refusing it", source=label
+        )
+    target = folder / rel
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError):
+        raise CheckpointError(f"shard '{entry}' cannot be resolved", source=label) from None
+    if not resolved.is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"shard '{entry}' named by the index leads outside its folder (symbolic link); refusing it",
+            source=label,
+        )
+    return target
+
+
 def read_hf_config(path: Path) -> dict[str, Any] | None:
     """A Hugging Face config.json as a dict, or None when absent or not a model config."""
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot parse config.json ({e})", source=str(path)) from None
+    data = _read_json(path, str(path), "config.json")
     if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
         return data
     return None
@@ -59,6 +114,7 @@ def _load(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError("no such file or directory", source=name)
     if p.is_dir():
         return _load_dir(p, name)
+    regular_file(p, name)
     if p.name.endswith(".safetensors.index.json"):
         return _load_index(p, name)
     if p.suffix == ".safetensors":
@@ -79,10 +135,12 @@ def _load_dir(p: Path, name: str) -> Checkpoint:
     if len(indexes) > 1:
         found = ", ".join(i.name for i in indexes)
         raise CheckpointError(f"several shard indexes in one directory ({found})", source=name)
-    shards = sorted(p.glob("*.safetensors"))
+    shards = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("."))
+    for f in shards:
+        inside(p, f.name, name)
     if shards:
         return _load_safetensors(shards, p, name, "safetensors-dir", {})
-    torch_files = sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+    torch_files = sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES and not f.name.startswith("."))
     if len(torch_files) == 1:
         ck = _load_torch(torch_files[0], name)
         ck.path = p
@@ -91,18 +149,17 @@ def _load_dir(p: Path, name: str) -> Checkpoint:
 
 
 def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
-    try:
-        index = json.loads(p.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"not a valid shard index ({e})", source=name) from None
-    files = sorted({p.parent / f for f in weight_map.values()})
+    index = _read_json(p, name, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("not a valid shard index (no 'weight_map' object)", source=name)
+    files = sorted({inside(p.parent, f, name) for f in weight_map.values()})
     for f in files:
         if not f.exists():
             raise CheckpointError(f"shard '{f.name}' listed in the index is missing", source=name)
-    meta = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+        regular_file(f, f"{name}/{f.name}")
+    raw_meta = index.get("metadata") or {}
+    meta = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
     ck = _load_safetensors(files, root or p, name, "safetensors-sharded", meta)
     ck.files = [p, *files]
     return ck

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from rebasin.checkpoint.atomic import (
+    clean_stale,
+    copy_file,
+    file_mode,
+    fsync_dir,
+    swap_in,
+    tmp_name,
+    write_bytes,
+    write_tmp,
+)
 from rebasin.checkpoint.state import _ST_CODES, StateDict, natural_key
 from rebasin.errors import CheckpointError
 from rebasin.options import parse_size
@@ -23,27 +34,38 @@ def save_checkpoint(
     *,
     shard_size: int | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    extra: Callable[[Path], list[str]] | None = None,
 ) -> list[Path]:
     """Write ``state`` as safetensors, atomically; returns the files written.
 
     ``path`` ending in ``.safetensors`` gives one file, or shards ``NAME-00001-of-0000N.safetensors``
-    with ``NAME.safetensors.index.json`` when it exceeds ``shard_size``. Any other path is a directory
-    holding ``model.safetensors`` (or shards and ``model.safetensors.index.json``).
-    """
+    with ``NAME.safetensors.index.json`` when it exceeds ``shard_size`` (the index is the commit
+    point: it names a complete set of shards at every moment). Any other path is a folder holding
+    ``model.safetensors`` (or shards and ``model.safetensors.index.json``), built beside its place
+    and swapped in whole; ``extra(staged_folder)`` may add files to it first (returning their
+    names). An interrupted write leaves the old output or the new one, never a mix."""
     out = Path(path)
     limit = parse_size(shard_size)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if out.suffix == ".safetensors":
-        directory, stem = out.parent, out.name.removesuffix(".safetensors")
-        single = out
-    else:
-        out.mkdir(parents=False, exist_ok=True)
-        directory, stem = out, "model"
-        single = out / "model.safetensors"
+        return _save_file_set(state, out, meta, limit, progress)
+    return _save_folder(state, out, meta, limit, progress, extra)
+
+
+Part = tuple[Path, list[str], int]
+"""A shard written under a temporary name: (path, tensor names, bytes)."""
+
+
+def _write_parts(
+    state: StateDict,
+    directory: Path,
+    meta: dict[str, str],
+    limit: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[Part]:
+    """Write the tensors in shards of at most ``limit`` bytes, each under a temporary name."""
     keys = sorted(state, key=natural_key)
-    tmp_files: list[Path] = []
-    shard_keys: list[list[str]] = []
-    shard_bytes: list[int] = []
+    parts: list[Part] = []
     try:
         current: dict[str, torch.Tensor] = {}
         current_bytes = 0
@@ -51,68 +73,165 @@ def save_checkpoint(
             t = state[k].detach().to("cpu")
             nbytes = t.numel() * t.element_size()
             if limit is not None and current and current_bytes + nbytes > limit:
-                tmp_files.append(_write_tmp(current, directory, meta))
-                shard_keys.append(list(current))
-                shard_bytes.append(current_bytes)
+                parts.append((_write_tmp(current, directory, meta), list(current), current_bytes))
                 current, current_bytes = {}, 0
             current[k] = t
             current_bytes += nbytes
             if progress:
                 progress(i + 1, len(keys))
-        tmp_files.append(_write_tmp(current, directory, meta))
-        shard_keys.append(list(current))
-        shard_bytes.append(current_bytes)
-        if len(tmp_files) == 1:
-            os.replace(tmp_files[0], single)
-            tmp_files.clear()
-            _fsync_dir(directory)
-            return [single]
-        n = len(tmp_files)
-        finals = [directory / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        total = sum(shard_bytes)
-        index = {
-            "metadata": {**meta, "total_size": str(total)},
-            "weight_map": {k: finals[i].name for i, names in enumerate(shard_keys) for k in names},
-        }
-        index_path = directory / f"{stem}.safetensors.index.json"
-        tmp_index = _write_text_tmp(json.dumps(index, indent=2, sort_keys=True) + "\n", directory)
-        tmp_files.append(tmp_index)
-        for tmp, final in zip(tmp_files[:-1], finals, strict=True):
-            os.replace(tmp, final)
-        os.replace(tmp_index, index_path)
-        tmp_files.clear()
-        _fsync_dir(directory)
-        return [index_path, *finals]
-    finally:
-        for f in tmp_files:
+        parts.append((_write_tmp(current, directory, meta), list(current), current_bytes))
+    except BaseException:
+        for f, _, _ in parts:
             f.unlink(missing_ok=True)
+        raise
+    return parts
+
+
+def _index_text(meta: dict[str, str], parts: list[Part], names: list[str]) -> str:
+    index = {
+        "metadata": {**meta, "total_size": str(sum(b for _, _, b in parts))},
+        "weight_map": {k: names[i] for i, (_, keys, _) in enumerate(parts) for k in keys},
+    }
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+
+def shard_names(stem: str, n: int) -> list[str]:
+    """The standard names of ``n`` shards of ``stem``."""
+    return [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def shard_pattern(stem: str) -> re.Pattern[str]:
+    """Names of shards of ``stem`` with any count."""
+    return re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+
+
+def indexed_names(index_path: Path) -> set[str]:
+    """The file names an existing index refers to (empty if it is missing or unreadable)."""
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        return {v for v in weight_map.values() if isinstance(v, str) and "/" not in v}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _save_file_set(
+    state: StateDict,
+    out: Path,
+    meta: dict[str, str],
+    limit: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[Path]:
+    d, stem = out.parent, out.name.removesuffix(".safetensors")
+    index_path = d / f"{stem}.safetensors.index.json"
+    old = indexed_names(index_path)
+    clean_stale(d, keep=old)
+    parts = _write_parts(state, d, meta, limit, progress)
+    temps = [p for p, _, _ in parts]
+    try:
+        if len(parts) == 1:
+            os.replace(temps[0], out)
+            temps.clear()
+            _remove_set(d, stem, old, keep=set(), index_path=index_path)
+            fsync_dir(d)
+            return [out]
+        finals = shard_names(stem, len(parts))
+        # 1. commit: the index names the new shards under their temporary names
+        write_bytes(index_path, _index_text(meta, parts, [t.name for t in temps]).encode())
+        # 2. the old set's files are no longer named by the index: remove them, then give the
+        #    new shards their standard names as second links (the index stays valid throughout)
+        _remove_set(d, stem, old, keep={t.name for t in temps}, index_path=None)
+        out.unlink(missing_ok=True)  # an older single-file output of the same name
+        for tmp, name in zip(temps, finals, strict=True):
+            (d / name).unlink(missing_ok=True)
+            _link(tmp, d / name)
+        write_bytes(index_path, _index_text(meta, parts, finals).encode())
+        for t in temps:
+            t.unlink(missing_ok=True)
+        temps.clear()
+        fsync_dir(d)
+        return [index_path, *(d / n for n in finals)]
+    finally:
+        if temps and indexed_names(index_path) & {t.name for t in temps}:
+            temps.clear()  # committed: the index names them; the next run finishes the naming
+        for t in temps:
+            t.unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links on this file system: a copy, renamed into place
+        tmp = write_tmp(dst.parent, lambda t: shutil.copyfile(src, t))
+        os.replace(tmp, dst)
+
+
+def _remove_set(d: Path, stem: str, names: set[str], keep: set[str], index_path: Path | None) -> None:
+    """Remove an older output of ``stem``: the shards its index named, other shards of ``stem``,
+    and (``index_path``) the index itself, first, so nothing names a missing shard."""
+    if index_path is not None and (names or index_path.exists()):
+        index_path.unlink(missing_ok=True)
+    pattern = shard_pattern(stem)
+    for f in d.iterdir() if d.exists() else []:
+        if f.name in keep:
+            continue
+        if f.name in names or pattern.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+
+
+def _save_folder(
+    state: StateDict,
+    out: Path,
+    meta: dict[str, str],
+    limit: int | None,
+    progress: Callable[[int, int], None] | None,
+    extra: Callable[[Path], list[str]] | None,
+) -> list[Path]:
+    clean_stale(out.parent)
+    staged = tmp_name(out.parent, "-" + out.name)
+    staged.mkdir()
+    try:
+        parts = _write_parts(state, staged, meta, limit, progress)
+        if len(parts) == 1:
+            os.replace(parts[0][0], staged / "model.safetensors")
+            names = ["model.safetensors"]
+        else:
+            names = shard_names("model", len(parts))
+            for (tmp, _, _), name in zip(parts, names, strict=True):
+                os.replace(tmp, staged / name)
+            (staged / "model.safetensors.index.json").write_text(_index_text(meta, parts, names))
+            os.chmod(staged / "model.safetensors.index.json", file_mode())
+            names = ["model.safetensors.index.json", *names]
+        copied = extra(staged) if extra is not None else []
+        fsync_dir(staged)
+        swap_in(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return [out / n for n in [*names, *copied]]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
-def copy_model_files(src: Path, dst: Path) -> list[Path]:
-    """Copy a model directory's non-weight files (config, tokenizer, generation config, ...) from
-    ``src`` to ``dst`` atomically; weights and shard indexes are not copied. Returns the copies."""
-    out = []
+def copy_model_files(src: Path, dst: Path) -> list[str]:
+    """Copy a model folder's non-weight files and subfolders (config, tokenizer, generation
+    config, ``1_Pooling/``, ``modules.json``, ...) from ``src`` into ``dst``, keeping their modes;
+    weights, shard indexes, hidden files and symbolic links are not copied. Returns the copied
+    names, relative to ``dst``."""
+    out: list[str] = []
     for f in sorted(src.iterdir()):
+        if f.name.startswith(".") or f.is_symlink():
+            continue
+        if f.is_dir():
+            (dst / f.name).mkdir(exist_ok=True)
+            shutil.copymode(f, dst / f.name)
+            out += [f"{f.name}/{n}" for n in copy_model_files(f, dst / f.name)]
+            continue
         if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
             continue
-        tmp = _write_bytes_tmp(f.read_bytes(), dst)
-        os.replace(tmp, dst / f.name)
-        out.append(dst / f.name)
-    if out:
-        _fsync_dir(dst)
+        copy_file(f, dst / f.name)
+        out.append(f.name)
     return out
-
-
-def _write_bytes_tmp(data: bytes, directory: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".rebasin-", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return Path(name)
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> None:
@@ -144,38 +263,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Map
             if t.numel():
                 fh.write(t.view(torch.uint8).numpy().tobytes())
         fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _write_tmp(tensors: dict[str, torch.Tensor], directory: Path, meta: dict[str, str]) -> Path:
-    fd, name = tempfile.mkstemp(prefix=".rebasin-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write_safetensors(tensors, tmp, meta)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _write_text_tmp(text: str, directory: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=".rebasin-", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return Path(name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_tmp(directory, lambda t: write_safetensors(tensors, t, meta))

@@ -6,48 +6,25 @@ Exit codes: 0 success, 1 a gate failed, 2 bad usage or bad input.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from rebasin.cli.failures import OneLineErrors, handled, on_sigterm
 from rebasin.cli.params import choice, with_options
 from rebasin.matching.registry import list_matchers
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="rebasin",
     help="Merge neural networks modulo permutation symmetry.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handled(fn: F) -> F:
-    """Turn library errors into one ``error:`` line (plus ``hint:``) and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rebasin.errors import RebasinError
-
-        try:
-            return fn(*args, **kwargs)
-        except RebasinError as e:
-            from rebasin.render import error
-
-            error(e.line(), e.hint)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _version(value: bool) -> None:
@@ -86,13 +63,14 @@ BarrierMethodName: Any = choice([*list_matchers(), "none"])
 
 
 def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
-    if limit is None or value is None:
-        return
-    if value > limit:
+    from rebasin.pipeline import gate
+
+    reason = gate(value, limit)
+    if reason is not None:
         if not quiet:
             from rebasin.render import err
 
-            err.print(f"gate failed: test loss barrier {value:.4f} > --max-barrier {limit}", soft_wrap=True)
+            err.print(f"gate failed: {reason}", soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -109,7 +87,7 @@ def _options(command: str, values: dict[str, Any], evaluate: str = "auto") -> An
 
 
 @app.command()
-@_handled
+@handled
 @with_options("merge", required=("output",))
 def merge(
     a: Annotated[Path, typer.Argument(help="Reference checkpoint A.")],
@@ -122,17 +100,10 @@ def merge(
     """Align B to A and write (1 - alpha) A + alpha pi(B); with --data, also measure the barrier."""
     from rebasin import render
     from rebasin.pipeline import gate_value, merge_checkpoints
-    from rebasin.report import write_report
 
     opts = _options("merge", {**(values or {}), "method": method})
-    if opts.output.report is not None:
-        from rebasin.checkpoint import check_output_path
-
-        check_output_path(opts.output.report, [a, b], opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
         rep = merge_checkpoints(a, b, None, opts, progress)
-    if opts.output.report is not None:
-        write_report(rep, opts.output.report)
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -143,7 +114,7 @@ def merge(
 
 
 @app.command()
-@_handled
+@handled
 @with_options("permute", required=("output",))
 def permute(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to permute.")],
@@ -163,7 +134,7 @@ def permute(
 
 
 @app.command("merge-many")
-@_handled
+@handled
 @with_options("merge-many", required=("output",))
 def merge_many(
     checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
@@ -174,17 +145,10 @@ def merge_many(
     """MergeMany: align every model to the mean of the others, repeat, write the mean."""
     from rebasin import render
     from rebasin.pipeline import merge_many_checkpoints
-    from rebasin.report import write_report
 
     opts = _options("merge-many", values or {}, "never")
-    if opts.output.report is not None:
-        from rebasin.checkpoint import check_output_path
-
-        check_output_path(opts.output.report, checkpoints, opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
         rep = merge_many_checkpoints(checkpoints, None, opts, progress)
-    if opts.output.report is not None:
-        write_report(rep, opts.output.report)
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -192,7 +156,7 @@ def merge_many(
 
 
 @app.command("spec")
-@_handled
+@handled
 @with_options("spec")
 def spec_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose spec to show.")],
@@ -202,7 +166,8 @@ def spec_cmd(
 ) -> None:
     """Show the permutation groups (and the tensors left fixed); export them with -o (.yaml or .json)."""
     from rebasin import render
-    from rebasin.checkpoint import check_output_path
+    from rebasin.checkpoint.atomic import write_bytes
+    from rebasin.checkpoint.guard import file_output, guard_outputs
     from rebasin.pipeline import describe_spec
     from rebasin.report import spec_info
     from rebasin.spec.core import dump_spec
@@ -210,13 +175,10 @@ def spec_cmd(
     opts = _options("spec", values or {}, "never")
     output = Path(opts.output.output) if opts.output.output else None
     if output is not None:
-        check_output_path(output, [checkpoint], opts.output.force)
+        guard_outputs([file_output(output, "-o")], [checkpoint], opts.output.force)
     s, source, fixed = describe_spec(checkpoint, opts)
     if output is not None:
-        text = dump_spec(s, fixed, as_json=output.suffix == ".json")
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        write_bytes(output, dump_spec(s, fixed, as_json=output.suffix == ".json").encode())
     info = spec_info(s, source, [*s.params, *fixed])
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
@@ -227,7 +189,7 @@ def spec_cmd(
 
 
 @app.command()
-@_handled
+@handled
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or directory.")],
     as_json: JsonOpt = False,
@@ -244,7 +206,7 @@ def inspect(
 
 
 @app.command()
-@_handled
+@handled
 @with_options("barrier")
 def barrier(
     a: Annotated[Path, typer.Argument(help="Checkpoint A (alpha = 0).")],
@@ -256,28 +218,15 @@ def barrier(
 ) -> None:
     """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
     from rebasin import render
-    from rebasin.checkpoint import check_output_path
     from rebasin.pipeline import barrier_checkpoints, gate_value
-    from rebasin.report import write_report
 
     align = method != "none"
     opts = _options(
         "barrier", {**(values or {}), "method": method if align else "weight", "align": align}, "always"
     )
-    plot, report = opts.output.plot, opts.output.report
-    for out in (plot, report):
-        if out is not None:
-            check_output_path(out, [a, b], opts.output.force)
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
         rep = barrier_checkpoints(a, b, opts, progress)
-    written: list[Any] = []
-    if plot is not None:
-        from rebasin.plot import plot_curves
-
-        written += plot_curves(rep["evaluation"], plot)
-    if report is not None:
-        write_report(rep, report)
-        written.append(report)
+    written = [f for fs in rep.get("output", {}).get("files", {}).values() for f in fs]
     if as_json:
         _emit_json(rep)
     elif not quiet:
@@ -288,7 +237,7 @@ def barrier(
 
 
 @app.command("train")
-@_handled
+@handled
 def train_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
     arch: Annotated[
@@ -348,7 +297,7 @@ def train_cmd(
 
 
 @app.command()
-@_handled
+@handled
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, report and plot.")] = Path(
         "rebasin-demo"
@@ -380,10 +329,17 @@ def demo(
 
 
 @app.command()
-@_handled
+@handled
 def batch(
     plan: Annotated[Path, typer.Argument(help="YAML plan of merges and barriers.")],
     max_barrier: MaxBarrierOpt = None,
+    allow_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-code",
+            help="Let plan keys model/data import and run the code they name (MODULE:NAME, file.py:NAME).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Print one JSON line per item as it finishes.")
@@ -395,13 +351,18 @@ def batch(
 
     from rebasin import render
     from rebasin.batch import load_plan, run_plan, summarize
+    from rebasin.report import jsonable
 
-    p = load_plan(plan)
+    if max_barrier is not None:
+        from rebasin.options import EvalOptions
+
+        EvalOptions(max_barrier=max_barrier)  # checked like every option: finite
+    p = load_plan(plan, allow_code)
     rows = []
     for row in run_plan(p, max_barrier):
         rows.append(row)
         if jsonl:
-            sys.stdout.write(_json.dumps(row) + "\n")
+            sys.stdout.write(_json.dumps(jsonable(row)) + "\n")
             sys.stdout.flush()
     summary = summarize(p, rows)
     if as_json:
@@ -413,7 +374,10 @@ def batch(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM, like Ctrl-C, removes temporary files on the way out."""
+    import signal
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     app()
 
 

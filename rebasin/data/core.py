@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rebasin._imports import import_object
+from rebasin._imports import call_user, import_object
 from rebasin.errors import ConfigError
 from rebasin.registry import Registry
 
@@ -109,9 +109,18 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
             raise ConfigError(
                 f"data file has no '{k}' array (found: {', '.join(arrays) or 'none'})", source=name
             )
-    x = arrays.get("x_train", arrays.get("x"))
-    y = arrays.get("y_train", arrays.get("y"))
-    assert x is not None and y is not None
+    xk = "x_train" if "x_train" in arrays else "x"
+    yk = "y_train" if "y_train" in arrays else "y"
+    x, y = arrays[xk], arrays[yk]
+    pairs = [(xk, yk)] + ([("x_test", "y_test")] if "x_test" in arrays and "y_test" in arrays else [])
+    for a, b in pairs:
+        if arrays[a].dim() == 0 or arrays[b].dim() == 0 or len(arrays[a]) != len(arrays[b]):
+            ra = len(arrays[a]) if arrays[a].dim() else 0
+            rb = len(arrays[b]) if arrays[b].dim() else 0
+            raise ConfigError(f"'{a}' has {ra} rows but '{b}' has {rb}; they must match", source=name)
+    for k, t in arrays.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"array '{k}' holds NaN or Inf values", source=name)
     if "x_test" in arrays and "y_test" in arrays:
         xt, yt = arrays["x_test"], arrays["y_test"]
     else:
@@ -146,7 +155,7 @@ def _tokens(name: str, arrays: dict[str, torch.Tensor], seed: int, test_fraction
 
 def _from_hook(spec: str, seed: int) -> Dataset:
     fn = import_object(spec, "function")
-    out = fn()
+    out = call_user(spec, "the data hook", fn)
     if isinstance(out, Dataset):
         return out
     if isinstance(out, tuple | list) and len(out) == 4:

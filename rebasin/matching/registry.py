@@ -70,13 +70,13 @@ class CallableData:
         return fn
 
     def features(self) -> Callable[[Mapping[str, torch.Tensor]], Iterator[dict[str, list[torch.Tensor]]]]:
-        return self._need(self.features_fn, "features")  # type: ignore[no-any-return]
+        return self._need(self.features_fn, "features")
 
     def task_loss(self) -> Callable[[dict[str, torch.Tensor], int], torch.Tensor]:
-        return self._need(self.task_loss_fn, "a task loss")  # type: ignore[no-any-return]
+        return self._need(self.task_loss_fn, "a task loss")
 
     def score(self) -> Callable[[dict[str, torch.Tensor]], float]:
-        return self._need(self.score_fn, "a score")  # type: ignore[no-any-return]
+        return self._need(self.score_fn, "a score")
 
     def batches_per_epoch(self) -> int:
         return self.epoch_batches

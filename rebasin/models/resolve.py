@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin._imports import import_object
+from rebasin._imports import brief, call_user, import_object
 from rebasin.errors import ConfigError
 from rebasin.models.registry import build_model, list_models
 
@@ -40,14 +40,80 @@ class ModelRef:
         fn = _factory(self.name)
         args = dict(self.args)
         try:
-            fn(**args)
+            model = fn(**args)
         except TypeError as e:
             raise ConfigError(f"bad arguments for model '{self.name}': {e}") from None
-        return lambda: fn(**args)
+        except ConfigError:
+            raise
+        except Exception as e:  # the user's factory raised
+            raise ConfigError(f"the model factory '{self.name}' failed ({brief(e)})") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"the model factory '{self.name}' returned a {type(model).__name__}, not a torch.nn.Module"
+            )
+        return lambda: call_user(self.name, "the model factory", fn, **args)
 
     def metadata(self) -> dict[str, str]:
-        """Checkpoint metadata that lets later commands rebuild this model."""
+        """Checkpoint metadata that lets later commands rebuild this model: recorded only for
+        built-in models (a file never names code to import; see :func:`trusted_records`)."""
+        if self.name not in list_models():
+            return {}
         return {ARCH_KEY: self.name, ARGS_KEY: json.dumps(self.args, sort_keys=True)}
+
+
+CODE_HINT = "rebasin never imports code a file names; if you trust it, pass it yourself: {flag} {name}"
+
+
+def recorded_arch(metadata: Mapping[str, str], source: str) -> tuple[str, dict[str, Any]] | None:
+    """The built-in architecture (and its arguments) a checkpoint records, or None. A record that
+    names anything but a registered built-in model (``MODULE:NAME``, ``file.py:NAME``) is refused:
+    loading a file never runs code."""
+    name = metadata.get(ARCH_KEY)
+    if name is None:
+        return None
+    if name not in list_models():
+        raise ConfigError(
+            f"the checkpoint's {ARCH_KEY} names '{name}', which is not a built-in model",
+            CODE_HINT.format(flag="--model", name=name) if ":" in name else "pass --model",
+            source=source,
+        )
+    try:
+        args = json.loads(metadata.get(ARGS_KEY, "{}"))
+    except ValueError:
+        args = {}
+    return name, args if isinstance(args, dict) else {}
+
+
+def recorded_data(metadata: Mapping[str, str], source: str) -> str | None:
+    """The built-in data set a checkpoint records, or None; anything else is refused (a file
+    never names code to import or other files to read)."""
+    from rebasin.data import list_data
+
+    name = metadata.get(DATA_KEY)
+    if name is None:
+        return None
+    if name not in list_data():
+        raise ConfigError(
+            f"the checkpoint's {DATA_KEY} names '{name}', which is not a built-in data set",
+            CODE_HINT.format(flag="--data", name=name) if ":" in name else "pass --data",
+            source=source,
+        )
+    return name
+
+
+def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The architecture and data records of ``metadata`` that later commands may use (built-in
+    names only): what outputs carry forward, so a refused record never spreads."""
+    from rebasin.data import list_data
+
+    out = {}
+    if metadata.get(ARCH_KEY) in list_models():
+        out[ARCH_KEY] = metadata[ARCH_KEY]
+        if ARGS_KEY in metadata:
+            out[ARGS_KEY] = metadata[ARGS_KEY]
+    if metadata.get(DATA_KEY) in list_data():
+        out[DATA_KEY] = metadata[DATA_KEY]
+    return out
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -79,11 +145,8 @@ def resolve_model(
         arch = (config.get("architectures") or [str(config.get("model_type", "model"))])[0]
         return ModelRef(f"hf:{arch}", {}, dict(config))
     elif ARCH_KEY in metadata:
-        try:
-            recorded = json.loads(metadata.get(ARGS_KEY, "{}"))
-        except ValueError:
-            recorded = {}
-        ref = ModelRef(metadata[ARCH_KEY], {**recorded, **args})
+        name, recorded = recorded_arch(metadata, source) or ("", {})
+        ref = ModelRef(name, {**recorded, **args})
     else:
         raise ConfigError(
             "no model definition: the checkpoint records no architecture",
@@ -120,6 +183,8 @@ def hf_factory(config: Mapping[str, Any]) -> Callable[[], nn.Module]:
         raise ConfigError(f"config.json names an unknown model_type '{model_type}' ({e})") from None
     archs = config.get("architectures") or []
     cls = getattr(transformers, str(archs[0]), None) if archs else None
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ConfigError(f"config.json names '{archs[0]}', which is not a transformers model class")
 
     def build() -> nn.Module:
         model = cls(cfg) if cls is not None else transformers.AutoModelForCausalLM.from_config(cfg)

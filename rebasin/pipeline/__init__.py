@@ -11,7 +11,7 @@ from rebasin.pipeline.commands import (
     merge_many_checkpoints,
     permute_checkpoint,
 )
-from rebasin.pipeline.evaluation import gate_value
+from rebasin.pipeline.evaluation import gate, gate_value
 
 __all__ = [
     "EvalOptions",
@@ -20,6 +20,7 @@ __all__ = [
     "barrier_checkpoints",
     "build_options",
     "describe_spec",
+    "gate",
     "gate_value",
     "inspect_checkpoint",
     "merge_checkpoints",

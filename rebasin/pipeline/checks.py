@@ -53,3 +53,25 @@ def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
             if not bool(torch.isfinite(t).all()):
                 what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                 raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
+
+
+def check_device(name: str) -> None:
+    """The device must exist on this machine and in this torch build."""
+    from rebasin.errors import ConfigError
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name}: no CUDA GPU is available (this torch build or machine has none)",
+                "use --device cpu",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here", "use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: rebasin runs on cpu, cuda or mps")

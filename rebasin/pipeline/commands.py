@@ -7,20 +7,19 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rebasin.checkpoint import Checkpoint, check_output_path, load_checkpoint
+from rebasin.checkpoint import Checkpoint, load_checkpoint
+from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
 from rebasin.errors import ConfigError, SpecError
 from rebasin.matching.registry import MatchProblem
 from rebasin.matching.result import MatchResult, Progress
 from rebasin.merge import interpolate
-from rebasin.models.resolve import DATA_KEY
 from rebasin.options import Options, parse_size
 from rebasin.permutation import permute, random_permutation
-from rebasin.pipeline.checks import check_pair, check_weights
+from rebasin.pipeline.checks import check_device, check_pair, check_weights
 from rebasin.pipeline.evaluation import (
     EvaluatorData,
     check_data_available,
@@ -92,17 +91,18 @@ def merge_checkpoints(
     With evaluation options, also measure the naive and aligned paths and apply the BatchNorm mode
     (reset or REPAIR) to the merged checkpoint."""
     opts = options or Options()
+    check_device(opts.run.device)
     out = out if out is not None else opts.output.output
     o = opts.output
-    if (
-        out is not None
-        and o.save_permuted is not None
-        and Path(out).resolve() == Path(o.save_permuted).resolve()
-    ):
-        raise ConfigError("--save-permuted must differ from the output path")
-    for p in (out, o.save_permuted):
-        if p is not None:
-            check_output_path(p, [a_path, b_path], o.force)
+    guard_outputs(
+        [
+            checkpoint_output(out, "-o") if out is not None else None,
+            checkpoint_output(o.save_permuted, "--save-permuted") if o.save_permuted else None,
+            file_output(o.report, "--report") if o.report else None,
+        ],
+        [a_path, b_path],
+        o.force,
+    )
     shard, timings, t0 = parse_size(o.shard_size), dict[str, float](), time.perf_counter()
     with _timed(timings, "load_s"):
         a, b = _load_pair(a_path, b_path)
@@ -148,7 +148,22 @@ def merge_checkpoints(
     timings["total_s"] = round(time.perf_counter() - t0, 4)
     report["output"] = {"alpha": opts.merge.alpha, "files": written}
     report["timings"] = timings
+    _write_report(report, o.report)
     return report
+
+
+def _write_report(report: dict[str, Any], path: PathLike | None) -> None:
+    """Write the JSON report (when asked), listing itself among the outputs."""
+    if path is None:
+        return
+    from rebasin.report import write_report
+
+    files = report.setdefault("output", {}).setdefault("files", {})
+    if isinstance(files, list):
+        files.append(str(path))
+    else:
+        files["report"] = [str(path)]
+    write_report(report, path)
 
 
 def _provenance(
@@ -182,6 +197,10 @@ def barrier_checkpoints(
 ) -> dict[str, Any]:
     """Loss/accuracy along the naive path and (unless ``options.align`` is off) the aligned path."""
     opts = options or Options()
+    check_device(opts.run.device)
+    o = opts.output
+    plot = plot_output(o.plot) if o.plot else None
+    guard_outputs([plot, file_output(o.report, "--report") if o.report else None], [a_path, b_path], o.force)
     t0 = time.perf_counter()
     a, b = _load_pair(a_path, b_path)
     ev = make_evaluator(a, opts)
@@ -200,6 +219,12 @@ def barrier_checkpoints(
     alphas = (opts.evaluate.alphas if opts.evaluate else None) or 25
     report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, alphas, progress)
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 4)}
+    if plot is not None:
+        from rebasin.plot import plot_curves
+
+        files = plot_curves(report["evaluation"], plot.path)
+        report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
+    _write_report(report, o.report)
     return report
 
 
@@ -211,7 +236,7 @@ def permute_checkpoint(
     out = out if out is not None else opts.output.output
     if out is None:
         raise ConfigError("permute needs an output path (-o)")
-    check_output_path(out, [path], opts.output.force)
+    guard_outputs([checkpoint_output(out, "-o")], [path], opts.output.force)
     ck = load_checkpoint(path)
     s, source, frozen = _spec(opts, ck)
     perm = random_permutation(s, opts.run.seed)
@@ -239,12 +264,15 @@ def merge_many_checkpoints(
     from rebasin.merge import average
 
     opts = options or Options()
+    check_device(opts.run.device)
     out = out if out is not None else opts.output.output
     if len(paths) < 2:
         raise ConfigError("merge-many needs at least two checkpoints")
     if out is None:
         raise ConfigError("merge-many needs an output path (-o)")
-    check_output_path(out, paths, opts.output.force)
+    o = opts.output
+    report_out = file_output(o.report, "--report") if o.report else None
+    guard_outputs([checkpoint_output(out, "-o"), report_out], paths, o.force)
     cks = [load_checkpoint(p) for p in paths]
     for ck in cks[1:]:
         check_pair(cks[0], ck)
@@ -267,6 +295,7 @@ def merge_many_checkpoints(
     report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}
     report["merge_many"] = result.to_dict()
     report["output"] = {"files": [str(f) for f in files]}
+    _write_report(report, o.report)
     return report
 
 
@@ -299,7 +328,6 @@ def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATA_KEY",
     "barrier_checkpoints",
     "describe_spec",
     "inspect_checkpoint",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from rebasin.checkpoint import Checkpoint
 from rebasin.errors import ConfigError
 from rebasin.matching.registry import Matcher
-from rebasin.models.resolve import ARCH_KEY, DATA_KEY
+from rebasin.models.resolve import ARCH_KEY, recorded_data
 from rebasin.options import EvalOptions, Options
 from rebasin.spec.core import PermutationSpec
 
@@ -26,7 +27,7 @@ def wants_evaluation(opts: Options, a: Checkpoint) -> EvalOptions | None:
     if ev is None:
         return None
     required = ev.data is not None or ev.bn in ("reset", "repair") or ev.max_barrier is not None
-    if not required and DATA_KEY not in a.metadata:
+    if not required and recorded_data(a.metadata, a.name) is None:
         return None
     return ev
 
@@ -39,7 +40,7 @@ def check_data_available(matcher: Matcher, opts: Options, a: Checkpoint) -> None
         f" with cost '{getattr(matcher, 'cost', '')}'" if matcher.name == "sinkhorn" else ""
     )
     data = opts.evaluate.data if opts.evaluate else None
-    if not (data or a.metadata.get(DATA_KEY)):
+    if not (data or recorded_data(a.metadata, a.name)):
         raise ConfigError(f"{what} needs data to run both models on: {NO_DATA}", source=a.name)
     if not (opts.model.model or ARCH_KEY in a.metadata or a.config is not None):
         raise ConfigError(
@@ -60,7 +61,7 @@ def make_evaluator(a: Checkpoint, opts: Options) -> Any:
 
     ev = opts.evaluate or EvalOptions()
     ref = resolve_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
-    data_arg = ev.data or a.metadata.get(DATA_KEY)
+    data_arg = ev.data or recorded_data(a.metadata, a.name)
     if not data_arg:
         raise ConfigError(f"no data: {NO_DATA}", source=a.name)
     data = load_data(data_arg, opts.run.seed)
@@ -161,3 +162,17 @@ def gate_value(report: Mapping[str, Any]) -> float | None:
         return None
     path = "aligned" if "aligned" in ev["paths"] else "naive"
     return float(ev["paths"][path]["barriers"]["test"]["loss"]["linear"])
+
+
+def gate(value: float | None, limit: float | None) -> str | None:
+    """Why ``value`` fails the ``--max-barrier`` gate ``limit`` (None when it passes or no gate
+    is set). A barrier that is not a finite number always fails a gate."""
+    if limit is None:
+        return None
+    if value is None:
+        return "no barrier was measured"
+    if not math.isfinite(value):
+        return f"test loss barrier is {value} (the path's loss is not finite)"
+    if value > limit:
+        return f"test loss barrier {value:.4f} > --max-barrier {limit}"
+    return None

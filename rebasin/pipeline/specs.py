@@ -12,7 +12,7 @@ from typing import Any
 
 from rebasin.checkpoint import Checkpoint
 from rebasin.errors import ConfigError, SpecError
-from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, DATA_KEY
+from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, recorded_data
 from rebasin.spec.core import PermutationSpec, load_spec
 from rebasin.spec.names import infer_spec
 from rebasin.spec.registry import list_specs
@@ -52,7 +52,7 @@ def traced_spec(
     # checkpoint names -> the model's own, where they differ
     check_fits(m, renamed(m, ck.shapes), ck.name, ref.name, made="made")
     inputs = None
-    data = data or ck.metadata.get(DATA_KEY)
+    data = data or recorded_data(ck.metadata, ck.name)
     if getattr(m, "example_input", None) is None and data:
         from rebasin.data import load_data
 

@@ -13,14 +13,15 @@ import torch
 from rebasin._version import __version__
 from rebasin.checkpoint import Checkpoint, LazyStateDict, copy_model_files, save_checkpoint
 from rebasin.matching.result import Progress
+from rebasin.models.resolve import trusted_records
 
 PathLike = str | os.PathLike[str]
 
-_KEEP = ("rebasin.arch", "rebasin.arch_args", "rebasin.data")
-
 
 def output_metadata(base: dict[str, str], **items: Any) -> dict[str, str]:
-    out = {k: v for k, v in base.items() if not k.startswith("rebasin.") or k in _KEEP}
+    """An output's metadata: the input's own keys, its trusted architecture and data records
+    (built-in names only: a refused record never spreads), and this run's provenance."""
+    out = {k: v for k, v in base.items() if not k.startswith("rebasin.")} | trusted_records(base)
     out.setdefault("format", "pt")  # what Hugging Face loaders expect of a PyTorch safetensors file
     out["rebasin.version"] = __version__
     out.update({f"rebasin.{k}": str(v) for k, v in items.items() if v is not None})
@@ -39,11 +40,9 @@ def write_checkpoint(
     config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it."""
     if like.config is not None:
         state = _untie(state, like)
-    files = save_checkpoint(state, out, meta, shard_size=shard, progress=progress)
-    out_p = Path(out)
-    if like.model_dir is not None and out_p.is_dir():
-        files += copy_model_files(like.model_dir, out_p)
-    return files
+    src = like.model_dir
+    extra = (lambda staged: copy_model_files(src, staged)) if src is not None else None
+    return save_checkpoint(state, out, meta, shard_size=shard, progress=progress, extra=extra)
 
 
 _TIED = (

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rebasin.errors import SpecError
+from rebasin.errors import ConfigError, SpecError
 
 FORMAT_VERSION = 1
 
@@ -401,17 +401,12 @@ def _canonical(e: str | AxisEntry) -> AxisEntry:
 
 def load_spec(path: str | Path) -> PermutationSpec:
     """Read a spec from YAML or JSON (strict)."""
-    import yaml
+    from rebasin.textfiles import read_data
 
-    p = Path(path)
-    if not p.exists():
-        raise SpecError("no such file", source=str(path))
     try:
-        text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise SpecError(f"cannot parse spec ({first})", source=str(path)) from None
+        data = read_data(path, "spec")
+    except ConfigError as e:
+        raise SpecError(e.message, e.hint, source=e.source) from None
     return PermutationSpec.from_dict(data, source=str(path))
 
 

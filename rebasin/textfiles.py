@@ -1,0 +1,58 @@
+"""Reading the small text files people hand over (spec files, batch plans): regular files of
+bounded size, YAML without aliases (an alias bomb expands a few lines into gigabytes), JSON."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+from rebasin.errors import ConfigError
+
+MAX_BYTES = 8 << 20
+"""Largest spec file or plan read (real ones are kilobytes)."""
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a regular file of at most MAX_BYTES; ConfigError naming it otherwise."""
+    p, src = Path(path), str(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ConfigError("no such file", source=src) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} ({(e.strerror or str(e)).lower()})", source=src) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"is not a regular file; refusing to read it as a {what}", source=src)
+    if st.st_size > MAX_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_BYTES >> 20} MB; refusing to read it", source=src)
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} ({str(e).splitlines()[0]})", source=src) from None
+
+
+def parse(text: str, source: str, what: str, as_json: bool = False) -> Any:
+    """YAML (safe, no aliases) or JSON text as Python data; ConfigError with the parser's first line."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"YAML aliases are not allowed (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    try:
+        if as_json:
+            return json.loads(text)
+        return yaml.load(text, Loader=NoAliases)
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot parse {what} ({first})", source=source) from None
+
+
+def read_data(path: str | Path, what: str) -> Any:
+    """Read and parse a YAML or JSON file (by suffix)."""
+    return parse(read_text(path, what), str(path), what, as_json=Path(path).suffix == ".json")
