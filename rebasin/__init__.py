@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from rebasin._version import __version__
 
+DISTRIBUTION = "basinmerge"
+"""The name this project is installed under (``pip install basinmerge``); the import package and
+the command are ``rebasin``. PyPI's ``rebasin`` and ``sinkhorn-rebasin`` are other projects."""
+
 _EXPORTS = {
     "load_checkpoint": "rebasin.checkpoint",
     "save_checkpoint": "rebasin.checkpoint",

@@ -283,7 +283,7 @@ class SpecOptions(Checked):
         (),
         "Keep groups matching this glob fixed (repeatable), e.g. residual or 'layers.*.attn.*'.",
         metavar="GROUP_PATTERN",
-        commands=("merge", "barrier", "merge-many"),
+        commands=("merge", "barrier", "merge-many", "permute"),
     )
 
 
@@ -358,6 +358,12 @@ class OutputOptions(Checked):
         False,
         "Overwrite existing output files.",
         commands=("merge", "barrier", "permute", "merge-many", "spec"),
+    )
+    no_verify: bool = option(
+        False,
+        "Skip the check that the permuted model computes what the original computes "
+        "(run on a probe batch whenever a model can be built).",
+        commands=("merge", "barrier", "permute", "merge-many"),
     )
 
     def __post_init__(self) -> None:
@@ -579,3 +585,15 @@ def options_table() -> str:
         default = describe_defaults(o).replace("|", "\\|")
         rows.append(f"| {flag} | {key} | {commands} | {methods} | {default} | {o.help} |")
     return "\n".join(rows) + "\n"
+
+
+def write_options_doc(path: str) -> None:
+    """Regenerate the table between the markers of ``docs/options.md``."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    start, end = "<!-- options-table:start -->\n", "<!-- options-table:end -->"
+    head, rest = text.split(start)
+    tail = rest[rest.index(end) :]
+    p.write_text(head + start + options_table() + tail)

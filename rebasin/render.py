@@ -13,13 +13,21 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+"""Results people and pipes read (``inspect``, ``spec`` tables) go to stdout."""
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters and line breaks (from file names, keys or
+    messages others wrote) are shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def error(line: str, hint: str | None = None) -> None:
-    """Print ``error: <line>`` (and ``hint: ...``) on stderr, plainly."""
-    print(f"error: {line}", file=sys.stderr)
+    """Print ``error: <line>`` (and ``hint: ...``) on stderr, plainly, one line each."""
+    print(f"error: {one_line(line)}", file=sys.stderr)
     if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+        print(f"hint: {one_line(hint)}", file=sys.stderr)
 
 
 def interactive() -> bool:
@@ -94,6 +102,7 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         f"{runs}{report['timings']['match_s']:.2f}s",
         soft_wrap=True,
     )
+    checked(report)
     if spec.get("frozen"):
         err.print(f"frozen (left at the identity): {', '.join(spec['frozen'])}", soft_wrap=True)
     for note in spec.get("notes", []):
@@ -121,12 +130,12 @@ def spec_summary(spec: Mapping[str, Any], fixed: Sequence[str]) -> None:
         more = f" ... ({len(ms)} in all)" if len(ms) > 4 else ""
         size = str(body["size"]) + (f" ({body['heads']} heads)" if "heads" in body else "")
         t.add_row(g, size, shown + more)
-    err.print(t)
+    out.print(t)
     for note in spec.get("notes", []):
-        err.print(f"note: {note}", soft_wrap=True)
+        out.print(f"note: {note}", soft_wrap=True)
     shown = ", ".join(fixed[:8]) + (f" ... ({len(fixed)} in all)" if len(fixed) > 8 else "")
-    err.print(f"left fixed: {shown or 'none'}", soft_wrap=True)
-    err.print("(full member lists: rebasin spec CHECKPOINT -o spec.yaml, or --json)", soft_wrap=True)
+    out.print(f"left fixed: {shown or 'none'}", soft_wrap=True)
+    out.print("(full member lists: rebasin spec CHECKPOINT -o spec.yaml, or --json)", soft_wrap=True)
 
 
 def inspect_summary(info: Mapping[str, Any]) -> None:
@@ -138,17 +147,18 @@ def inspect_summary(info: Mapping[str, Any]) -> None:
     t.add_column("dtype")
     for row in info["tensors"]:
         t.add_row(row["name"], "(" + ", ".join(map(str, row["shape"])) + ")", row["dtype"])
-    err.print(t)
+    out.print(t)
     dtypes = ", ".join(f"{k}: {v}" for k, v in inp["dtypes"].items())
     fam = info.get("family")
-    err.print(
-        f"{inp['tensors']} tensors, {inp['parameters']:,} parameters ({dtypes}); "
+    buffers = f", {inp['integer_elements']:,} integer buffer elements" if inp.get("integer_elements") else ""
+    out.print(
+        f"{inp['tensors']} tensors, {inp['parameters']:,} parameters{buffers} ({dtypes}); "
         f"architecture: {fam + ' (' + str(info['groups']) + ' groups)' if fam else 'not recognized'}"
     )
     if info["metadata"]:
-        err.print("metadata:")
+        out.print("metadata:")
         for k, v in info["metadata"].items():
-            err.print(f"  {k}: {v}", soft_wrap=True)
+            out.print(f"  {k}: {v}", soft_wrap=True)
 
 
 def permute_summary(report: Mapping[str, Any]) -> None:
@@ -158,6 +168,23 @@ def permute_summary(report: Mapping[str, Any]) -> None:
         f"permuted {len(spec['groups'])} groups ({spec['source']}) with seed {report['seed']}; "
         f"wrote {', '.join(report['output']['files'])}"
     )
+    checked(report, "the permuted model", "the original")
+
+
+def checked(report: Mapping[str, Any], what: str = "pi(B)", of: str = "B") -> None:
+    """One line saying whether the written permutation was verified, and the report's notes."""
+    eq = report.get("equivalence")
+    if eq:
+        if eq.get("ok") is None:
+            err.print(eq.get("reason", "not verified"), soft_wrap=True)
+        else:
+            err.print(
+                f"verified: {what} computes what {of} computes (max abs diff {eq['max_abs_diff']:.2g} "
+                f"on {eq['probe']})",
+                soft_wrap=True,
+            )
+    for note in report.get("notes", []):
+        err.print(f"note: {note}", soft_wrap=True)
 
 
 def evaluation_summary(report: Mapping[str, Any]) -> None:
@@ -223,6 +250,7 @@ def many_summary(report: Mapping[str, Any]) -> None:
         f"in {r['rounds']} round(s); wrote {', '.join(report['output']['files'])}",
         soft_wrap=True,
     )
+    checked(report, "every aligned model", "its original")
 
 
 def wrote(paths: Sequence[Any]) -> None:

@@ -30,7 +30,8 @@ def input_info(ck: Checkpoint, with_hash: bool = True) -> dict[str, Any]:
         info["sha256"] = ck.sha256()
     info |= {
         "tensors": len(ck.shapes),
-        "parameters": ck.num_parameters(),
+        "parameters": ck.num_parameters(floating=True),
+        "integer_elements": ck.num_parameters(floating=False),
         "dtypes": ck.dtype_counts(),
     }
     return info

@@ -45,12 +45,28 @@ def parse(text: str, source: str, what: str, as_json: bool = False) -> Any:
             return super().compose_node(parent, index)
 
     try:
-        if as_json:
-            return json.loads(text)
-        return yaml.load(text, Loader=NoAliases)
+        data = json.loads(text) if as_json else yaml.load(text, Loader=NoAliases)
+        _check_strings(data)
     except (ValueError, yaml.YAMLError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot parse {what} ({first})", source=source) from None
+    return data
+
+
+def _check_strings(data: Any) -> None:
+    """Every string must be valid text (an escape such as \\ud800 gives a lone surrogate)."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"invalid text {x!r} (a lone surrogate escape)") from None
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
 
 
 def read_data(path: str | Path, what: str) -> Any:

@@ -77,10 +77,17 @@ def input_files(path: PathLike) -> list[Path]:
     if p.name.endswith(".index.json") and p.is_file():
         try:
             names = json.loads(p.read_text()).get("weight_map", {}).values()
-            files += [p.parent / n for n in set(names) if isinstance(n, str)]
+            files += [p.parent / n for n in {n for n in names if isinstance(n, str) and n}]
         except (OSError, ValueError, AttributeError):
             pass
-    return [f for f in files if f.exists()]
+    out = []
+    for f in files:
+        try:
+            if f.exists():
+                out.append(f)
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def _same(a: Path, b: Path) -> bool:

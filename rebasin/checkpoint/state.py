@@ -69,10 +69,14 @@ class Checkpoint:
                     h.update(chunk)
         return h.hexdigest()
 
-    def num_parameters(self) -> int:
-        """Total number of elements over all tensors."""
+    def num_parameters(self, floating: bool = True) -> int:
+        """Number of elements over the floating-point tensors (the parameters and float
+        buffers), or with ``floating=False`` over the integer ones (``position_ids``,
+        ``num_batches_tracked``), which are not parameters."""
         n = 0
-        for s in self.shapes.values():
+        for name, s in self.shapes.items():
+            if self.dtypes[name].is_floating_point != floating:
+                continue
             k = 1
             for d in s:
                 k *= d

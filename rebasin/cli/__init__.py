@@ -31,7 +31,7 @@ def _version(value: bool) -> None:
     if value:
         from rebasin._version import __version__
 
-        print(f"rebasin {__version__}")
+        print(f"rebasin {__version__} (distribution: basinmerge)")
         raise typer.Exit()
 
 
@@ -231,6 +231,7 @@ def barrier(
         _emit_json(rep)
     elif not quiet:
         render.evaluation_summary(rep)
+        render.checked(rep)
         if written:
             render.wrote(written)
     _gate(gate_value(rep), opts.evaluate.max_barrier if opts.evaluate else None, quiet or as_json)

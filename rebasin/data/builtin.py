@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -15,6 +17,7 @@ def _standardize(x: np.ndarray, xt: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
 
 @register_data("mnist1d")
+@functools.cache
 def mnist1d(seed: int = 0) -> Dataset:
     """MNIST-1D (Greydanus, 2020) from the ``mnist1d`` package's local generator: 4000 train and
     1000 test sequences of length 40, 10 classes. The data set is fixed (the package's own seed)."""
@@ -28,6 +31,7 @@ def mnist1d(seed: int = 0) -> Dataset:
 
 
 @register_data("digits")
+@functools.cache
 def digits(seed: int = 0) -> Dataset:
     """scikit-learn's handwritten digits (8x8 images, 1797 samples, 10 classes), split 80/20
     with a fixed order; inputs shaped (1, 8, 8)."""

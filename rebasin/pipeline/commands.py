@@ -28,6 +28,7 @@ from rebasin.pipeline.evaluation import (
     wants_evaluation,
 )
 from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
+from rebasin.pipeline.verification import verifier_for, verify
 from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
 from rebasin.report import input_info, l2_distance, new_report, spec_info
 from rebasin.spec.core import PermutationSpec
@@ -115,6 +116,9 @@ def merge_checkpoints(
     timings["match_s"] = round(result.seconds, 4)
     b_aligned = permute(b.state, spec, result.perm)
     report = _match_report("merge", a, b, spec, source, frozen, result)
+    with _timed(timings, "verify_s"):
+        report["equivalence"] = verify(*verifier_for(opts, a), b, spec, result.perm)
+    _note_output_group(report)
     with _timed(timings, "distance_s"):
         report["distance"] = {
             "l2_before": l2_distance(a.state, b.state),
@@ -166,6 +170,14 @@ def _write_report(report: dict[str, Any], path: PathLike | None) -> None:
     write_report(report, path)
 
 
+def _note_output_group(report: dict[str, Any]) -> None:
+    g = report["equivalence"].get("output_group")
+    if g:
+        report.setdefault("notes", []).append(
+            f"the model's output axis follows group '{g}': the aligned model answers in A's coordinates"
+        )
+
+
 def _provenance(
     opts: Options, result: MatchResult, source: str, spec: PermutationSpec, report: dict[str, Any]
 ) -> dict[str, Any]:
@@ -210,6 +222,8 @@ def barrier_checkpoints(
         result = _align(opts, a, b, spec, ev, progress)
         report = _match_report("barrier", a, b, spec, source, frozen, result)
         b_aligned = permute(b.state, spec, result.perm)
+        report["equivalence"] = verify(*verifier_for(opts, a), b, spec, result.perm)
+        _note_output_group(report)
     else:
         check_weights(a)
         check_weights(b)
@@ -240,6 +254,13 @@ def permute_checkpoint(
     ck = load_checkpoint(path)
     s, source, frozen = _spec(opts, ck)
     perm = random_permutation(s, opts.run.seed)
+    verifier, why = verifier_for(opts, ck)
+    equivalence = verify(verifier, why, ck, s, perm, "the permuted model", "the original")
+    kept = equivalence.get("output_group")
+    if kept:  # the model's output axis: moving it would change what the model returns
+        perm[kept] = torch.arange(len(perm[kept]))
+        frozen = [*frozen, kept]
+        equivalence = verify(verifier, why, ck, s, perm, "the permuted model", "the original")
     meta = output_metadata(
         ck.metadata, command="permute", seed=opts.run.seed, spec=source, spec_digest=s.digest()
     )
@@ -248,6 +269,9 @@ def permute_checkpoint(
     report["inputs"] = {"a": input_info(ck)}
     report["spec"] = spec_info(s, source, list(ck.state)) | {"frozen": frozen}
     report["seed"] = opts.run.seed
+    report["equivalence"] = equivalence
+    if kept:
+        report["notes"] = [f"kept group '{kept}' fixed: it is the model's output axis"]
     report["moved_fraction"] = {g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()}
     report["output"] = {"files": [str(f) for f in files]}
     return report
@@ -279,6 +303,11 @@ def merge_many_checkpoints(
     s, source, frozen = _spec(opts, *cks)
     solver = MergeMany(max_rounds=opts.merge.max_rounds, seed=opts.run.seed, device=opts.run.device)
     result = solver.match([c.state for c in cks], s, progress)
+    verifier, why = verifier_for(opts, cks[0])
+    checks = [
+        verify(verifier, why, c, s, p, f"model {i + 1} aligned", f"model {i + 1}")
+        for i, (c, p) in enumerate(zip(cks, result.perms, strict=True))
+    ]
     aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
     meta = output_metadata(
         cks[0].metadata,
@@ -294,6 +323,17 @@ def merge_many_checkpoints(
     report["inputs"] = [input_info(c) for c in cks]
     report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}
     report["merge_many"] = result.to_dict()
+    report["equivalence"] = (
+        checks[0]
+        if checks[0]["ok"] is None
+        else {
+            "ok": all(c["ok"] for c in checks),
+            "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+            "relative": max(c["relative"] for c in checks),
+            "probe": checks[0]["probe"],
+            "output_group": next((c["output_group"] for c in checks if c["output_group"]), None),
+        }
+    )
     report["output"] = {"files": [str(f) for f in files]}
     _write_report(report, o.report)
     return report

@@ -158,9 +158,9 @@ def test_permute_preserves_function(write_st: Callable[..., Path], tmp_path: Pat
 def test_spec_export_and_reuse(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = mlp_pair
     spec_path = tmp_path / "spec.yaml"
-    code, _, err = run("spec", a, "-o", spec_path)
+    code, stdout, err = run("spec", a, "-o", spec_path)
     assert code == 0, err
-    assert "P_net.0" in err and "left fixed: net.6.bias" in err
+    assert "P_net.0" in stdout and "left fixed: net.6.bias" in stdout  # results on stdout, for pipes
     data = yaml.safe_load(spec_path.read_text())
     assert data["format_version"] == 1
     assert data["groups"]["P_net.2"]["members"] == [
@@ -192,10 +192,23 @@ def test_hand_written_spec_with_fewer_groups(mlp_pair: tuple[Path, Path], tmp_pa
 
 
 def test_inspect_table(mlp_pair: tuple[Path, Path]) -> None:
-    code, _, err = run("inspect", mlp_pair[0])
+    code, stdout, _ = run("inspect", mlp_pair[0])
     assert code == 0
-    assert "net.0.weight" in err and "(32, 20)" in err
-    assert "architecture: mlp (3 groups)" in err
+    assert "net.0.weight" in stdout and "(32, 20)" in stdout  # results on stdout, for pipes
+    assert "architecture: mlp (3 groups)" in stdout
+
+
+def test_inspect_counts_integer_buffers_apart(write_st: Callable[..., Path]) -> None:
+    state = {
+        "w": torch.zeros(3, 4),
+        "position_ids": torch.arange(8)[None],
+        "bn.num_batches_tracked": torch.tensor(5),
+    }
+    code, stdout, _ = run("inspect", write_st(state, "p.safetensors"), "--json")
+    assert code == 0
+    info = json.loads(stdout)["input"]
+    assert info["parameters"] == 12
+    assert info["integer_elements"] == 9
 
 
 def test_pt_checkpoints_and_wrapped_state_dicts(tmp_path: Path) -> None:

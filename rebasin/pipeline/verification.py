@@ -1,0 +1,84 @@
+"""Verification wiring: build the model (when one can be built) and check every permutation a
+command writes or measures: pi(B) must compute what B computes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rebasin.checkpoint import Checkpoint
+from rebasin.errors import CheckpointError, ConfigError
+from rebasin.matching.result import Permutation
+from rebasin.options import Options
+from rebasin.spec.core import PermutationSpec
+from rebasin.verify import Verifier
+
+NOT_VERIFIED = {"ok": None}
+
+
+def verifier_for(opts: Options, ck: Checkpoint) -> tuple[Verifier | None, str]:
+    """A verifier for ``ck``'s model, or None and why not. A model given with ``--model`` must
+    build; a recorded architecture or ``config.json`` is used when it is trusted."""
+    from rebasin.models.resolve import recorded_arch, recorded_data, resolve_model
+    from rebasin.spec.trace import TraceError, example_input
+
+    if opts.output.no_verify:
+        return None, "not verified: --no-verify"
+    model = opts.model.model
+    if model is None:
+        try:
+            known = ck.config is not None or recorded_arch(ck.metadata, ck.name) is not None
+        except ConfigError:
+            return None, "not verified: the checkpoint's architecture record is refused"
+        if not known:
+            return None, "not verified: no model (pass --model to verify)"
+    ref = resolve_model(model, opts.model.model_args, ck.metadata, ck.name, ck.config)
+    factory = ref.factory()
+    data = opts.evaluate.data if opts.evaluate else None
+    try:
+        data = data or recorded_data(ck.metadata, ck.name)
+    except ConfigError:
+        data = None
+    if data:
+        from rebasin.data import load_data
+
+        x = load_data(data, opts.run.seed).x_train[:8]
+        verifier = Verifier(factory, (x,), f"{len(x)} examples of {data}", ref.name)
+    else:
+        try:
+            inputs = example_input(factory())
+        except TraceError:
+            return None, "not verified: no probe input (pass --data)"
+        verifier = Verifier(factory, inputs, "the model's example input", ref.name)
+    if model is None:  # built from a record or config.json: it must fit, else no verdict
+        try:
+            verifier.output(ck.state)
+        except ConfigError as e:
+            return None, f"not verified: the model built from the checkpoint does not fit it ({e.message})"
+    return verifier, ""
+
+
+def verify(
+    verifier: Verifier | None,
+    why_not: str,
+    ck: Checkpoint,
+    spec: PermutationSpec,
+    perm: Permutation,
+    what: str = "pi(B)",
+    of: str = "B",
+) -> dict[str, Any]:
+    """Check that ``perm`` preserves ``ck``'s function; the report's ``equivalence`` section.
+    Raises CheckpointError naming the first group that breaks it."""
+    if verifier is None:
+        return {**NOT_VERIFIED, "reason": why_not}
+    eq = verifier.check(ck.state, spec, perm)
+    if not eq.ok:
+        group = verifier.first_breaking_group(ck.state, spec, perm)
+        where = f"; the first group that breaks it: '{group}'" if group else ""
+        raise CheckpointError(
+            f"{what} does not compute what {of} computes (max abs diff {eq.max_abs_diff:.3g}, "
+            f"relative {eq.relative:.2g} on {eq.probe}){where}",
+            f"check the spec (rebasin spec), freeze the group (--freeze {group or 'GROUP'}), "
+            "or pass --no-verify to write it anyway",
+            source=ck.name,
+        )
+    return eq.to_dict()

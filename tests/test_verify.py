@@ -1,0 +1,104 @@
+"""Every write is verified: pi(B) computes what B computes, checked on a probe batch whenever a
+model can be built; headless models (whose output is the residual stream) keep their output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run
+from safetensors.torch import load_file
+
+
+def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = trained_mlp_pair
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m.safetensors", "--json")
+    assert code == 0, err
+    eq = json.loads(stdout)["equivalence"]
+    assert eq["ok"] is True and eq["relative"] < 1e-5 and eq["output_group"] is None
+    code, _, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors")
+    assert "verified: pi(B) computes what B computes" in err
+
+
+def test_without_a_model_the_report_says_so(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = mlp_pair
+    code, stdout, _ = run("merge", a, b, "-o", tmp_path / "m.safetensors", "--json")
+    assert code == 0
+    assert json.loads(stdout)["equivalence"] == {
+        "ok": None,
+        "reason": "not verified: no model (pass --model to verify)",
+    }
+
+
+def test_a_wrong_spec_is_caught_and_nothing_is_written(
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = trained_mlp_pair
+    spec = tmp_path / "wrong.yaml"  # moves net.0's units but forgets net.2's input columns
+    spec.write_text(
+        "format_version: 1\ngroups:\n  P_half: {size: 128, members: [[net.0.weight, 0], [net.0.bias, 0]]}\n"
+    )
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run("merge", a, b, "-o", out, "--spec", spec)
+    assert code == 2 and stdout == ""
+    line = err.splitlines()[0]
+    assert line.startswith(f"error: {b}: pi(B) does not compute what B computes (max abs diff ")
+    assert line.endswith("; the first group that breaks it: 'P_half'")
+    assert not out.exists()
+    code, _, err = run("merge", a, b, "-o", out, "--spec", spec, "--no-verify")
+    assert code == 0, err
+    assert out.exists()
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _headless(kind: str) -> torch.nn.Module:
+    t = transformers
+    torch.manual_seed(0)
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    if kind == "bert":
+        return t.BertModel(t.BertConfig(hidden_size=32, vocab_size=50, max_position_embeddings=16, **small))
+    if kind == "llama":
+        return t.LlamaModel(t.LlamaConfig(hidden_size=32, num_key_value_heads=2, vocab_size=50, **small))
+    if kind == "gpt2":
+        return t.GPT2Model(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
+    return t.ViTModel(t.ViTConfig(hidden_size=32, image_size=8, patch_size=4, num_channels=3, **small))
+
+
+def _hidden(cls: type, path: Path, kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = (
+        {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+        if kind == "vit"
+        else {"input_ids": torch.randint(0, 50, (2, 8), generator=g)}
+    )
+    with torch.no_grad():
+        return cls.from_pretrained(path).eval()(**x).last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2", "vit"])
+def test_headless_models_keep_their_output(kind: str, tmp_path: Path) -> None:
+    model = _headless(kind)
+    a = tmp_path / "a"
+    model.save_pretrained(a)
+    out = tmp_path / "p"
+    code, stdout, err = run("permute", a, "-o", out, "--seed", "3", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["equivalence"]["ok"] is True
+    assert rep["notes"] == ["kept group 'residual' fixed: it is the model's output axis"]
+    cls = type(model)
+    torch.testing.assert_close(_hidden(cls, out, kind), _hidden(cls, a, kind), atol=1e-5, rtol=1e-5)
+    # a merge aligns the residual stream too, and says that its output follows A's coordinates
+    b = tmp_path / "b"
+    torch.manual_seed(1)
+    type(model)(model.config).save_pretrained(b)
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["equivalence"]["ok"] is True and rep["equivalence"]["output_group"] == "residual"
+    assert "answers in A's coordinates" in rep["notes"][0]
+    assert load_file(tmp_path / "m" / "model.safetensors")
