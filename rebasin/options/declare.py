@@ -1,0 +1,210 @@
+"""Declaring options (:func:`option` on a dataclass field) and checking their values, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rebasin.errors import ConfigError
+
+_META = "rebasin.option"
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """Everything known about one option (derived from its dataclass field)."""
+
+    name: str
+    """Python attribute and batch plan key."""
+    stage: str
+    kind: type
+    """``int``, ``float``, ``str``, ``bool``, ``list`` (of strings) or ``dict`` (a JSON object)."""
+    default: Any
+    help: str
+    flag: str
+    short: str | None = None
+    choices: tuple[str, ...] | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    metavar: str | None = None
+    commands: tuple[str, ...] = ()
+    plan: bool = True
+    methods: tuple[str, ...] | None = None
+    """For a matcher's own options: the methods that use it (None: every method)."""
+    default_text: str | None = None
+    """How the docs and help show the default, where the value alone would mislead."""
+
+    def label(self, style: str) -> str:
+        """How errors name the option: ``--max-iter`` on the command line, ``'max_iter'`` in a plan."""
+        return self.flag if style == "cli" else f"'{self.name}'"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    choices: Sequence[str] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    metavar: str | None = None,
+    commands: Sequence[str] = (),
+    plan: bool = True,
+    default_text: str | None = None,
+) -> Any:
+    """Declare a dataclass field as an option (see :class:`OptionInfo` for the meanings)."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "short": short,
+        "choices": tuple(choices) if choices is not None else None,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "metavar": metavar,
+        "commands": tuple(commands),
+        "plan": plan,
+        "default_text": default_text,
+    }
+    if isinstance(default, list | dict):
+        raise TypeError("use a tuple or None as the default of a list or mapping option")
+    return field(default=default, metadata={_META: meta})
+
+
+def _kind(annotation: Any) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _kind(args[0])
+    if origin in (tuple, list) or annotation in (tuple, list):
+        return list
+    if origin in (dict, Mapping) or annotation is dict:
+        return dict
+    if annotation in (int, float, str, bool):
+        return typing.cast(type, annotation)
+    raise TypeError(f"unsupported option type {annotation!r}")
+
+
+def options_of(cls: type, stage: str, methods: tuple[str, ...] | None = None) -> list[OptionInfo]:
+    """The options a dataclass declares, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get(_META)
+        if meta is None:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        out.append(
+            OptionInfo(
+                name=f.name,
+                stage=stage,
+                kind=_kind(hints[f.name]),
+                default=f.default,
+                methods=methods,
+                **{**meta, "flag": flag},
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------- checking values
+
+
+def _plain(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_value(info: OptionInfo, value: Any, style: str = "cli") -> Any:
+    """Check one value against its option (type, choices, bounds, finiteness) and return it in the
+    option's own type (lists become tuples, JSON text for a mapping is parsed). ``style`` says how
+    the message names the option (see :meth:`OptionInfo.label`)."""
+    name = info.label(style)
+    if value is None:
+        return None
+    kind = info.kind
+    if kind is dict and isinstance(value, str):
+        value = parse_json_object(value, name)
+    if kind is list and isinstance(value, str):
+        value = [value]
+    if kind is list and isinstance(value, tuple):
+        value = list(value)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{name} must be {kind.__name__}, got {_plain(value)}")
+    if kind is list:
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {_plain(value)}")
+        value = tuple(value)
+    if info.choices is not None and value not in info.choices:
+        raise ConfigError(f"{name} must be one of {', '.join(info.choices)}, got {_plain(value)}")
+    if kind in (int, float):
+        _check_number(info, name, value)
+    return value
+
+
+def _check_number(info: OptionInfo, name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if info.ge is not None and info.le is not None and not info.ge <= value <= info.le:
+        raise ConfigError(f"{name} must lie in [{_num(info.ge)}, {_num(info.le)}], got {value}")
+    if info.ge is not None and value < info.ge:
+        raise ConfigError(f"{name} must be at least {_num(info.ge)}, got {value}")
+    if info.gt is not None and value <= info.gt:
+        raise ConfigError(f"{name} must be greater than {_num(info.gt)}, got {value}")
+    if info.le is not None and value > info.le:
+        raise ConfigError(f"{name} must be at most {_num(info.le)}, got {value}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def parse_json_object(text: str, name: str = "--model-args") -> dict[str, Any]:
+    """A JSON object given as text (``--model-args '{"hidden": 512}'``) as a dict."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object, e.g. '{{\"hidden\": 512}}'")
+    return value
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Parse '500MB', '2GB', '1GiB' or a byte count; None stays None."""
+    if text is None or isinstance(text, int):
+        if isinstance(text, int) and text <= 0:
+            raise ConfigError(f"invalid size '{text}' (must be positive)")
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"invalid size '{text}' (use e.g. 500MB, 2GB, 1GiB)")
+    value = float(m.group(1))
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I")]
+    size = int(value * base**power)
+    if size <= 0:
+        raise ConfigError(f"invalid size '{text}' (must be positive)")
+    return size
+
+
+class Checked:
+    """Mixin for option dataclasses: every declared option is checked on construction."""
+
+    def __post_init__(self) -> None:
+        for info in options_of(type(self), ""):
+            value = check_value(info, getattr(self, info.name), "cli")
+            object.__setattr__(self, info.name, value)
