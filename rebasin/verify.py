@@ -67,6 +67,9 @@ class Verifier:
     ):
         self.make_model, self.inputs, self.probe, self.name = make_model, tuple(inputs), probe, name
         self._model: nn.Module | None = None
+        self.strict = True
+        """Whether a model that does not fit the checkpoint is an error (a model the user named)
+        rather than "no verdict" (a model built from a record or config.json)."""
 
     @torch.no_grad()
     def output(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:

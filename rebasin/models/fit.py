@@ -63,7 +63,8 @@ def check_fits(
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
     """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
     state = renamed(model, state)
-    own = check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, source, model_name)
+    tensors = {k: state[k] for k in state}  # one pass: a lazy state computes each tensor once
+    own = check_fits(model, {k: tuple(v.shape) for k, v in tensors.items()}, source, model_name)
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(state[k].to(v.dtype))
+            v.copy_(tensors[k].to(v.dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +36,15 @@ from rebasin.spec.core import PermutationSpec
 from rebasin.spec.names import infer_spec
 
 PathLike = str | os.PathLike[str]
+
+
+def _in_background(fn: Any, *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` in a thread (imports and model building overlap the matching's products,
+    which release the interpreter lock); its errors surface at ``result()``."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
 
 
 @contextmanager
@@ -110,6 +120,7 @@ def merge_checkpoints(
     with _timed(timings, "spec_s"):
         spec, source, frozen = _spec(opts, a, b)
     check_data_available(opts.matcher, opts, a)
+    pending = _in_background(verifier_for, opts, a)  # builds the model while matching runs
     wanted = wants_evaluation(opts, a)
     ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
     result = _align(opts, a, b, spec, ev, progress)
@@ -117,7 +128,8 @@ def merge_checkpoints(
     b_aligned = permute(b.state, spec, result.perm)
     report = _match_report("merge", a, b, spec, source, frozen, result)
     with _timed(timings, "verify_s"):
-        report["equivalence"] = verify(*verifier_for(opts, a), b, spec, result.perm)
+        verifier, why = pending.result()
+        report["equivalence"] = verify(verifier, why, b, spec, result.perm)
     _note_output_group(report)
     with _timed(timings, "distance_s"):
         report["distance"] = {
