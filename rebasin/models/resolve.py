@@ -117,16 +117,10 @@ def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
-    """``--model-args`` JSON object -> dict."""
-    if not text:
-        return {}
-    try:
-        args = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"--model-args is not valid JSON ({e})") from None
-    if not isinstance(args, dict):
-        raise ConfigError("--model-args must be a JSON object, e.g. '{\"hidden\": 512}'")
-    return args
+    """``--model-args`` JSON object -> dict (checked by the options model's rule)."""
+    from rebasin.options import parse_json_object
+
+    return parse_json_object(text, "--model-args") if text else {}
 
 
 def resolve_model(

@@ -31,7 +31,7 @@ from rebasin.options.declare import (
     parse_json_object,
     parse_size,
 )
-from rebasin.options.docs import describe_defaults, iter_stage_values, options_table, write_options_doc
+from rebasin.options.docs import describe_defaults, options_table, write_options_doc
 from rebasin.options.stages import (
     STAGES,
     EvalOptions,
@@ -58,7 +58,6 @@ __all__ = [
     "check_value",
     "describe_defaults",
     "for_command",
-    "iter_stage_values",
     "make_matcher",
     "matcher_options",
     "option",

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 from rebasin.options.build import all_options
 from rebasin.options.declare import OptionInfo, options_of
 
@@ -33,12 +30,6 @@ def _method_defaults(info: OptionInfo) -> str:
                 if d:
                     parts.append(f"{d} ({name})")
     return ", ".join(parts)
-
-
-def iter_stage_values(obj: Any) -> Iterator[tuple[str, Any]]:
-    """(name, value) of every declared option of an options object (for reports)."""
-    for info in options_of(type(obj), ""):
-        yield info.name, getattr(obj, info.name)
 
 
 def options_table() -> str:
