@@ -89,6 +89,7 @@ def run_demo(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train A (seed 0) and B (seed 1), merge, evaluate; write everything into ``out_dir``."""
+    from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
     from rebasin.options import EvalOptions, Options, OutputOptions
     from rebasin.pipeline import merge_checkpoints
     from rebasin.plot import plot_curves
@@ -98,6 +99,10 @@ def run_demo(
     check_demo_folder(d, force)
     d.mkdir(parents=True, exist_ok=True)
     paths = {k: d / f"{k}.safetensors" for k in ("a", "b", "merged")}
+    outputs = [checkpoint_output(p, k) for k, p in paths.items()]
+    guard_outputs(
+        [*outputs, file_output(d / "report.json", "report"), plot_output(d / "barrier.png")], [], force
+    )
     for seed, key in ((0, "a"), (1, "b")):
         train_checkpoint(
             "mlp", DEMO_MODEL, "mnist1d", paths[key], seed=seed, epochs=epochs, force=True, progress=progress
