@@ -91,3 +91,13 @@ class MatchResult:
             "restarts": [r.__dict__ for r in self.restarts],
             "groups": {g: s.__dict__ for g, s in self.groups.items()},
         }
+
+
+def no_worse(
+    perm: Permutation, value: float, identity: Permutation, at_identity: float
+) -> tuple[Permutation, float, bool]:
+    """The rule every method that minimizes its own criterion keeps: never end worse than B as
+    it is. Returns the permutation kept, its value, and whether that is the identity."""
+    if at_identity < value:
+        return identity, at_identity, True
+    return perm, value, False

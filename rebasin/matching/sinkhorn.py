@@ -22,7 +22,7 @@ import torch
 
 from rebasin.errors import ConfigError
 from rebasin.matching.assignment import resolve_backend, solve_groups
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state, no_worse
 from rebasin.spec.core import Axis, parts
 
 if TYPE_CHECKING:
@@ -204,9 +204,7 @@ def sinkhorn_rebasin(
 
     ident = identity(spec)
     at_identity, found = criterion(ident), criterion(perm)
-    kept_identity = found > at_identity
-    if kept_identity:
-        perm, found = ident, at_identity
+    perm, found, kept_identity = no_worse(perm, found, ident, at_identity)
     return MatchResult(
         method="sinkhorn",
         perm=perm,

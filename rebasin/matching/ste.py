@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rebasin.matching.assignment import resolve_backend, solve_groups
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state, no_worse
 from rebasin.matching.sinkhorn import ImplicitSinkhorn, soft_permute
 from rebasin.matching.weight import weight_matching
 from rebasin.permutation import identity, permute
@@ -83,9 +83,7 @@ def straight_through(
                 best_perm, best_score = {g: v.clone() for g, v in perm.items()}, s
         if progress:
             progress(label, step + 1, steps)
-    kept_identity = at_identity < best_score
-    if kept_identity:
-        best_perm, best_score = identity(spec), at_identity
+    best_perm, best_score, kept_identity = no_worse(best_perm, best_score, identity(spec), at_identity)
     groups = {}
     for g, n in spec.sizes.items():
         moved = float((best_perm[g] != torch.arange(n)).float().mean())

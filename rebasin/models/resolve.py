@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin._imports import brief, call_user, import_object
+from rebasin._imports import brief, call_user, import_object, is_code_ref
 from rebasin.errors import ConfigError
 from rebasin.models.registry import build_model, list_models
 
@@ -64,19 +64,35 @@ class ModelRef:
 CODE_HINT = "rebasin never imports code a file names; if you trust it, pass it yourself: {flag} {name}"
 
 
+def _built_in(metadata: Mapping[str, str], key: str) -> bool:
+    """The one rule for records in a file: only registered built-in names are trusted."""
+    from rebasin.data import list_data
+
+    name = metadata.get(key)
+    return name is not None and name in (list_models() if key == ARCH_KEY else list_data())
+
+
+def _recorded(metadata: Mapping[str, str], key: str, source: str) -> str | None:
+    """The trusted name a checkpoint records under ``key``, None when it records none; any other
+    record is refused with a hint."""
+    name = metadata.get(key)
+    if name is None or _built_in(metadata, key):
+        return name
+    kind, flag = ("model", "--model") if key == ARCH_KEY else ("data set", "--data")
+    raise ConfigError(
+        f"the checkpoint's {key} names '{name}', which is not a built-in {kind}",
+        CODE_HINT.format(flag=flag, name=name) if is_code_ref(name) else f"pass {flag}",
+        source=source,
+    )
+
+
 def recorded_arch(metadata: Mapping[str, str], source: str) -> tuple[str, dict[str, Any]] | None:
     """The built-in architecture (and its arguments) a checkpoint records, or None. A record that
     names anything but a registered built-in model (``MODULE:NAME``, ``file.py:NAME``) is refused:
     loading a file never runs code."""
-    name = metadata.get(ARCH_KEY)
+    name = _recorded(metadata, ARCH_KEY, source)
     if name is None:
         return None
-    if name not in list_models():
-        raise ConfigError(
-            f"the checkpoint's {ARCH_KEY} names '{name}', which is not a built-in model",
-            CODE_HINT.format(flag="--model", name=name) if ":" in name else "pass --model",
-            source=source,
-        )
     try:
         args = json.loads(metadata.get(ARGS_KEY, "{}"))
     except ValueError:
@@ -87,33 +103,15 @@ def recorded_arch(metadata: Mapping[str, str], source: str) -> tuple[str, dict[s
 def recorded_data(metadata: Mapping[str, str], source: str) -> str | None:
     """The built-in data set a checkpoint records, or None; anything else is refused (a file
     never names code to import or other files to read)."""
-    from rebasin.data import list_data
-
-    name = metadata.get(DATA_KEY)
-    if name is None:
-        return None
-    if name not in list_data():
-        raise ConfigError(
-            f"the checkpoint's {DATA_KEY} names '{name}', which is not a built-in data set",
-            CODE_HINT.format(flag="--data", name=name) if ":" in name else "pass --data",
-            source=source,
-        )
-    return name
+    return _recorded(metadata, DATA_KEY, source)
 
 
 def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
     """The architecture and data records of ``metadata`` that later commands may use (built-in
     names only): what outputs carry forward, so a refused record never spreads."""
-    from rebasin.data import list_data
-
-    out = {}
-    if metadata.get(ARCH_KEY) in list_models():
-        out[ARCH_KEY] = metadata[ARCH_KEY]
-        if ARGS_KEY in metadata:
-            out[ARGS_KEY] = metadata[ARGS_KEY]
-    if metadata.get(DATA_KEY) in list_data():
-        out[DATA_KEY] = metadata[DATA_KEY]
-    return out
+    keys = [ARCH_KEY, ARGS_KEY] if _built_in(metadata, ARCH_KEY) else []
+    keys += [DATA_KEY] if _built_in(metadata, DATA_KEY) else []
+    return {k: metadata[k] for k in keys if k in metadata}
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
