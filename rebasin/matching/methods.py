@@ -42,6 +42,7 @@ class WeightMatching(Matcher):
             backend=self.backend,
             tol=self.tol,
             progress=progress,
+            buffers=problem.buffers,
         )
 
 

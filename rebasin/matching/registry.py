@@ -85,7 +85,8 @@ class CallableData:
 @dataclass
 class MatchProblem:
     """What a matcher solves: align ``b`` to ``a`` under ``spec``. ``data`` is the lazy data side
-    (None for data-free runs); ``seed`` and ``device`` configure the run."""
+    (None for data-free runs); ``seed`` and ``device`` configure the run; ``buffers`` names state
+    that is permuted but carries no weight in a cost."""
 
     a: Mapping[str, torch.Tensor]
     b: Mapping[str, torch.Tensor]
@@ -93,6 +94,13 @@ class MatchProblem:
     data: DataSide | None = None
     seed: int = 0
     device: str = "cpu"
+    buffers: frozenset[str] = frozenset()
+    """Non-parameter state beyond the running statistics found by name (permuted, never weighed)."""
+
+    @property
+    def cost_params(self) -> list[str]:
+        """The spec's parameters that weigh in data-free costs."""
+        return self.spec.cost_params(self.buffers)
 
     def need_data(self, what: str) -> DataSide:
         """The data side, or an error saying that ``what`` needs data."""

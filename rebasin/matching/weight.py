@@ -10,7 +10,7 @@ then unchanged and its permutation already optimal).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -37,17 +37,20 @@ def weight_matching(
     tol: float = 1e-12,
     init: Permutation | None = None,
     progress: Progress | None = None,
+    buffers: Collection[str] = (),
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
 
     Run 0 starts at the identity (or ``init``), later runs at a random permutation; the run with
-    the highest objective wins. Runs are reproducible from ``seed``."""
+    the highest objective wins. Runs are reproducible from ``seed``. The objective sums over the
+    spec's parameters only: running statistics and ``buffers`` are permuted with their groups but
+    carry no weight (:meth:`PermutationSpec.cost_params`)."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
-    problem = _Problem(a, b, spec, torch.device(device))
+    problem = _Problem(a, b, spec, torch.device(device), buffers)
     best: tuple[float, Permutation] | None = None
     traces: list[RestartTrace] = []
     best_k = 0
@@ -117,13 +120,13 @@ def _descend(
     spec = problem.spec
     units = spec.units
     names = sorted(spec.sizes)
-    history = [problem.objective(perm)]
-    total = history[0]  # the objective is linear in each group: track it by the gains
+    history = [problem.objective(perm)]  # exact (float64) at the end of every sweep
     dirty = set(names)  # groups whose cost may have changed since last solved
     converged = False
     sweep = 0
     for sweep in range(1, max_iter + 1):
         improved = False
+        start = {g: v.clone() for g, v in perm.items()}
         for u in rng.permutation(len(units)):
             unit = units[int(u)]
             if dirty.isdisjoint(unit):
@@ -140,21 +143,23 @@ def _descend(
                 for g in unit:
                     perm[g] = torch.from_numpy(new[g])
                     dirty |= spec.neighbours[g]
-                total += new_val - old_val
                 improved = True
-        history.append(total)
         if progress:
             progress(f"{label}, sweep {sweep})", k + 1 - 1 / (sweep + 1), restarts)
-        if not improved:
+        value = problem.objective(perm) if improved else history[-1]
+        if value <= history[-1]:
+            # nothing moved, or gains below the float32 products' rounding: the exact objective
+            # did not rise, so the sweep's moves are undone and the run has converged
+            perm = start
+            history.append(history[-1])
             converged = True
             break
-    final = problem.objective(perm)  # exact, free of accumulated rounding
-    history[-1] = final
-    return perm, (final, sweep, converged, history)
+        history.append(value)
+    return perm, (history[-1], sweep, converged, history)
 
 
 class _Problem:
-    """A and B upcast to float32 on the device, with A's member matrices cached."""
+    """A and B's weighed tensors upcast to float32 on the device, with A's member matrices cached."""
 
     def __init__(
         self,
@@ -162,14 +167,17 @@ class _Problem:
         b: Mapping[str, torch.Tensor],
         spec: PermutationSpec,
         device: torch.device,
+        buffers: Collection[str] = (),
     ):
         self.spec = spec
         self.device = device
-        self.a = {p: a[p].to(device=device, dtype=torch.float32) for p in spec.params}
-        self.b = {p: b[p].to(device=device, dtype=torch.float32) for p in spec.params}
+        weighed = spec.cost_params(buffers)
+        self.a = {p: a[p].to(device=device, dtype=torch.float32) for p in weighed}
+        self.b = {p: b[p].to(device=device, dtype=torch.float32) for p in weighed}
+        self.members = {g: [m for m in ms if m.param in self.a] for g, ms in spec.groups.items()}
         self.a_mats: dict[Member, torch.Tensor] = {}
         self.fixed_products: dict[Member, torch.Tensor] = {}  # members whose B side never changes
-        for g, members in spec.groups.items():
+        for g, members in self.members.items():
             for m in members:
                 self.a_mats[m] = _unit_rows(self.a[m.param], m, spec.sizes[g])
 
@@ -177,7 +185,7 @@ class _Problem:
         """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        for m in self.spec.groups[g]:
+        for m in self.members[g]:
             if m in self.fixed_products:
                 c += self.fixed_products[m]
                 continue
@@ -193,16 +201,17 @@ class _Problem:
         return out
 
     def objective(self, perm: Permutation) -> float:
-        """``sum_params <A, pi(B)>`` over the parameters the spec touches."""
-        total = 0.0
+        """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for p, bt in self.b.items():
-            pb = permute_tensor(bt, self.spec.axes_to_perm[p], perm)
-            x, y = self.a[p].reshape(-1), pb.reshape(-1)
-            if x.numel() <= 1 << 20:
-                total += float(torch.dot(x.double(), y.double()))
-            else:  # a float32 BLAS dot: converting large tensors to float64 costs far more
-                total += float(torch.dot(x, y))
-        return total
+            x = self.a[p].reshape(-1)
+            y = permute_tensor(bt, self.spec.axes_to_perm[p], perm).reshape(-1)
+            for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
+                total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
+        return float(total)
+
+
+_CHUNK = 1 << 22
 
 
 def _unit_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:

@@ -18,6 +18,17 @@ from rebasin.errors import ConfigError, SpecError
 
 FORMAT_VERSION = 1
 
+STATISTICS = ("running_mean", "running_var")
+"""Names (last component) of the non-parameter state that normalization layers keep."""
+
+
+def weighs_in_cost(name: str, buffers: Iterable[str] = ()) -> bool:
+    """Whether tensor ``name`` counts in a data-free matching cost. Buffers (running statistics,
+    and any name in ``buffers``) are permuted with their group but carry no weight: they are not
+    what the network computes with its weights, and their scale (a running variance squared) can
+    drown the weights' signal."""
+    return name.rsplit(".", 1)[-1] not in STATISTICS and name not in set(buffers)
+
 
 @dataclass(frozen=True)
 class Axis:
@@ -138,6 +149,11 @@ class PermutationSpec:
     def params(self) -> list[str]:
         """Parameters touched by at least one group."""
         return list(self.axes_to_perm)
+
+    def cost_params(self, buffers: Iterable[str] = ()) -> list[str]:
+        """The parameters touched by a group that weigh in data-free costs (see :func:`weighs_in_cost`)."""
+        skip = set(buffers)
+        return [p for p in self.axes_to_perm if weighs_in_cost(p, skip)]
 
     def entry(self, param: str, axis: int) -> AxisEntry:
         """The group entry of one axis (None where the axis stays fixed)."""

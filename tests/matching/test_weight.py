@@ -126,3 +126,26 @@ def test_two_level_assignment_is_exact_over_head_structured_permutations() -> No
     # heads stay whole and move together
     for g in costs:
         assert (got[g].reshape(k, d) // d == (got["qk"].reshape(k, d) // d)[:, :1]).all()
+
+
+def test_running_statistics_carry_no_weight() -> None:
+    """B is a permuted copy of A whose BatchNorm running statistics are replaced by large random
+    values: they are permuted with their groups but weigh nothing, so the planted permutation comes
+    back exactly and the objective is the weights' alone."""
+    from rebasin.permutation import random_permutation
+
+    a, _ = pair("resnet20")
+    spec = infer_spec(a)
+    planted = random_permutation(spec, 3)
+    b = dict(permute(a, spec, planted))
+    gen = torch.Generator().manual_seed(0)
+    for k in b:
+        if k.endswith(("running_mean", "running_var")):
+            b[k] = 100 * torch.rand(b[k].shape, generator=gen)
+    r = match(a, b, spec)
+    back = permute(b, spec, r.perm)
+    weights = [k for k in spec.params if not k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(back[k], a[k]) for k in weights)
+    direct = sum(float((a[k].double() * back[k].double()).sum()) for k in weights)
+    assert r.objective == pytest.approx(direct, rel=1e-9)
+    assert spec.cost_params() == weights
