@@ -82,7 +82,9 @@ class SinkhornRebasin(Matcher):
         choices=("l2", "mid", "rnd"),
         commands=ALIGN,
     )
-    steps: int = option(300, STEPS_HELP, ge=1, commands=ALIGN)
+    steps: int | None = option(
+        None, STEPS_HELP, ge=1, commands=ALIGN, default_text="100 for l2, 300 for mid and rnd"
+    )
     epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN)
     lr: float = option(0.1, "Adam learning rate.", gt=0.0, commands=ALIGN)
     tau_start: float = option(1.0, "Sinkhorn temperature at the start.", gt=0.0, plan=False)
@@ -94,6 +96,13 @@ class SinkhornRebasin(Matcher):
         super().__post_init__()
         if self.epochs is not None and self.cost == "l2":
             raise ConfigError("--epochs applies to Sinkhorn's data costs (mid, rnd) only")
+
+    @property
+    def step_count(self) -> int:
+        """The optimizer steps taken (before ``epochs``): ``steps``, else the cost's default."""
+        if self.steps is not None:
+            return self.steps
+        return 100 if self.cost == "l2" else 300
 
     def needs_data(self) -> bool:
         return self.cost != "l2"

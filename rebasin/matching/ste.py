@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
+from rebasin.matching.projection import ImplicitSinkhorn, soft_permute
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state, no_worse
-from rebasin.matching.sinkhorn import ImplicitSinkhorn, soft_permute
 from rebasin.matching.weight import weight_matching
 from rebasin.permutation import identity, permute
 from rebasin.spec.core import PermutationSpec
@@ -124,7 +125,7 @@ def _st_step(
 ) -> Callable[[int, Permutation], Permutation]:
     """One step of the paper's estimator: free weights, projected by weight matching."""
     free = {k: fa[k].clone().requires_grad_(True) for k in spec.params}
-    opt = torch.optim.Adam(list(free.values()), lr=opts.learning_rate)
+    opt = Adam(list(free.values()), lr=opts.learning_rate)
 
     def step_fn(step: int, perm: Permutation) -> Permutation:
         with torch.no_grad():
@@ -170,7 +171,7 @@ def _reinmax_step(
         w = torch.zeros(n, n, device=dev)
         w[torch.arange(n, device=dev), start[g].to(dev)] = 3.0 * opts.tau
         logits[g] = w.requires_grad_(True)
-    opt = torch.optim.Adam(list(logits.values()), lr=opts.learning_rate)
+    opt = Adam(list(logits.values()), lr=opts.learning_rate)
     duals: dict[str, list[torch.Tensor]] = {g: [] for g in logits}
 
     def step_fn(step: int, _: Permutation) -> Permutation:

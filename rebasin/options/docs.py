@@ -8,10 +8,10 @@ from rebasin.options.declare import OptionInfo, options_of
 
 def describe_defaults(info: OptionInfo) -> str:
     """The default as the docs table shows it."""
+    if info.methods is not None:  # each method's own default
+        return _method_defaults(info)
     if info.default_text:
         return info.default_text
-    if info.methods is not None:
-        return _method_defaults(info)
     if info.default is None or info.default == ():
         return ""
     if isinstance(info.default, bool):

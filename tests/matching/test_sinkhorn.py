@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rebasin.matching import match
-from rebasin.matching.sinkhorn import ImplicitSinkhorn, sinkhorn, soft_permute
+from rebasin.matching.projection import ImplicitSinkhorn, sinkhorn, soft_permute
 from rebasin.models import build_model
 from rebasin.permutation import invert, permute, random_permutation
 from rebasin.spec import infer_spec
