@@ -79,10 +79,12 @@ def sinkhorn_rebasin(
             stack = ImplicitSinkhorn.apply(w / tau, opts.sinkhorn_iters, PROJECTION_TOL, duals[n])
             soft.update({g: stack[i] for i, g in enumerate(buckets[n])})
         if opts.cost == "l2":
-            loss = sum(
-                ((fa[k] - soft_permute(fb[k], spec.axes_to_perm[k], soft)) ** 2).sum() for k in weighed
+            loss = (
+                torch.stack(
+                    [((fa[k] - soft_permute(fb[k], spec.axes_to_perm[k], soft)) ** 2).sum() for k in weighed]
+                ).sum()
+                / scale
             )
-            loss = loss / scale
         else:
             assert task_loss is not None
             pb = {
