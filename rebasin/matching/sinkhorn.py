@@ -95,11 +95,11 @@ def sinkhorn_rebasin(
             params = {k: (1 - lam) * fa[k] + lam * pb[k] for k in fb}
             loss = task_loss(params, step)
         opt.zero_grad()
-        if not bool(torch.isfinite(loss.detach())):  # type: ignore[union-attr]
+        if not bool(torch.isfinite(loss.detach())):
             continue  # a diverging batch: skip it rather than poison the logits
-        loss.backward()  # type: ignore[union-attr]
+        loss.backward()
         opt.step()
-        history.append(float(loss.detach()))  # type: ignore[union-attr]
+        history.append(float(loss.detach()))
         if progress and (step % 10 == 0 or step == steps - 1):
             progress(f"sinkhorn ({opts.cost})", step + 1, steps)
     perm, groups = {}, {}
