@@ -149,22 +149,33 @@ def task_loss_fns(
     seed: int = 0,
     device: str = "cpu",
     score_examples: int = 2000,
+    batch_stats: bool = False,
 ) -> tuple[
     Callable[[dict[str, torch.Tensor], int], torch.Tensor], Callable[[dict[str, torch.Tensor]], float]
 ]:
     """Differentiable task loss of a model given as a dict of float tensors (``task_loss(params,
     step)`` on the step's mini-batch, cycling through shuffled data) and a no-grad ``score(params)``
     on the first ``score_examples`` examples. Tensors missing from ``params`` (integer buffers)
-    come from ``reference``."""
+    come from ``reference``.
+
+    With ``batch_stats``, BatchNorm layers normalize with the statistics of the batch at hand
+    (train mode for them alone; dropout stays off) instead of the stored running statistics:
+    what a barrier measured after a BatchNorm reset sees. ``score`` then takes its examples as
+    one batch, which equals resetting the statistics on them and evaluating."""
     from torch.func import functional_call
 
     model = make_model().to(device).eval()
+    if batch_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
     fixed = {k: v.to(device) for k, v in reference.items() if not v.is_floating_point()}
     buffers = {name for name, _ in model.named_buffers()}
 
     def call(params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        # buffers (BatchNorm running statistics) take values, never gradients
-        full = {**fixed, **{k: v.detach() if k in buffers else v for k, v in params.items()}}
+        # buffers (BatchNorm running statistics) take values, never gradients; copies, since
+        # BatchNorm in train mode updates them in place
+        full = {**fixed, **{k: v.detach().clone() if k in buffers else v for k, v in params.items()}}
         full = dict(renamed(model, full))
         return functional_call(model, full, (xb,))
 

@@ -15,7 +15,7 @@ import typer
 
 from rebasin.cli.failures import OneLineErrors, handled, on_sigterm
 from rebasin.cli.params import choice, with_options
-from rebasin.matching.registry import list_matchers
+from rebasin.matching.registry import DEFAULT_METHOD, list_matchers
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -92,7 +92,7 @@ def _options(command: str, values: dict[str, Any], evaluate: str = "auto") -> An
 def merge(
     a: Annotated[Path, typer.Argument(help="Reference checkpoint A.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B, aligned to A before merging.")],
-    method: Annotated[MethodName, METHOD] = "weight",
+    method: Annotated[MethodName, METHOD] = DEFAULT_METHOD,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     values: dict[str, Any] | None = None,
@@ -211,7 +211,7 @@ def inspect(
 def barrier(
     a: Annotated[Path, typer.Argument(help="Checkpoint A (alpha = 0).")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B (alpha = 1).")],
-    method: Annotated[BarrierMethodName, BARRIER_METHOD] = "weight",
+    method: Annotated[BarrierMethodName, BARRIER_METHOD] = DEFAULT_METHOD,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     values: dict[str, Any] | None = None,
@@ -222,7 +222,7 @@ def barrier(
 
     align = method != "none"
     opts = _options(
-        "barrier", {**(values or {}), "method": method if align else "weight", "align": align}, "always"
+        "barrier", {**(values or {}), "method": method if align else DEFAULT_METHOD, "align": align}, "always"
     )
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
         rep = barrier_checkpoints(a, b, opts, progress)

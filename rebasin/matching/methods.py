@@ -157,3 +157,28 @@ class StraightThrough(Matcher):
 
         data = problem.need_data("method 'ste'")
         return straight_through(self, problem, data, progress)
+
+
+@register_matcher("auto")
+@dataclass(frozen=True)
+class AutoMatch(Matcher):
+    """Run the methods that fit a time budget and keep the one with the lowest midpoint loss on
+    training data (without data: weight matching with restarts)."""
+
+    objective = "midpoint loss on training data, judged as the barrier is (lower is better)"
+
+    budget: float = option(
+        60.0,
+        "Seconds auto may spend on its data-cost candidates (STE, Sinkhorn mid), estimated from "
+        "operation counts so the choice is the same on every machine; those that do not fit are skipped.",
+        gt=0.0,
+        commands=ALIGN,
+    )
+
+    def wants_data(self) -> bool:
+        return True
+
+    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.auto import auto_match
+
+        return auto_match(self, problem, progress)

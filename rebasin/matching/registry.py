@@ -34,6 +34,9 @@ M = TypeVar("M", bound="type[Matcher]")
 
 ALIGN = ("merge", "barrier")
 
+DEFAULT_METHOD = "auto"
+"""The method used when none is named (command line, plans and API)."""
+
 
 class DataSide(Protocol):
     """What data-driven matchers get from the model and data side (built lazily by the caller).
@@ -125,8 +128,12 @@ class Matcher(Checked):
     )
 
     def needs_data(self) -> bool:
-        """Whether this configuration runs the models on data."""
+        """Whether this configuration runs the models on data (and fails without)."""
         return False
+
+    def wants_data(self) -> bool:
+        """Whether this configuration uses data when there is some (it may also run without)."""
+        return self.needs_data()
 
     def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         """Find the permutation of ``problem.b`` that aligns it with ``problem.a``."""

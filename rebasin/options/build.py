@@ -83,12 +83,12 @@ class Options:
 
     @property
     def matcher(self) -> Any:
-        """The matcher to run (weight matching by default)."""
+        """The matcher to run (the default method when none was configured)."""
         if self.match is not None:
             return self.match
-        from rebasin.matching.registry import MATCHERS
+        from rebasin.matching.registry import DEFAULT_METHOD, MATCHERS
 
-        return MATCHERS.get("weight")()
+        return MATCHERS.get(DEFAULT_METHOD)()
 
 
 def build_options(
@@ -98,14 +98,14 @@ def build_options(
     :class:`Options`. ``method`` picks the matcher; its own options may only be given for it.
     ``evaluate``: ``auto`` (evaluate when data, a model, a BatchNorm fix or a gate asks for it),
     ``always`` or ``never``. Raises ConfigError naming the first bad option."""
-    from rebasin.matching.registry import MATCHERS
+    from rebasin.matching.registry import DEFAULT_METHOD, MATCHERS
 
     given = {k: v for k, v in values.items() if v is not None and v != ()}
     known = {o.name: o for o in all_options()} | {"method": None, "align": None}
     for k in given:
         if k not in known:
             raise ConfigError(f"unknown option '{k}'")
-    method = given.pop("method", "weight")
+    method = given.pop("method", DEFAULT_METHOD)
     if method not in MATCHERS:
         raise MATCHERS.unknown(method)
     align = bool(given.pop("align", True))

@@ -75,7 +75,7 @@ def _align(
 ) -> MatchResult:
     """Run the configured matcher, with the data side where it needs one."""
     matcher = opts.matcher
-    data = EvaluatorData(ev, a, spec, opts.run.seed) if ev is not None and matcher.needs_data() else None
+    data = EvaluatorData(ev, a, spec, opts.run.seed) if ev is not None and matcher.wants_data() else None
     problem = MatchProblem(a.state, b.state, spec, data, opts.run.seed, opts.run.device)
     return matcher.match(problem, progress)
 

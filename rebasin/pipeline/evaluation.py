@@ -123,6 +123,7 @@ class EvaluatorData:
                 batch_size=TASK_BATCH,
                 seed=self.seed,
                 device=self.ev.device,
+                batch_stats=self.ev.bn != "none",  # judged as the barrier will be
             )
         return self._fns
 

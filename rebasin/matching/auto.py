@@ -1,0 +1,195 @@
+"""``--method auto``: run the methods that fit a time budget and keep the best, judged as the
+barrier will judge it.
+
+With data, the candidates are: no alignment, weight matching (with restarts when they fit),
+activation matching, and the data costs (straight-through estimator, Sinkhorn's midpoint cost)
+while the estimates of their time (from operation counts, never clocks: the same choice on every
+machine) fit the budget. Each candidate's permutation is scored by the midpoint loss on training
+data (BatchNorm statistics taken from the data on nets with BatchNorm, as the barrier is
+measured), and the lowest wins. Without data, it is weight matching with up to three runs (while
+their estimated time fits the budget), keeping the highest objective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
+from rebasin.matching.weight import weight_matching
+from rebasin.permutation import identity, permute, random_permutation
+
+if TYPE_CHECKING:
+    from rebasin.matching.methods import AutoMatch
+    from rebasin.matching.registry import DataSide, Matcher, MatchProblem
+
+OBJECTIVE = "midpoint loss (training data)"
+RESTARTS = 3
+
+
+def auto_match(opts: AutoMatch, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+    """Run the candidates of ``opts`` (see :class:`AutoMatch`) on ``problem``; keep the best."""
+    t0 = time.perf_counter()
+    runs = [_weight(problem, opts, None)]
+    while len(runs) < RESTARTS and (len(runs) + 1) * _weight_run_seconds(problem) <= opts.budget:
+        runs.append(_weight(problem, opts, random_permutation(problem.spec, problem.seed * 7919 + len(runs))))
+    if problem.data is None:  # the highest objective: the only criterion there is
+        best = max(runs, key=lambda r: r.objective)
+        reason = f"no data: weight matching, best objective of {len(runs)} run(s)"
+        return _relabel(best, reason, len(runs), time.perf_counter() - t0)
+    return _with_data(opts, problem, problem.data, runs, t0, progress)
+
+
+def _weight(problem: MatchProblem, opts: AutoMatch, init: Permutation | None) -> MatchResult:
+    """One run of weight matching, from the identity or from ``init``."""
+    return weight_matching(
+        problem.a,
+        problem.b,
+        problem.spec,
+        seed=problem.seed,
+        device=problem.device,
+        backend=opts.backend,
+        buffers=problem.buffers,
+        init=init,
+    )
+
+
+def _relabel(r: MatchResult, reason: str, runs: int, seconds: float) -> MatchResult:
+    options = {**r.options, "restarts": runs, "auto": reason, "chosen": "weight"}
+    return MatchResult(
+        method="auto",
+        perm=r.perm,
+        objective_identity=r.objective_identity,
+        objective=r.objective,
+        groups=r.groups,
+        objective_name=r.objective_name,
+        maximize=r.maximize,
+        history=r.history,
+        converged=r.converged,
+        restarts=r.restarts,
+        best_restart=r.best_restart,
+        options=options,
+        seconds=seconds,
+    )
+
+
+def _with_data(
+    opts: AutoMatch,
+    problem: MatchProblem,
+    data: DataSide,
+    runs: list[MatchResult],
+    t0: float,
+    progress: Progress | None,
+) -> MatchResult:
+    from rebasin.matching.methods import ActivationMatching, SinkhornRebasin, StraightThrough
+
+    spec, dev = problem.spec, torch.device(problem.device)
+    fa, fb = float32_state(problem.a, dev), float32_state(problem.b, dev)
+    score = data.score()
+
+    def midpoint_loss(p: Permutation) -> float:
+        pb = permute(fb, spec, p)
+        return score({k: 0.5 * (fa[k] + pb[k]) for k in fb})
+
+    rows: list[dict[str, Any]] = []
+    perms: list[Permutation] = []
+
+    def consider(name: str, perm: Permutation, seconds: float) -> None:
+        rows.append({"method": name, "score": midpoint_loss(perm), "seconds": round(seconds, 4)})
+        perms.append(perm)
+        if progress:
+            progress(f"auto: {name}", len(rows), len(runs) + 4)
+
+    consider("none", identity(spec), 0.0)
+    for i, r in enumerate(runs):  # each run on its own: the highest objective is not the lowest loss
+        consider("weight" if i == 0 else f"weight (random start {i})", r.perm, r.seconds)
+    act = ActivationMatching(backend=opts.backend).match(problem)
+    consider("activation", act.perm, act.seconds)
+    loss, sweep = _loss_flops(data, fa), _sweep_flops(problem)
+    ste, mid = StraightThrough(backend=opts.backend), SinkhornRebasin(cost="mid", backend=opts.backend)
+    data_costs: list[tuple[str, Matcher, float]] = [  # steps x (task loss + projection)
+        ("ste", ste, _seconds(ste.steps * (loss + 3 * sweep), problem.device)),
+        ("sinkhorn (mid)", mid, _seconds(mid.step_count * (loss + 2.5 * sweep), problem.device)),
+    ]
+    slow: list[str] = []
+    spent = 0.0
+    for name, matcher, estimate in data_costs:
+        if spent + estimate > opts.budget:
+            slow.append(f"{name} (estimated {estimate:.0f} s)")
+            continue
+        spent += estimate
+        r = matcher.match(problem)
+        consider(name, r.perm, r.seconds)
+    best = min(range(len(rows)), key=lambda i: (rows[i]["score"], i))
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best
+    perm = perms[best]
+    groups = {
+        g: GroupStats(n, float("nan"), float("nan"), float((perm[g] != torch.arange(n)).float().mean()))
+        for g, n in spec.sizes.items()
+    }
+    return MatchResult(
+        method="auto",
+        perm=perm,
+        objective_identity=rows[0]["score"],
+        objective=rows[best]["score"],
+        groups=groups,
+        objective_name=OBJECTIVE,
+        maximize=False,
+        history=[r["score"] for r in rows],
+        converged=None,
+        options={
+            "budget": opts.budget,
+            "seed": problem.seed,
+            "chosen": rows[best]["method"],
+            "candidates": rows,
+            "skipped": slow,
+            "kept_identity": best == 0,
+        },
+        seconds=time.perf_counter() - t0,
+    )
+
+
+NOMINAL_FLOPS = {"cpu": 2e10, "cuda": 2e12}
+"""Floating-point operations per second assumed when estimating a candidate's time. Estimates
+come from operation counts, never from clocks, so the candidates run (and the result) are the
+same on every run and machine for a given seed and budget."""
+
+SWEEPS = 10
+"""Sweeps assumed for one run of weight matching."""
+
+
+def _seconds(flops: float, device: str) -> float:
+    return flops / NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def _sweep_flops(problem: MatchProblem) -> float:
+    """Operations of one weight-matching sweep: every member's cost-matrix product."""
+    spec = problem.spec
+    weighed = set(problem.cost_params)
+    return float(
+        sum(
+            2 * spec.sizes[g] * problem.a[m.param].numel()
+            for g, ms in spec.groups.items()
+            for m in ms
+            if m.param in weighed
+        )
+    )
+
+
+def _weight_run_seconds(problem: MatchProblem) -> float:
+    return _seconds(SWEEPS * _sweep_flops(problem), problem.device)
+
+
+def _loss_flops(data: DataSide, fa: dict[str, torch.Tensor]) -> float:
+    """Operations of one optimizer step's task loss (forward and backward), counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    task_loss: Callable[[dict[str, torch.Tensor], int], torch.Tensor] = data.task_loss()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in fa.items()}
+    with FlopCounterMode(display=False) as counter:
+        task_loss(params, 0).backward()
+    return float(counter.get_total_flops())
