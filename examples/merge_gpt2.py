@@ -80,9 +80,24 @@ def main() -> None:
     np.savez(tokens, input_ids=language(512, seed=98).numpy(), input_ids_test=language(512, seed=99).numpy())
     merged = args.out / "merged"
     rebasin = [sys.executable, "-m", "rebasin"]
-    subprocess.run([*rebasin, "merge", str(a), str(b), "-o", str(merged), "--force", "--quiet"], check=True)
+    subprocess.run(
+        [*rebasin, "merge", str(a), str(b), "-o", str(merged), "--method", "weight", "--force", "--quiet"],
+        check=True,
+    )
     out = subprocess.run(
-        [*rebasin, "barrier", str(a), str(b), "--data", str(tokens), "--alphas", "5", "--json"],
+        [
+            *rebasin,
+            "barrier",
+            str(a),
+            str(b),
+            "--data",
+            str(tokens),
+            "--alphas",
+            "5",
+            "--method",
+            "weight",
+            "--json",
+        ],
         check=True,
         capture_output=True,
         text=True,

@@ -85,11 +85,14 @@ def run_demo(
     *,
     epochs: int = 20,
     alphas: int = 25,
+    budget: float = 60.0,
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train A (seed 0) and B (seed 1), merge, evaluate; write everything into ``out_dir``."""
+    """Train A (seed 0) and B (seed 1), merge (method auto within ``budget`` seconds), evaluate;
+    write everything into ``out_dir``."""
     from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
+    from rebasin.matching.methods import AutoMatch
     from rebasin.options import EvalOptions, Options, OutputOptions
     from rebasin.pipeline import merge_checkpoints
     from rebasin.plot import plot_curves
@@ -111,7 +114,11 @@ def run_demo(
         paths["a"],
         paths["b"],
         paths["merged"],
-        Options(output=OutputOptions(force=True), evaluate=EvalOptions(alphas=alphas)),
+        Options(
+            match=AutoMatch(budget=budget),
+            output=OutputOptions(force=True),
+            evaluate=EvalOptions(alphas=alphas),
+        ),
         progress,
     )
     report["command"] = "demo"

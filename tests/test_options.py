@@ -59,8 +59,8 @@ def test_an_option_of_another_method_is_an_error(mlp_pair: tuple[Path, Path], tm
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--restarts", "0"], "--restarts must be at least 1, got 0"),
-        (["--max-iter", "-3"], "--max-iter must be at least 1, got -3"),
+        (["--method", "weight", "--restarts", "0"], "--restarts must be at least 1, got 0"),
+        (["--method", "weight", "--max-iter", "-3"], "--max-iter must be at least 1, got -3"),
         (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
         (["--max-barrier", "inf", "--data", "synthetic"], "--max-barrier must be a finite number, got inf"),
         (["--method", "sinkhorn", "--steps", "-5"], "--steps must be at least 1, got -5"),

@@ -305,6 +305,10 @@ def demo(
     ),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
     alphas: AlphasOpt = 25,
+    budget: Annotated[
+        float,
+        typer.Option("--budget", min=0.0, help="Seconds method auto may spend on its costlier candidates."),
+    ] = 60.0,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -317,11 +321,12 @@ def demo(
     if not (as_json or quiet):
         render.err.print(
             f"rebasin demo: training two MLPs (2 x 512 hidden units) on MNIST-1D with seeds 0 and 1, "
-            f"aligning B to A by weight matching, and measuring loss along both paths. Output: {out}/",
+            f"aligning B to A (method auto: the best of several methods on training data), and "
+            f"measuring loss along both paths. Output: {out}/",
             soft_wrap=True,
         )
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
-        rep = run_demo(out, epochs=epochs, alphas=alphas, force=force, progress=progress)
+        rep = run_demo(out, epochs=epochs, alphas=alphas, budget=budget, force=force, progress=progress)
     if as_json:
         _emit_json(rep)
     elif not quiet:

@@ -44,7 +44,7 @@ def test_merge_writes_mean_of_a_and_permuted_b(mlp_pair: tuple[Path, Path], tmp_
     assert report["inputs"]["a"]["parameters"] == sum(v.numel() for v in ma.values())
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["rebasin.method"] == "weight"
+    assert meta["rebasin.method"] == "auto"
     assert meta["rebasin.alpha"] == "0.5"
     assert meta["rebasin.input_a.sha256"] == report["inputs"]["a"]["sha256"]
 
@@ -85,7 +85,7 @@ def test_same_seed_gives_byte_identical_output(mlp_pair: tuple[Path, Path], tmp_
     outs = []
     for i in range(2):
         out = tmp_path / f"o{i}.safetensors"
-        assert run("merge", a, b, "-o", out, "--seed", "3", "--restarts", "2")[0] == 0
+        assert run("merge", a, b, "-o", out, "--seed", "3", "--method", "weight", "--restarts", "2")[0] == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
 

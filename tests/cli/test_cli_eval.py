@@ -45,10 +45,10 @@ def test_barrier_naive_only_and_json(trained_mlp_pair: tuple[Path, Path]) -> Non
 
 def test_barrier_gate(trained_mlp_pair: tuple[Path, Path]) -> None:
     a, b = trained_mlp_pair
-    code, _, err = run("barrier", a, b, "--alphas", "3", "--max-barrier", "0.000001")
+    code, _, err = run("barrier", a, b, "--alphas", "3", "--max-barrier", "0.000001", "--budget", "1")
     assert code == 1
     assert "gate failed: test loss barrier" in err
-    assert run("barrier", a, b, "--alphas", "3", "--max-barrier", "100")[0] == 0
+    assert run("barrier", a, b, "--alphas", "3", "--max-barrier", "100", "--budget", "1")[0] == 0
 
 
 def test_merge_with_data_reports_barrier(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -68,8 +68,8 @@ def test_merge_with_data_reports_barrier(trained_mlp_pair: tuple[Path, Path], tm
 def test_merge_bn_reset_recomputes_statistics(trained_bn_pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = trained_bn_pair
     plain, reset = tmp_path / "plain.safetensors", tmp_path / "reset.safetensors"
-    assert run("merge", a, b, "-o", plain)[0] == 0
-    code, _, err = run("merge", a, b, "-o", reset, "--bn", "reset", "--alphas", "3")
+    assert run("merge", a, b, "-o", plain, "--method", "weight")[0] == 0
+    code, _, err = run("merge", a, b, "-o", reset, "--bn", "reset", "--alphas", "3", "--method", "weight")
     assert code == 0, err
     p, r = load_file(plain), load_file(reset)
     assert torch.equal(p["net.0.weight"], r["net.0.weight"])
@@ -127,7 +127,7 @@ def test_train_is_deterministic_and_records_metadata(tmp_path: Path) -> None:
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    code, _, err = run("demo", "--out", out, "--epochs", "2", "--alphas", "5")
+    code, _, err = run("demo", "--out", out, "--epochs", "2", "--alphas", "5", "--budget", "1")
     assert code == 0, err
     for name in (
         "a.safetensors",
@@ -159,7 +159,7 @@ def test_batch_runs_items_and_gates(trained_mlp_pair: tuple[Path, Path], tmp_pat
         tmp_path,
         f"""
 format_version: 1
-defaults: {{alphas: 3}}
+defaults: {{alphas: 3, method: weight}}
 items:
   - {{name: merge-it, a: {a}, b: {b}, output: merged.safetensors, data: mnist1d}}
   - {{name: strict, a: {a}, b: {b}, data: mnist1d, max_barrier: 0.0000001}}

@@ -172,7 +172,7 @@ def test_estimator_applies_to_ste_only(trained_mlp_pair: tuple[Path, Path], tmp_
     a, b = trained_mlp_pair
     expect_error(
         ["merge", a, b, "-o", tmp_path / "m.safetensors", "--estimator", "reinmax"],
-        "--estimator does not apply to method 'weight' (used by: ste)",
+        "--estimator does not apply to method 'auto' (used by: ste)",
     )
     assert not (tmp_path / "m.safetensors").exists()
 

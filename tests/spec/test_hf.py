@@ -238,7 +238,7 @@ def trained_lms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
 
 def test_barrier_of_language_models_on_token_data(trained_lms: tuple[Path, Path, Path]) -> None:
     a, b, tokens = trained_lms
-    code, stdout, err = run("barrier", a, b, "--data", tokens, "--alphas", "5", "--json")
+    code, stdout, err = run("barrier", a, b, "--data", tokens, "--alphas", "5", "--budget", "1", "--json")
     assert code == 0, err
     ev = json.loads(stdout)["evaluation"]
     assert ev["model"]["name"] == "hf:GPT2LMHeadModel"
@@ -314,7 +314,7 @@ def test_barrier_of_an_image_transformer_on_image_data(
     g = np.random.default_rng(0)
     data = tmp_path / "images.npz"
     np.savez(data, x=g.standard_normal((40, 3, 8, 8)).astype(np.float32), y=g.integers(0, 5, 40))
-    code, stdout, err = run("barrier", a, b, "--data", data, "--alphas", "3", "--json")
+    code, stdout, err = run("barrier", a, b, "--data", data, "--alphas", "3", "--budget", "1", "--json")
     assert code == 0, err
     ev = json.loads(stdout)["evaluation"]
     assert ev["model"]["name"] == "hf:ViTForImageClassification"
