@@ -102,6 +102,7 @@ def merge_summary(report: Mapping[str, Any]) -> None:
         f"{runs}{report['timings']['match_s']:.2f}s",
         soft_wrap=True,
     )
+    auto_choice(m)
     checked(report)
     if spec.get("frozen"):
         err.print(f"frozen (left at the identity): {', '.join(spec['frozen'])}", soft_wrap=True)
@@ -187,6 +188,20 @@ def checked(report: Mapping[str, Any], what: str = "pi(B)", of: str = "B") -> No
         err.print(f"note: {note}", soft_wrap=True)
 
 
+def auto_choice(match: Mapping[str, Any]) -> None:
+    """What method auto tried and chose (nothing for other methods)."""
+    o = match.get("options", {})
+    if match.get("method") != "auto":
+        return
+    if "candidates" not in o:
+        err.print(f"method auto: {o.get('auto', '')}", soft_wrap=True)
+        return
+    tried = ", ".join(f"{c['method']} {c['score']:.4f} ({c['seconds']:.1f}s)" for c in o["candidates"])
+    err.print(f"method auto chose {o['chosen']}; midpoint loss on training data: {tried}", soft_wrap=True)
+    if o.get("skipped"):
+        err.print(f"skipped (over --budget {o['budget']:g}s): {', '.join(o['skipped'])}", soft_wrap=True)
+
+
 def evaluation_summary(report: Mapping[str, Any]) -> None:
     """The barrier table: per path and split, both loss-barrier definitions, error barrier,
     midpoint accuracy; then the endpoints."""
@@ -233,6 +248,14 @@ def evaluation_summary(report: Mapping[str, Any]) -> None:
         a = paths["aligned"]["barriers"]["test"]["loss"]["linear"]
         if n > 0:
             err.print(f"aligned test loss barrier is {100 * a / n:.0f}% of the naive one", soft_wrap=True)
+        worse = ev.get("aligned_worse_than_naive")
+        if worse:
+            err.print(
+                f"[bold]warning:[/bold] the aligned path is worse than the naive one on "
+                f"{' and '.join(worse)} data: the alignment found does not help this pair "
+                "(try --method auto with --data, or --method activation)",
+                soft_wrap=True,
+            )
 
 
 def many_summary(report: Mapping[str, Any]) -> None:

@@ -231,6 +231,8 @@ def barrier(
         _emit_json(rep)
     elif not quiet:
         render.evaluation_summary(rep)
+        if "match" in rep:
+            render.auto_choice(rep["match"])
         render.checked(rep)
         if written:
             render.wrote(written)

@@ -152,7 +152,16 @@ def evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
         "a": {s: {"loss": first.loss[s][0], "acc": first.acc[s][0]} for s in first.loss},
         "b": {s: {"loss": first.loss[s][-1], "acc": first.acc[s][-1]} for s in first.loss},
     }
+    if "naive" in out["paths"] and "aligned" in out["paths"]:
+        out["aligned_worse_than_naive"] = worse_splits(out["paths"])
     return out
+
+
+def worse_splits(paths: Mapping[str, Any]) -> list[str]:
+    """The splits on which the aligned path's loss barrier (linear definition) is above the
+    naive path's: alignment made things worse there."""
+    naive, aligned = paths["naive"]["barriers"], paths["aligned"]["barriers"]
+    return [s for s in aligned if aligned[s]["loss"]["linear"] > naive[s]["loss"]["linear"]]
 
 
 def gate_value(report: Mapping[str, Any]) -> float | None:

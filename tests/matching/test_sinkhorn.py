@@ -69,3 +69,26 @@ def test_l2_cost_recovers_planted_permutation(name: str, kw: dict) -> None:
     for g in spec.sizes:
         assert torch.equal(r.perm[g], want[g]), g
     assert r.objective == pytest.approx(0.0, abs=1e-4)  # minus the L2 distance after alignment
+
+
+def test_a_stack_of_groups_is_projected_and_differentiated_as_each_alone() -> None:
+    torch.manual_seed(1)
+    s = torch.randn(3, 7, 7, dtype=torch.float64) * 4
+    g = torch.randn(3, 7, 7, dtype=torch.float64)
+    stacked = s.clone().requires_grad_(True)
+    (ImplicitSinkhorn.apply(stacked, 3000, 1e-12) * g).sum().backward()
+    for i in range(3):
+        one = s[i].clone().requires_grad_(True)
+        p = ImplicitSinkhorn.apply(one, 3000, 1e-12)
+        (p * g[i]).sum().backward()
+        torch.testing.assert_close(sinkhorn(s, 3000, 1e-12)[i], p.detach())
+        torch.testing.assert_close(stacked.grad[i], one.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_low_temperatures_stay_finite() -> None:
+    """Logits over a huge range (tau -> 0) neither overflow nor return NaN."""
+    torch.manual_seed(2)
+    s = torch.randn(2, 64, 64) * 2000
+    p = sinkhorn(s, 500, 1e-4)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(-2), torch.ones(2, 64), atol=1e-4, rtol=0)
