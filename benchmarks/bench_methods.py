@@ -12,6 +12,7 @@ from rebasin.demo import DEMO_MODEL, train_checkpoint
 
 METHODS = [
     ("none (naive)", None, {}),
+    ("auto (default)", "auto", {}),
     ("weight", "weight", {}),
     ("weight, 5 restarts", "weight", {"restarts": 5}),
     ("activation", "activation", {}),
@@ -27,6 +28,7 @@ def pairs(out: Path, quick: bool) -> dict[str, tuple[Path, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     specs = {
         "MLP 2x512, MNIST-1D": ("mlp", DEMO_MODEL, "mnist1d", 20, 1e-3),
+        "MLP 3x512, MNIST-1D": ("mlp", {**DEMO_MODEL, "depth": 3}, "mnist1d", 20, 1e-3),
         "ResNet-20 (w=1), digits": ("resnet20", {"width": 1, "in_channels": 1}, "digits", 15, 3e-3),
     }
     result = {}
@@ -35,7 +37,7 @@ def pairs(out: Path, quick: bool) -> dict[str, tuple[Path, Path]]:
             epochs = 2
         paths = []
         for seed in (0, 1):
-            p = out / f"{arch}_{seed}.safetensors"
+            p = out / f"{arch}{args.get('depth', '')}_{seed}.safetensors"
             if not p.exists():
                 train_checkpoint(arch, args, data, p, seed=seed, epochs=epochs, lr=lr, force=True)
             paths.append(p)
@@ -61,15 +63,22 @@ def main() -> None:
                 continue
             if args.quick and method in ("sinkhorn", "ste"):
                 extra = {**extra, "steps": 20}
-            values = {"method": method or "weight", "align": method is not None, "alphas": alphas, **extra}
+            values = {"method": method or "auto", "align": method is not None, "alphas": alphas, **extra}
             rep = barrier_checkpoints(a, b, build_options(values, "barrier", evaluate="always"))
             path = "aligned" if method else "naive"
             search = rep["match"]["seconds"] if method else 0.0
             curve = rep["evaluation"]["paths"][path]
             mid = curve["acc"]["test"][len(curve["alphas"]) // 2]
             bar = curve["barriers"]["test"]["loss"]
+            train = curve["barriers"]["train"]["loss"]["linear"]
+            note = f"  train {train:.3f}"
+            if method == "auto":
+                note += f"  chose {rep['match']['options']['chosen']}"
+            if rep["evaluation"].get("aligned_worse_than_naive"):
+                note += f"  WORSE THAN NAIVE on {rep['evaluation']['aligned_worse_than_naive']}"
             print(
                 f"{name:<20} {search:>9.2f} {bar['linear']:>13.3f} {bar['mean']:>12.3f} {100 * mid:>12.1f}%"
+                + note
             )
 
 
