@@ -6,7 +6,7 @@ curve: the naive path passes B as it is, the aligned path passes pi(B).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,18 @@ class PathEvaluator:
             out.append(channel_stats(m, repair_targets(m), x))
         return out[0], out[1]
 
+    def point(
+        self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float, stats: Any
+    ) -> dict[str, tuple[float, float]]:
+        """Loss and accuracy per split of the model at ``alpha`` (BatchNorm mode applied)."""
+        m = self._model(interpolate(a, b, alpha), "interpolation")
+        self.fix_statistics(m, alpha, stats)
+        out = {}
+        for split, (x, y) in (("train", self._train_x()), ("test", self.data.split("test"))):
+            r = evaluate(m, x, y, self.batch_size)
+            out[split] = (r.loss, r.acc)
+        return out
+
     def curve(
         self,
         a: Mapping[str, torch.Tensor],
@@ -143,21 +155,25 @@ class PathEvaluator:
         alphas: Sequence[float],
         progress: Progress | None = None,
         label: str = "path",
+        pool: Any = None,
     ) -> BarrierCurve:
-        """Loss/accuracy on train and test at each alpha."""
+        """Loss/accuracy on train and test at each alpha. With ``pool`` (a
+        :class:`rebasin.cluster.RayMap`), the alphas are evaluated in parallel tasks; each point
+        is computed exactly as here."""
         a = {k: a[k] for k in a}
         b = {k: b[k] for k in b}
         stats = self.endpoint_stats(a, b)
         loss: dict[str, list[float]] = {s: [] for s in SPLITS}
         acc: dict[str, list[float]] = {s: [] for s in SPLITS}
-        x_tr, y_tr = self._train_x()
-        for i, alpha in enumerate(alphas):
-            m = self._model(interpolate(a, b, alpha), "interpolation")
-            self.fix_statistics(m, alpha, stats)
-            for split, (x, y) in (("train", (x_tr, y_tr)), ("test", self.data.split("test"))):
-                r = evaluate(m, x, y, self.batch_size)
-                loss[split].append(r.loss)
-                acc[split].append(r.acc)
+        if pool is None:
+            points: Iterator[dict[str, tuple[float, float]]] = (self.point(a, b, x, stats) for x in alphas)
+        else:
+            shared = pool.share((self, a, b, stats))
+            points = pool.map(_point_task, [(shared, x) for x in alphas], gpu=self.device.startswith("cuda"))
+        for i, point in enumerate(points):
+            for split in SPLITS:
+                loss[split].append(point[split][0])
+                acc[split].append(point[split][1])
             if progress:
                 progress(f"evaluating {label} path", i + 1, len(alphas))
         return BarrierCurve(list(alphas), loss, acc, self.bn)
@@ -171,3 +187,11 @@ class PathEvaluator:
         m = self._model(interpolate(a, b, alpha), "interpolation")
         self.fix_statistics(m, alpha, self.endpoint_stats(a, b))
         return {k: v.detach().cpu().to(a[k].dtype) for k, v in m.state_dict().items()}
+
+
+def _point_task(
+    shared: tuple[PathEvaluator, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any], alpha: float
+) -> dict[str, tuple[float, float]]:
+    """One alpha point in a worker (``shared``: the evaluator, both endpoints, REPAIR statistics)."""
+    ev, a, b, stats = shared
+    return ev.point(a, b, alpha, stats)

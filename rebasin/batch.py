@@ -185,24 +185,40 @@ def run_item(item: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def plan_items(plan: Plan, max_barrier: float | None = None) -> list[dict[str, Any]]:
+    """The items as they run: ``max_barrier`` (from the command line) where an item sets none."""
+    if max_barrier is None:
+        return list(plan.items)
+    return [item if "max_barrier" in item else {**item, "max_barrier": max_barrier} for item in plan.items]
+
+
+def error_row(item: dict[str, Any], e: BaseException) -> dict[str, Any]:
+    """The summary row of an item that failed (an exception, user code's included, or a lost
+    worker): the rest of the plan goes on."""
+    return {
+        "name": item["name"],
+        "a": item["a"],
+        "b": item["b"],
+        "status": "error",
+        "error": error_line(e),
+        "barrier": None,
+        "max_barrier": item.get("max_barrier"),
+        "outputs": [],
+    }
+
+
+def try_item(item: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_item`, with a failure turned into the item's error row."""
+    try:
+        return run_item(item)
+    except Exception as e:
+        return error_row(item, e)
+
+
 def run_plan(plan: Plan, max_barrier: float | None = None) -> Iterator[dict[str, Any]]:
     """Run every item, continuing past failures; yield one summary row per item."""
-    for item in plan.items:
-        if max_barrier is not None and "max_barrier" not in item:
-            item = {**item, "max_barrier": max_barrier}
-        try:
-            yield run_item(item)
-        except Exception as e:  # an item's failure, user code's included, is that item's row
-            yield {
-                "name": item["name"],
-                "a": item["a"],
-                "b": item["b"],
-                "status": "error",
-                "error": error_line(e),
-                "barrier": None,
-                "max_barrier": item.get("max_barrier"),
-                "outputs": [],
-            }
+    for item in plan_items(plan, max_barrier):
+        yield try_item(item)
 
 
 def summarize(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:

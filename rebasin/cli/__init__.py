@@ -352,13 +352,22 @@ def batch(
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Print one JSON line per item as it finishes.")
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="local|auto|ADDRESS",
+            help="Run the items as Ray tasks: local (a private instance on this machine), auto (the "
+            "cluster this machine belongs to) or a cluster ADDRESS. Needs the [ray] extra.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run many merges/barriers from a plan; exit 1 if any item failed or any gate failed."""
     import json as _json
 
     from rebasin import render
-    from rebasin.batch import load_plan, run_plan, summarize
+    from rebasin.batch import load_plan, plan_items, run_plan, summarize
     from rebasin.report import jsonable
 
     if max_barrier is not None:
@@ -367,7 +376,13 @@ def batch(
         EvalOptions(max_barrier=max_barrier)  # checked like every option: finite
     p = load_plan(plan, allow_code)
     rows = []
-    for row in run_plan(p, max_barrier):
+    if ray is not None:
+        from rebasin.cluster import connect, run_items
+
+        results = run_items(connect(ray), plan_items(p, max_barrier))
+    else:
+        results = run_plan(p, max_barrier)
+    for row in results:
         rows.append(row)
         if jsonl:
             sys.stdout.write(_json.dumps(jsonable(row)) + "\n")

@@ -27,6 +27,14 @@ class RunOptions(Checked):
         "Torch device for cost matrices and model evaluation (cpu, cuda, cuda:1, mps).",
         commands=("merge", "barrier", "merge-many"),
     )
+    ray: str | None = option(
+        None,
+        "Evaluate the alpha points as Ray tasks: local (a private instance on this machine), "
+        "auto (the cluster this machine belongs to) or a cluster ADDRESS. Needs the [ray] extra.",
+        metavar="local|auto|ADDRESS",
+        commands=("barrier",),
+        plan=False,
+    )
 
 
 @dataclass(frozen=True)

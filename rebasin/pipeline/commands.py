@@ -204,15 +204,27 @@ def _provenance(
 
 
 def _curves(
-    ev: Any, a: Any, b: Any, b_aligned: Any | None, alphas: int, progress: Progress | None
+    ev: Any,
+    a: Any,
+    b: Any,
+    b_aligned: Any | None,
+    alphas: int,
+    progress: Progress | None,
+    ray: str | None = None,
 ) -> dict[str, Any]:
-    """Naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation section."""
+    """Naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation section;
+    with ``ray``, the alpha points run as Ray tasks."""
     from rebasin.barrier import alpha_grid
 
+    pool = None
+    if ray is not None:
+        from rebasin.cluster import RayMap, connect
+
+        pool = RayMap(connect(ray))
     grid = alpha_grid(alphas)
-    curves = {"naive": ev.curve(a, b, grid, progress, "naive")}
+    curves = {"naive": ev.curve(a, b, grid, progress, "naive", pool)}
     if b_aligned is not None:
-        curves["aligned"] = ev.curve(a, b_aligned, grid, progress, "aligned")
+        curves["aligned"] = ev.curve(a, b_aligned, grid, progress, "aligned", pool)
     return evaluation_report(ev, curves)
 
 
@@ -222,6 +234,10 @@ def barrier_checkpoints(
     """Loss/accuracy along the naive path and (unless ``options.align`` is off) the aligned path."""
     opts = options or Options()
     check_device(opts.run.device)
+    if opts.run.ray is not None:  # before any work: a missing package or cluster is one line
+        from rebasin.cluster import connect
+
+        connect(opts.run.ray)
     o = opts.output
     plot = plot_output(o.plot) if o.plot else None
     guard_outputs([plot, file_output(o.report, "--report") if o.report else None], [a_path, b_path], o.force)
@@ -243,7 +259,7 @@ def barrier_checkpoints(
         report["inputs"] = {"a": input_info(a), "b": input_info(b)}
         report["method"] = {"name": "none"}
     alphas = (opts.evaluate.alphas if opts.evaluate else None) or 25
-    report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, alphas, progress)
+    report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, alphas, progress, opts.run.ray)
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 4)}
     if plot is not None:
         from rebasin.plot import plot_curves

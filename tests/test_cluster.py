@@ -1,0 +1,117 @@
+"""Batch plans and barriers on a real local Ray instance: the same results as a serial run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import expect_error, run
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_ray_not_installed_is_one_line(
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = trained_mlp_pair
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert not ray.is_initialized()  # runs before the module's Ray instance starts
+    hint = 'pip install "basinmerge[ray]"'
+    expect_error(
+        ["barrier", a, b, "--data", "mnist1d", "--ray", "local"],
+        "--ray needs the Ray package, which is not installed",
+        hint,
+    )
+    plan = _plan(tmp_path / "n", a, b, a)
+    expect_error(
+        ["batch", plan, "--ray", "local"], "--ray needs the Ray package, which is not installed", hint
+    )
+
+
+def _plan(folder: Path, a: Path, b: Path, broken: Path) -> Path:
+    folder.mkdir()
+    p = folder / "plan.yaml"
+    p.write_text(
+        f"""
+format_version: 1
+defaults: {{alphas: 3, method: weight}}
+items:
+  - {{name: merge, a: {a}, b: {b}, output: merged.safetensors}}
+  - {{name: broken, a: {a}, b: {broken}, output: other.safetensors}}
+  - {{name: barrier, a: {a}, b: {b}, data: mnist1d, max_barrier: 100}}
+  - {{name: merge-data, a: {a}, b: {b}, output: m2.safetensors, data: mnist1d}}
+"""
+    )
+    return p
+
+
+def test_a_plan_on_ray_gives_the_serial_results(
+    local_ray: None, trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = trained_mlp_pair
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint at all")
+    serial, parallel = _plan(tmp_path / "s", a, b, broken), _plan(tmp_path / "r", a, b, broken)
+    code_s, out_s, _ = run("batch", serial, "--json")
+    code_r, out_r, _ = run("batch", parallel, "--ray", "local", "--json")
+    assert code_s == code_r == 1  # the broken item fails in both
+    rows_s = {r["name"]: r for r in json.loads(out_s)["items"]}
+    rows_r = {r["name"]: r for r in json.loads(out_r)["items"]}
+    assert {n: r["status"] for n, r in rows_r.items()} == {
+        "merge": "ok",
+        "broken": "error",
+        "barrier": "ok",
+        "merge-data": "ok",
+    }
+    for name in rows_s:
+        assert rows_r[name]["status"] == rows_s[name]["status"]
+        assert rows_r[name]["barrier"] == rows_s[name]["barrier"]
+    assert rows_r["broken"]["error"] == rows_s["broken"]["error"]
+    for out in ("merged.safetensors", "m2.safetensors"):
+        assert (tmp_path / "r" / out).read_bytes() == (tmp_path / "s" / out).read_bytes()
+    assert not (tmp_path / "r" / "other.safetensors").exists()
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".rebasin-")]
+
+
+def test_jsonl_streams_rows_as_tasks_finish(
+    local_ray: None, trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = trained_mlp_pair
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"x")
+    plan = _plan(tmp_path / "j", a, b, broken)
+    code, stdout, _ = run("batch", plan, "--ray", "local", "--jsonl")
+    assert code == 1
+    assert sorted(json.loads(line)["name"] for line in stdout.splitlines()) == sorted(
+        ["merge", "broken", "barrier", "merge-data"]
+    )
+
+
+def test_barrier_on_ray_matches_the_serial_report(
+    local_ray: None, trained_mlp_pair: tuple[Path, Path]
+) -> None:
+    a, b = trained_mlp_pair
+    args = ["barrier", a, b, "--method", "weight", "--alphas", "5", "--json"]
+    code, serial, err = run(*args)
+    assert code == 0, err
+    code, parallel, err = run(*args, "--ray", "local")
+    assert code == 0, err
+    s, p = json.loads(serial)["evaluation"], json.loads(parallel)["evaluation"]
+    assert p.keys() == s.keys()
+    for path in ("naive", "aligned"):
+        for key in ("loss", "acc"):
+            for split in ("train", "test"):
+                assert p["paths"][path][key][split] == pytest.approx(s["paths"][path][key][split], rel=1e-6)
+        assert p["paths"][path]["barriers"] == pytest.approx(s["paths"][path]["barriers"], rel=1e-6)
