@@ -114,4 +114,6 @@ def test_barrier_on_ray_matches_the_serial_report(
         for key in ("loss", "acc"):
             for split in ("train", "test"):
                 assert p["paths"][path][key][split] == pytest.approx(s["paths"][path][key][split], rel=1e-6)
-        assert p["paths"][path]["barriers"] == pytest.approx(s["paths"][path]["barriers"], rel=1e-6)
+        for split, kinds in s["paths"][path]["barriers"].items():
+            for kind, values in kinds.items():
+                assert p["paths"][path]["barriers"][split][kind] == pytest.approx(values, rel=1e-6)
