@@ -33,7 +33,7 @@ def connect(target: str) -> Any:
         raise ConfigError("--ray needs the Ray package, which is not installed", RAY_HINT) from None
     if ray.is_initialized():
         return ray
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    quiet: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
         if target == "local":
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)

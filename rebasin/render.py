@@ -60,7 +60,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[str, float, float], None] 
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None:
+    if x is None or x != x:  # none, or NaN: not measured
         return "-"
     return f"{x:.{digits}g}"
 

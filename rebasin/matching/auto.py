@@ -96,18 +96,20 @@ def _with_data(
 
     rows: list[dict[str, Any]] = []
     perms: list[Permutation] = []
+    found: list[MatchResult | None] = []
 
-    def consider(name: str, perm: Permutation, seconds: float) -> None:
+    def consider(name: str, perm: Permutation, seconds: float, result: MatchResult | None = None) -> None:
         rows.append({"method": name, "score": midpoint_loss(perm), "seconds": round(seconds, 4)})
         perms.append(perm)
+        found.append(result)
         if progress:
             progress(f"auto: {name}", len(rows), len(runs) + 4)
 
     consider("none", identity(spec), 0.0)
     for i, r in enumerate(runs):  # each run on its own: the highest objective is not the lowest loss
-        consider("weight" if i == 0 else f"weight (random start {i})", r.perm, r.seconds)
+        consider("weight" if i == 0 else f"weight (random start {i})", r.perm, r.seconds, r)
     act = ActivationMatching(backend=opts.backend).match(problem)
-    consider("activation", act.perm, act.seconds)
+    consider("activation", act.perm, act.seconds, act)
     loss, sweep = _loss_flops(data, fa), _sweep_flops(problem)
     ste, mid = StraightThrough(backend=opts.backend), SinkhornRebasin(cost="mid", backend=opts.backend)
     data_costs: list[tuple[str, Matcher, float]] = [  # steps x (task loss + projection)
@@ -122,15 +124,18 @@ def _with_data(
             continue
         spent += estimate
         r = matcher.match(problem)
-        consider(name, r.perm, r.seconds)
+        consider(name, r.perm, r.seconds, r)
     best = min(range(len(rows)), key=lambda i: (rows[i]["score"], i))
     for i, row in enumerate(rows):
         row["chosen"] = i == best
-    perm = perms[best]
-    groups = {
-        g: GroupStats(n, float("nan"), float("nan"), float((perm[g] != torch.arange(n)).float().mean()))
-        for g, n in spec.sizes.items()
-    }
+    perm, chosen = perms[best], found[best]
+    groups = (
+        chosen.groups
+        if chosen is not None
+        else {  # the winner's own per-group figures
+            g: GroupStats(n, float("nan"), float("nan"), 0.0) for g, n in spec.sizes.items()
+        }
+    )
     return MatchResult(
         method="auto",
         perm=perm,

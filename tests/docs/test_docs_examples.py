@@ -33,14 +33,16 @@ def doc_commands() -> list[tuple[str, str]]:
 
 
 def test_docs_show_commands() -> None:
-    names = {shlex.split(c)[1] for _, c in doc_commands() if len(shlex.split(c)) > 1}
+    names = {
+        shlex.split(c, comments=True)[1] for _, c in doc_commands() if len(shlex.split(c, comments=True)) > 1
+    }
     assert {"merge", "barrier", "permute", "spec", "inspect", "train", "demo", "batch"} <= names
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_commands())
 def test_documented_command_parses(doc: str, command: str) -> None:
     group = typer.main.get_command(app)
-    argv = shlex.split(command)[1:]
+    argv = shlex.split(command, comments=True)[1:]
     assert argv, command
     ctx = group.make_context("rebasin", list(argv), resilient_parsing=False)
     sub = group.get_command(ctx, argv[0])  # type: ignore[attr-defined]
