@@ -1,6 +1,6 @@
 """A plan of 8 items (weight-matching merges with a barrier on MNIST-1D), run serially and with
-``--ray local``: wall time of each, their ratio, and the driver's overhead per task (Ray's
-start-up and scheduling: a plan of 8 trivial barrier items). Usage:
+``--ray local``: wall time of each and their ratio; then Ray's start-up time and the driver's
+overhead per task (200 no-op tasks). Usage:
 python benchmarks/bench_ray.py [--out DIR] [--items N]"""
 
 from __future__ import annotations
@@ -54,13 +54,22 @@ def main() -> None:
         f"--ray local {ray:.1f} s, "
         f"ratio {serial / ray:.2f}"
     )
-    trivial = plan(args.out / "trivial", *pair, args.items, 2, "t")
-    t_serial = wall(["batch", str(trivial), "--quiet"])
-    t_ray = wall(["batch", str(trivial), "--quiet", "--ray", "local"])
-    print(
-        f"{args.items} trivial items (2 alphas): serial {t_serial:.1f} s, --ray local {t_ray:.1f} s; "
-        f"driver overhead {(t_ray - t_serial) / args.items:.2f} s per task (Ray start-up included)"
-    )
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    start = time.perf_counter() - t
+    noop = ray.remote(num_cpus=1)(_noop)
+    ray.get(noop.remote())
+    t = time.perf_counter()
+    ray.get([noop.remote() for _ in range(200)])
+    per_task = (time.perf_counter() - t) / 200
+    ray.shutdown()
+    print(f"Ray start-up {start:.1f} s; driver overhead {1000 * per_task:.1f} ms per task (200 no-op tasks)")
+
+
+def _noop() -> None:
+    return None
 
 
 if __name__ == "__main__":
