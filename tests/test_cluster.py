@@ -77,7 +77,8 @@ def test_a_plan_on_ray_gives_the_serial_results(
     }
     for name in rows_s:
         assert rows_r[name]["status"] == rows_s[name]["status"]
-        assert rows_r[name]["barrier"] == rows_s[name]["barrier"]
+        # a float reduction may run on other thread counts in a worker: equal to float tolerance
+        assert rows_r[name]["barrier"] == pytest.approx(rows_s[name]["barrier"], rel=1e-6)
     assert rows_r["broken"]["error"] == rows_s["broken"]["error"]
     for out in ("merged.safetensors", "m2.safetensors"):
         assert (tmp_path / "r" / out).read_bytes() == (tmp_path / "s" / out).read_bytes()
