@@ -15,7 +15,7 @@ from torch import nn
 
 from rebasin.data.core import Dataset
 from rebasin.errors import ConfigError
-from rebasin.evaluate import evaluate
+from rebasin.evaluate import evaluation_sums
 from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
 from rebasin.models.fit import load_into
@@ -137,15 +137,22 @@ class PathEvaluator:
         return out[0], out[1]
 
     def point(
-        self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float, stats: Any
-    ) -> dict[str, tuple[float, float]]:
-        """Loss and accuracy per split of the model at ``alpha`` (BatchNorm mode applied)."""
+        self,
+        a: Mapping[str, torch.Tensor],
+        b: Mapping[str, torch.Tensor],
+        alpha: float,
+        stats: Any,
+        part: tuple[int, int] = (0, 1),
+    ) -> dict[str, tuple[float, int, int]]:
+        """Summed loss, correct predictions and examples per split of the model at ``alpha``
+        (BatchNorm mode applied), on shard ``part = (i, k)`` of each split: whole batches, so
+        the shards of a point add up to the whole."""
         m = self._model(interpolate(a, b, alpha), "interpolation")
         self.fix_statistics(m, alpha, stats)
         out = {}
         for split, (x, y) in (("train", self._train_x()), ("test", self.data.split("test"))):
-            r = evaluate(m, x, y, self.batch_size)
-            out[split] = (r.loss, r.acc)
+            lo, hi = shard_rows(len(y), self.batch_size, *part)
+            out[split] = evaluation_sums(m, x[lo:hi], y[lo:hi], self.batch_size)
         return out
 
     def curve(
@@ -165,17 +172,27 @@ class PathEvaluator:
         stats = self.endpoint_stats(a, b)
         loss: dict[str, list[float]] = {s: [] for s in SPLITS}
         acc: dict[str, list[float]] = {s: [] for s in SPLITS}
+        k = 1
         if pool is None:
-            points: Iterator[dict[str, tuple[float, float]]] = (self.point(a, b, x, stats) for x in alphas)
-        else:
+            parts: Iterator[dict[str, tuple[float, int, int]]] = (self.point(a, b, x, stats) for x in alphas)
+        else:  # large evaluation sets: each alpha point in shards of whole batches
+            k = max(1, -(-max(len(self._train_x()[1]), len(self.data.split("test")[1])) // SHARD_EXAMPLES))
             shared = pool.share((self, a, b, stats))
-            points = pool.map(_point_task, [(shared, x) for x in alphas], gpu=self.device.startswith("cuda"))
-        for i, point in enumerate(points):
-            for split in SPLITS:
-                loss[split].append(point[split][0])
-                acc[split].append(point[split][1])
+            calls = [(shared, x, (i, k)) for x in alphas for i in range(k)]
+            parts = pool.map(_point_task, calls, gpu=self.device.startswith("cuda"))
+        for j in range(len(alphas)):
+            sums = {s: [0.0, 0, 0] for s in SPLITS}
+            for _ in range(k):
+                part = next(parts)
+                for s in SPLITS:
+                    for t in range(3):
+                        sums[s][t] += part[s][t]
+            for s in SPLITS:
+                total, correct, n = sums[s]
+                loss[s].append(total / n)
+                acc[s].append(correct / n)
             if progress:
-                progress(f"evaluating {label} path", i + 1, len(alphas))
+                progress(f"evaluating {label} path", j + 1, len(alphas))
         return BarrierCurve(list(alphas), loss, acc, self.bn)
 
     def merged_state(
@@ -189,9 +206,23 @@ class PathEvaluator:
         return {k: v.detach().cpu().to(a[k].dtype) for k, v in m.state_dict().items()}
 
 
+SHARD_EXAMPLES = 20000
+"""Examples per evaluation shard when alpha points run as parallel tasks."""
+
+
+def shard_rows(n: int, batch_size: int, i: int, k: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of shard ``i`` of ``k`` over ``n`` examples, cut at batch boundaries."""
+    batches = -(-n // batch_size)
+    per = -(-batches // k)
+    return min(n, i * per * batch_size), min(n, (i + 1) * per * batch_size)
+
+
 def _point_task(
-    shared: tuple[PathEvaluator, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any], alpha: float
-) -> dict[str, tuple[float, float]]:
-    """One alpha point in a worker (``shared``: the evaluator, both endpoints, REPAIR statistics)."""
+    shared: tuple[PathEvaluator, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any],
+    alpha: float,
+    part: tuple[int, int],
+) -> dict[str, tuple[float, int, int]]:
+    """One shard of one alpha point in a worker (``shared``: the evaluator, both endpoints,
+    REPAIR statistics)."""
     ev, a, b, stats = shared
-    return ev.point(a, b, alpha, stats)
+    return ev.point(a, b, alpha, stats, part)

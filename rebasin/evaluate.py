@@ -26,6 +26,16 @@ class Metrics:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Metrics:
     """Loss and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
+    total, correct, n = evaluation_sums(model, x, y, batch_size)
+    return Metrics(total / n, correct / n)
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, int, int]:
+    """Summed loss, correct predictions and targets of ``model`` on ``(x, y)``: shards of a data
+    set add up to the whole."""
     model.eval()
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
@@ -35,7 +45,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         total += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
         n += yb.numel()
-    return Metrics(total / n, correct / n)
+    return total, correct, n
 
 
 def logits_and_targets(out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

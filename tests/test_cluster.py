@@ -118,3 +118,37 @@ def test_barrier_on_ray_matches_the_serial_report(
         for split, kinds in s["paths"][path]["barriers"].items():
             for kind, values in kinds.items():
                 assert p["paths"][path]["barriers"][split][kind] == pytest.approx(values, rel=1e-6)
+
+
+def test_shards_of_a_point_add_up_to_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large evaluation sets are cut into shards of whole batches whose sums give the serial
+    figures (shown here with small shards on a built-in model, without Ray)."""
+    import torch
+
+    from rebasin.barrier import PathEvaluator, shard_rows
+    from rebasin.data import load_data
+    from rebasin.models import build_model
+
+    assert [shard_rows(2500, 1000, i, 2) for i in range(2)] == [(0, 2000), (2000, 2500)]
+    assert [shard_rows(10, 1000, i, 3) for i in range(3)] == [(0, 10), (10, 10), (10, 10)]
+    data = load_data("digits", 0)
+    make = lambda: build_model("mlp", in_features=64, hidden=16, depth=2)  # noqa: E731
+    torch.manual_seed(0)
+    a = make().state_dict()
+    torch.manual_seed(1)
+    b = make().state_dict()
+    ev = PathEvaluator(make, data, batch_size=100)
+    whole = ev.curve(a, b, [0.0, 0.5, 1.0])
+
+    class Serial:  # a pool that runs the tasks here, in order
+        def share(self, value: object) -> object:
+            return value
+
+        def map(self, fn, calls, gpu=False):  # type: ignore[no-untyped-def]
+            return (fn(*c) for c in calls)
+
+    monkeypatch.setattr("rebasin.barrier.SHARD_EXAMPLES", 300)
+    sharded = ev.curve(a, b, [0.0, 0.5, 1.0], pool=Serial())
+    for split in ("train", "test"):
+        assert sharded.loss[split] == pytest.approx(whole.loss[split], rel=1e-12)
+        assert sharded.acc[split] == whole.acc[split]
