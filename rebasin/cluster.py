@@ -101,9 +101,7 @@ def _cancel(ray: Any, pending: dict[Any, dict[str, Any]]) -> None:
     from rebasin.batch import item_outputs
     from rebasin.checkpoint.atomic import clean_stale
 
-    for ref in pending:
-        with contextlib.suppress(Exception):  # already finished or gone
-            ray.cancel(ref, force=True)
+    _cancel_running(ray, list(pending))
     for ref in pending:
         with contextlib.suppress(Exception):
             ray.get(ref, timeout=30)
@@ -125,10 +123,21 @@ class RayMap:
     def map(self, fn: Callable[..., R], calls: Sequence[tuple[Any, ...]], gpu: bool = False) -> Iterator[R]:
         remote = self.ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)(fn)
         refs = [remote.remote(*args) for args in calls]
+        got = 0
         try:
             for ref in refs:
-                yield self.ray.get(ref)
+                value = self.ray.get(ref)
+                got += 1
+                yield value
         finally:
-            for ref in refs:
-                with contextlib.suppress(Exception):
-                    self.ray.cancel(ref, force=True)
+            if got < len(refs):  # stopped early (an error, Ctrl-C): cancel what still runs
+                _cancel_running(self.ray, refs[got:])
+
+
+def _cancel_running(ray: Any, refs: Sequence[Any]) -> None:
+    """Cancel the tasks of ``refs`` that have not finished (cancelling a finished task can race
+    with its reply inside Ray, so those are left alone)."""
+    _, running = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    for ref in running:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
