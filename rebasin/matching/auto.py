@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
-from rebasin.matching.weight import weight_matching
 from rebasin.permutation import identity, permute, random_permutation
 
 if TYPE_CHECKING:
@@ -45,16 +44,9 @@ def auto_match(opts: AutoMatch, problem: MatchProblem, progress: Progress | None
 
 def _weight(problem: MatchProblem, opts: AutoMatch, init: Permutation | None) -> MatchResult:
     """One run of weight matching, from the identity or from ``init``."""
-    return weight_matching(
-        problem.a,
-        problem.b,
-        problem.spec,
-        seed=problem.seed,
-        device=problem.device,
-        backend=opts.backend,
-        buffers=problem.buffers,
-        init=init,
-    )
+    from rebasin.matching.methods import WeightMatching
+
+    return WeightMatching(backend=opts.backend).run(problem, init)
 
 
 def _relabel(r: MatchResult, reason: str, runs: int, seconds: float) -> MatchResult:

@@ -11,7 +11,7 @@ from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_mat
 from rebasin.options import option
 
 if TYPE_CHECKING:
-    from rebasin.matching.result import MatchResult, Progress
+    from rebasin.matching.result import MatchResult, Permutation, Progress
 
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
 
@@ -29,6 +29,12 @@ class WeightMatching(Matcher):
     """Relative improvement below which a group counts as unchanged."""
 
     def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        return self.run(problem, progress=progress)
+
+    def run(
+        self, problem: MatchProblem, init: Permutation | None = None, progress: Progress | None = None
+    ) -> MatchResult:
+        """:meth:`match`, with run 0 starting at ``init`` instead of the identity when given."""
         from rebasin.matching.weight import weight_matching
 
         return weight_matching(
@@ -43,6 +49,7 @@ class WeightMatching(Matcher):
             tol=self.tol,
             progress=progress,
             buffers=problem.buffers,
+            init=init,
         )
 
 
