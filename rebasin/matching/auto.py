@@ -12,6 +12,7 @@ their estimated time fits the budget), keeping the highest objective.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,21 +52,7 @@ def _weight(problem: MatchProblem, opts: AutoMatch, init: Permutation | None) ->
 
 def _relabel(r: MatchResult, reason: str, runs: int, seconds: float) -> MatchResult:
     options = {**r.options, "restarts": runs, "auto": reason, "chosen": "weight"}
-    return MatchResult(
-        method="auto",
-        perm=r.perm,
-        objective_identity=r.objective_identity,
-        objective=r.objective,
-        groups=r.groups,
-        objective_name=r.objective_name,
-        maximize=r.maximize,
-        history=r.history,
-        converged=r.converged,
-        restarts=r.restarts,
-        best_restart=r.best_restart,
-        options=options,
-        seconds=seconds,
-    )
+    return dataclasses.replace(r, method="auto", options=options, seconds=seconds)
 
 
 def _with_data(
