@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rebasin.checkpoint.reader import Location, header_locations, read_tensor
 from rebasin.checkpoint.state import Checkpoint, LazyStateDict, _st_dtype, natural_key
 from rebasin.errors import CheckpointError
 
@@ -168,7 +169,7 @@ def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
 def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
-    owner: dict[str, object] = {}
+    owner: dict[str, Location] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     metadata: dict[str, str] = {}
@@ -189,18 +190,19 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
             ) from None
         except OSError as e:
             raise CheckpointError(f"cannot read ({e.strerror or e})", source=label) from None
-        for k in keys:
+        del h  # validated; tensors are read with plain reads (bounded memory), not its map
+        for k, loc in header_locations(f, dtypes, shapes).items():
             if k in owner:
                 raise CheckpointError(f"tensor '{k}' appears in more than one shard", source=label)
-            owner[k] = h
+            owner[k] = loc
         if not metadata:
             metadata = dict(file_meta)
     metadata = {**metadata, **meta}
 
     def get(key: str) -> torch.Tensor:
         try:
-            return owner[key].get_tensor(key)  # type: ignore[attr-defined]
-        except Exception as e:  # corrupted data region
+            return read_tensor(owner[key])
+        except OSError as e:  # a file truncated or changed since it was opened
             raise CheckpointError(f"cannot read tensor '{key}' ({_clean(e)})", source=name) from None
 
     state = LazyStateDict(sorted(owner, key=natural_key), get)

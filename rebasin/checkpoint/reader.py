@@ -1,0 +1,70 @@
+"""Read safetensors tensors with plain file reads (``pread``), not through a memory map.
+
+A memory map keeps every page it has touched resident in the process, so reading a model once
+through it leaves the whole file in the process's memory. Reading each tensor's bytes into its
+own buffer leaves only the tensors still referenced: memory stays bounded by what the caller
+holds, and the operating system's page cache (not the process) keeps recently read files warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    begin: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def header_locations(
+    path: Path, dtypes: dict[str, torch.dtype], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Location]:
+    """The byte range of every tensor of a safetensors file (already validated by the loader)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    start = 8 + size
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__" or k not in dtypes:
+            continue
+        lo, hi = (int(x) for x in v["data_offsets"])
+        out[k] = Location(path, start + lo, start + hi, dtypes[k], shapes[k])
+    return out
+
+
+def read_tensor(loc: Location) -> torch.Tensor:
+    """The tensor at ``loc``, in a buffer of its own. Raises OSError on a short read."""
+    n = loc.end - loc.begin
+    numel = 1
+    for d in loc.shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=loc.dtype).element_size()
+    if n != numel * itemsize:
+        raise OSError(f"its data holds {n} bytes, its shape and dtype need {numel * itemsize}")
+    if n == 0:
+        return torch.empty(loc.shape, dtype=loc.dtype)
+    buf = bytearray(n)
+    fd = os.open(loc.path, os.O_RDONLY)
+    try:
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], loc.begin + done)
+            if got <= 0:
+                raise OSError("the file ends inside the tensor's data (truncated?)")
+            done += got
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=loc.dtype).reshape(loc.shape)
