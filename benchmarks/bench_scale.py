@@ -1,27 +1,37 @@
-"""Weight matching at language-model scale: LLaMA-shaped planted pairs, built in memory.
+"""Weight matching at language-model scale, through ``rebasin merge`` on files written here.
 
-B is A with a random permutation of every group (residual stream, MLP units, kv heads with their
-query groups), so the answer is known. Prints per shape: parameters, seconds of matching and per
-sweep, sweeps, peak memory (process RSS; GPU allocator peak on cuda) and whether the planted
-permutation came back exactly.
+Writes LLaMA-shaped Hugging Face folders (bfloat16 shards, ``config.json``) for each shape named:
+A from a seeded generator, B either A with a random permutation of every group planted
+(residual stream, MLP units, kv heads with their query groups: the answer is known) or an
+independent draw. Then runs ``rebasin merge A B -o OUT --method weight --json`` in a child process
+and prints per shape: parameters, merge wall time, seconds of matching and of its first sweep,
+sweeps, the child's peak RSS, the first sweep's GEMM throughput beside plain ``torch.matmul`` at
+the same shapes, and (planted pairs) whether the permutation came back exactly (pi(B) == A).
 
-    python benchmarks/bench_scale.py --shapes tiny small [--device cuda] [--dtype bf16]
+    python benchmarks/bench_scale.py --shapes tiny small [--pair planted|independent]
+        [--device cuda] [--dir /tmp/scale] [--extra ARGS]
 
 Shapes: tiny (d 256, 4 layers), small (d 1024, 8 layers, GQA 16/4), tinyllama (d 2048, 22 layers,
-GQA 32/4), 7b (d 4096, 32 layers, 32 heads). Only what ``--shapes`` names is built.
+GQA 32/4), 7b (d 4096, 32 layers, 32 heads). Only the shapes named are built (the 7B pair takes
+27 GB of disk); folders already written are reused.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import shlex
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from rebasin.matching.weight import weight_matching
-from rebasin.permutation import invert, permute, random_permutation
+from rebasin.checkpoint import LazyStateDict, save_checkpoint
+from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec import infer_spec
+from rebasin.spec.core import PermutationSpec
 
 SHAPES = {
     "tiny": dict(hidden=256, inter=688, layers=4, heads=8, kv=2, vocab=1000),
@@ -31,73 +41,173 @@ SHAPES = {
 }
 
 
-def llama_state(s: dict[str, int], dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A LLaMA-named state dict of the given shape (random weights)."""
-    g = torch.Generator().manual_seed(seed)
+def llama_shapes(s: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a LLaMA checkpoint of the given shape."""
     d, f, hd = s["hidden"], s["inter"], s["hidden"] // s["heads"]
-
-    def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
-
-    out = {"model.embed_tokens.weight": w(s["vocab"], d), "model.norm.weight": torch.ones(d, dtype=dtype)}
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (s["vocab"], d), "model.norm.weight": (d,)}
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         out |= {
-            p + "self_attn.q_proj.weight": w(s["heads"] * hd, d),
-            p + "self_attn.k_proj.weight": w(s["kv"] * hd, d),
-            p + "self_attn.v_proj.weight": w(s["kv"] * hd, d),
-            p + "self_attn.o_proj.weight": w(d, s["heads"] * hd),
-            p + "mlp.gate_proj.weight": w(f, d),
-            p + "mlp.up_proj.weight": w(f, d),
-            p + "mlp.down_proj.weight": w(d, f),
-            p + "input_layernorm.weight": torch.ones(d, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(d, dtype=dtype),
+            p + "self_attn.q_proj.weight": (s["heads"] * hd, d),
+            p + "self_attn.k_proj.weight": (s["kv"] * hd, d),
+            p + "self_attn.v_proj.weight": (s["kv"] * hd, d),
+            p + "self_attn.o_proj.weight": (d, s["heads"] * hd),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
         }
-    out["lm_head.weight"] = w(s["vocab"], d)
+    out["lm_head.weight"] = (s["vocab"], d)
     return out
+
+
+def llama_config(s: dict[str, int]) -> dict[str, object]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv"],
+        "vocab_size": s["vocab"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """One tensor of a random model, from a seed of its own (so no model is ever held whole)."""
+    if len(shape) == 1:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)))
+        return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + hash_name(name))
+    return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+
+def hash_name(name: str) -> int:
+    h = 0
+    for ch in name.encode():
+        h = (h * 131 + ch) % (1 << 31)
+    return h
+
+
+def write_model(out: Path, s: dict[str, int], get: object, shapes: dict[str, tuple[int, ...]]) -> None:
+    if (out / "config.json").exists():
+        return
+    state = LazyStateDict(list(shapes), get, shapes)  # type: ignore[arg-type]
+    save_checkpoint(state, out, {"format": "pt"}, shard_size="2GB")
+    (out / "config.json").write_text(json.dumps(llama_config(s), indent=2))
+
+
+def make_pair(root: Path, name: str, pair: str) -> tuple[Path, Path, PermutationSpec]:
+    s = SHAPES[name]
+    shapes = llama_shapes(s)
+    spec = infer_spec(shapes, config=llama_config(s))
+    a, b = root / f"{name}-a", root / f"{name}-{pair}-b"
+    write_model(a, s, lambda k: tensor(k, shapes[k], 0), shapes)
+    if pair == "planted":
+        planted = random_permutation(spec, 1)
+        write_model(
+            b, s, lambda k: permute_tensor(tensor(k, shapes[k], 0), spec.axes_to_perm.get(k, ()), planted), shapes
+        )
+    else:
+        write_model(b, s, lambda k: tensor(k, shapes[k], 1), shapes)
+    return a, b, spec
+
+
+def gemm_seconds(spec: PermutationSpec, shapes: dict[str, tuple[int, ...]], device: str) -> tuple[float, float]:
+    """Seconds of the plain float32 matmuls one full sweep does, and their multiply-adds."""
+    work: dict[tuple[int, int], int] = {}
+    for g, members in spec.groups.items():
+        n = spec.sizes[g]
+        for m in members:
+            numel = 1
+            for d in shapes[m.param]:
+                numel *= d
+            key = (n, numel // n)
+            work[key] = work.get(key, 0) + 1
+    total_s = total_flops = 0.0
+    for (n, k), count in work.items():
+        x, y = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
+        x @ y.T  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x @ y.T
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        total_s += (time.perf_counter() - t) * count
+        total_flops += 2.0 * n * n * k * count
+        del x, y
+    return total_s, total_flops
+
+
+PEAK = (
+    "import atexit, resource, sys\n"
+    "atexit.register(lambda: print('peak-rss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+    " file=sys.stderr))\n"
+    "sys.argv = ['rebasin', *sys.argv[1:]]\n"
+    "from rebasin.cli import main\n"
+    "main()\n"
+)
+"""Runs the command line in the child and prints its own peak RSS last on stderr."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["tiny"], choices=list(SHAPES))
+    ap.add_argument("--pair", default="planted", choices=["planted", "independent"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
-    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--dir", default="/tmp/rebasin-scale")
+    ap.add_argument("--extra", default="", help="more arguments for rebasin merge")
+    ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    print(f"device {args.device}, stored dtype {args.dtype}")
-    cols = ("params", "groups", "match s", "s/sweep", "sweeps", "RSS GB", "GPU GB")
-    print(f"{'shape':<10} " + " ".join(f"{c:>8}" for c in cols) + "  recovered")
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"device {args.device}, bfloat16 checkpoints, {args.pair} pairs, in {root}")
+    cols = ("params", "wall s", "match s", "sweep1 s", "sweeps", "RSS GB", "GEMM s", "GFLOP/s", "plain")
+    print(f"{'shape':<10} " + " ".join(f"{c:>8}" for c in cols) + "  recovered", flush=True)
     for name in args.shapes:
-        s = SHAPES[name]
-        a = llama_state(s, dtype)
-        config = {
-            "model_type": "llama",
-            "num_attention_heads": s["heads"],
-            "num_key_value_heads": s["kv"],
-            "hidden_size": s["hidden"],
-            "tie_word_embeddings": False,
-        }
-        shapes = {k: tuple(v.shape) for k, v in a.items()}
-        spec = infer_spec(shapes, config=config)
-        planted = random_permutation(spec, 1)
-        b = {k: v.clone() for k, v in permute(a, spec, planted).items()}
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        r = weight_matching(a, b, spec, device=args.device, max_iter=args.max_iter)
-        dt = time.perf_counter() - t0
-        want = invert(planted)
-        ok = all(torch.equal(r.perm[g], want[g]) for g in spec.sizes)
-        sweeps = r.restarts[0].sweeps
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
-        params = f"{sum(v.numel() for v in a.values()) / 1e9:.2f}B"
-        row = (params, len(spec.sizes), f"{dt:.1f}", f"{dt / sweeps:.1f}", sweeps, f"{rss:.1f}", f"{gpu:.1f}")
-        print(
-            f"{name:<10} " + " ".join(f"{c:>8}" for c in row) + f"  {'exactly' if ok else 'NO'}", flush=True
+        t = time.perf_counter()
+        a, b, spec = make_pair(root, name, args.pair)
+        print(f"  (pair written in {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+        out = root / f"{name}-merged"
+        cmd = [
+            sys.executable, "-c", PEAK, "merge", str(a), str(b), "-o", str(out), "--force",
+            "--method", "weight", "--device", args.device, "--json", *shlex.split(args.extra),
+        ]  # fmt: skip
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            print(f"{name}: rebasin merge failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            continue
+        rss = int(proc.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+        rep = json.loads(proc.stdout)
+        m = rep["match"]
+        trace = m["restarts"][m["best_restart"]]
+        sweep1 = trace["seconds_per_sweep"][0]
+        shapes = llama_shapes(SHAPES[name])
+        gemm_s, flops = gemm_seconds(spec, shapes, args.device)
+        params = f"{sum(torch.Size(v).numel() for v in shapes.values()) / 1e9:.2f}B"
+        ok = "-" if args.pair != "planted" else ("exactly" if rep["distance"]["l2_after"] == 0 else "NO")
+        row = (
+            params,
+            f"{wall:.1f}",
+            f"{m['seconds']:.1f}",
+            f"{sweep1:.1f}",
+            trace["sweeps"],
+            f"{rss:.2f}",
+            f"{gemm_s:.1f}",
+            f"{flops / sweep1 / 1e9:.0f}",
+            f"{flops / gemm_s / 1e9:.0f}",
         )
-        del a, b, r
+        print(f"{name:<10} " + " ".join(f"{c:>8}" for c in row) + f"  {ok}", flush=True)
+        print(f"  timings {rep['timings']}; sweeps {trace['seconds_per_sweep']}", file=sys.stderr, flush=True)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(out)])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def interpolate(a: StateDict, b: Mapping[str, torch.Tensor], alpha: float = 0.5)
         tb = b[key].to(device=ta.device, dtype=w)
         return torch.lerp(ta.to(w), tb, float(alpha)).to(ta.dtype)
 
-    return LazyStateDict(list(a), get)
+    return LazyStateDict(list(a), get, getattr(a, "shapes", None))
 
 
 def average(states: Sequence[StateDict], weights: Sequence[float] | None = None) -> StateDict:
@@ -50,4 +50,4 @@ def average(states: Sequence[StateDict], weights: Sequence[float] | None = None)
             acc += wt * s[key].to(device=t0.device, dtype=w)
         return acc.to(t0.dtype)
 
-    return LazyStateDict(list(first), get)
+    return LazyStateDict(list(first), get, getattr(first, "shapes", None))

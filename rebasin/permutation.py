@@ -92,7 +92,7 @@ def permute(state: StateDict, spec: PermutationSpec, perm: Permutation) -> State
         entries = spec.axes_to_perm.get(key)
         return permute_tensor(t, entries, perm) if entries else t
 
-    return LazyStateDict(list(state), get)
+    return LazyStateDict(list(state), get, getattr(state, "shapes", None))
 
 
 def check_permutation(spec: PermutationSpec, perm: Permutation) -> None:

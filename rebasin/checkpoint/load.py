@@ -205,7 +205,7 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
         except OSError as e:  # a file truncated or changed since it was opened
             raise CheckpointError(f"cannot read tensor '{key}' ({_clean(e)})", source=name) from None
 
-    state = LazyStateDict(sorted(owner, key=natural_key), get)
+    state = LazyStateDict(sorted(owner, key=natural_key), get, shapes)
     return Checkpoint(path, fmt, state, metadata, list(files), shapes, dtypes)
 
 

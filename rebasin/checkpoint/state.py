@@ -17,10 +17,17 @@ StateDict = Mapping[str, torch.Tensor]
 class LazyStateDict(Mapping[str, torch.Tensor]):
     """A read-only mapping whose tensors are produced on access by ``getter(key)``."""
 
-    def __init__(self, keys: Iterable[str], getter: Callable[[str], torch.Tensor]):
+    def __init__(
+        self,
+        keys: Iterable[str],
+        getter: Callable[[str], torch.Tensor],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ):
         self._keys = list(keys)
         self._index = set(self._keys)
         self._getter = getter
+        self.shapes = shapes
+        """Each tensor's shape where known without producing it (None: not known)."""
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._index:
@@ -35,6 +42,14 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
+
+
+def shape_of(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading it where the mapping knows it (lazy checkpoints)."""
+    shapes = getattr(state, "shapes", None)
+    if shapes is not None and key in shapes:
+        return tuple(shapes[key])
+    return tuple(state[key].shape)
 
 
 @dataclass

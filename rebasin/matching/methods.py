@@ -25,6 +25,12 @@ class WeightMatching(Matcher):
 
     restarts: int = option(1, RESTARTS_HELP, ge=1, commands=ALIGN)
     max_iter: int = option(100, "Most sweeps per run of weight matching.", ge=1, commands=ALIGN)
+    time_budget: float | None = option(
+        None,
+        "Stop weight matching at the end of the last sweep completed within this many seconds.",
+        gt=0.0,
+        commands=ALIGN,
+    )
     tol: float = 1e-12
     """Relative improvement below which a group counts as unchanged."""
 
@@ -50,6 +56,7 @@ class WeightMatching(Matcher):
             progress=progress,
             buffers=problem.buffers,
             init=init,
+            time_budget=self.time_budget,
         )
 
 

@@ -42,6 +42,7 @@ class RestartTrace:
     sweeps: int
     converged: bool
     objective_per_sweep: list[float]
+    seconds_per_sweep: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class MatchResult:
     best_restart: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    stopped: str | None = None
+    """Why the search ended before converging (a time budget), or None."""
 
     def improved(self) -> bool:
         """Whether the found permutation is at least as good as B as it is, on the method's own
@@ -88,6 +91,7 @@ class MatchResult:
             "converged": self.converged,
             "best_restart": self.best_restart,
             "seconds": round(self.seconds, 4),
+            "stopped": self.stopped,
             "restarts": [r.__dict__ for r in self.restarts],
             "groups": {g: s.__dict__ for g, s in self.groups.items()},
         }

@@ -2,26 +2,37 @@
 
 Maximize ``sum_params <A, pi(B)>`` by coordinate descent: for one group, with every other group
 held fixed, the objective is linear in that group's permutation, so one exact linear assignment
-solves it. Groups are visited in a seeded random order; a sweep that improves nothing ends the run.
-A group is skipped when none of its neighbours changed since it was last solved (its cost matrix is
-then unchanged and its permutation already optimal).
+solves it. Groups that share no tensor are independent (the objective splits between them), so a
+sweep visits *stages* of mutually independent groups (a colouring of the group graph) in a seeded
+random order: solving a stage's groups one after another or all at once is the same step, which
+lets one pass over the weights serve a whole stage (every layer's MLP and head groups at once) and
+the next group's products run while the current assignment is solved. A group is skipped when
+none of its neighbours changed since it was last solved.
+
+Memory is bounded: tensors are read from the mappings (lazy checkpoints read them from disk) one
+member at a time in their stored dtype, and upcast a block of columns at a time for the products
+(:mod:`rebasin.matching.costs`); float32 copies are kept only while both models fit in
+``CACHE_BYTES``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from rebasin.errors import MatchError
 from rebasin.matching.assignment import resolve_backend, solve_unit
+from rebasin.matching.costs import CostModel
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
-from rebasin.permutation import permute_tensor, random_permutation
-from rebasin.spec.core import Member, PermutationSpec
+from rebasin.permutation import random_permutation
+from rebasin.spec.core import PermutationSpec
 
 OBJECTIVE = "<A, pi(B)>"
+Unit = tuple[str, ...]
 
 
 def weight_matching(
@@ -38,6 +49,7 @@ def weight_matching(
     init: Permutation | None = None,
     progress: Progress | None = None,
     buffers: Collection[str] = (),
+    time_budget: float | None = None,
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
@@ -45,13 +57,15 @@ def weight_matching(
     Run 0 starts at the identity (or ``init``), later runs at a random permutation; the run with
     the highest objective wins. Runs are reproducible from ``seed``. The objective sums over the
     spec's parameters only: running statistics and ``buffers`` are permuted with their groups but
-    carry no weight (:meth:`PermutationSpec.cost_params`)."""
+    carry no weight (:meth:`PermutationSpec.cost_params`). With ``time_budget`` (seconds), the
+    search stops at the end of the last sweep completed within it and says so (``stopped``)."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
-    problem = _Problem(a, b, spec, torch.device(device), buffers)
-    best: tuple[float, Permutation] | None = None
+    model = CostModel(a, b, spec, torch.device(device), buffers)
+    search = _Search(model, backend, tol, progress, t0 + time_budget if time_budget is not None else None)
+    best: _Run | None = None
     traces: list[RestartTrace] = []
     best_k = 0
     for k in range(restarts):
@@ -64,34 +78,30 @@ def weight_matching(
         else:
             start = random_permutation(spec, int(rng.integers(2**62)))
             how = "random"
-        label = f"weight matching (run {k + 1}/{restarts}"
-        perm, trace = _descend(problem, start, rng, backend, max_iter, tol, progress, label, k, restarts)
-        traces.append(RestartTrace(run_seed, how, *trace))
-        if best is None or trace[0] > best[0]:
-            best, best_k = (trace[0], perm), k
-    assert best is not None
-    perm = best[1]
-    groups = {}
-    for g in spec.sizes:
-        c = problem.cost(g, perm)
-        n = spec.sizes[g]
-        groups[g] = GroupStats(
-            size=n,
-            objective_before=float(np.trace(c)),
-            objective_after=float(c[np.arange(n), perm[g].numpy()].sum()),
-            moved_fraction=float((perm[g] != torch.arange(n)).float().mean()),
+        run = search.descend(start, rng, max_iter, f"weight matching (run {k + 1}/{restarts}")
+        traces.append(
+            RestartTrace(run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds)
         )
-    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+        if best is None or run.history[-1] > best.history[-1]:
+            best, best_k = run, k
+        if search.stopped:
+            break
+    assert best is not None
+    perm = best.perm
+    if traces[0].init == "identity":
+        at_identity = traces[0].objective_per_sweep[0]
+    else:
+        at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
     return MatchResult(
         method="weight",
         perm=perm,
-        objective_identity=problem.objective(ident),
-        objective=best[0],
-        groups=groups,
+        objective_identity=at_identity,
+        objective=best.history[-1],
+        groups={g: best.group_stats(g, model) for g in spec.sizes},
         objective_name=OBJECTIVE,
         maximize=True,
-        history=traces[best_k].objective_per_sweep,
-        converged=traces[best_k].converged,
+        history=best.history,
+        converged=best.converged,
         restarts=traces,
         best_restart=best_k,
         options={
@@ -100,125 +110,162 @@ def weight_matching(
             "seed": seed,
             "device": device,
             "backend": backend,
+            "time_budget": time_budget,
         },
         seconds=time.perf_counter() - t0,
+        stopped=search.stopped,
     )
 
 
-def _descend(
-    problem: _Problem,
-    perm: Permutation,
-    rng: np.random.Generator,
-    backend: str,
-    max_iter: int,
-    tol: float,
-    progress: Progress | None,
-    label: str,
-    k: int,
-    restarts: int,
-) -> tuple[Permutation, tuple[float, int, bool, list[float]]]:
-    spec = problem.spec
+def stages(spec: PermutationSpec) -> list[list[Unit]]:
+    """The spec's units coloured so that no two units of one colour share a tensor (greedy, in
+    the spec's order): each colour is a stage of independent units."""
     units = spec.units
-    names = sorted(spec.sizes)
-    history = [problem.objective(perm)]  # exact (float64) at the end of every sweep
-    dirty = set(names)  # groups whose cost may have changed since last solved
-    converged = False
-    sweep = 0
-    for sweep in range(1, max_iter + 1):
-        improved = False
-        start = {g: v.clone() for g, v in perm.items()}
-        for u in rng.permutation(len(units)):
-            unit = units[int(u)]
-            if dirty.isdisjoint(unit):
-                continue
-            dirty.difference_update(unit)
-            costs = {g: problem.cost(g, perm) for g in unit}
-            new = solve_unit(costs, spec.heads, backend)
-            old_val = new_val = 0.0
-            for g, c in costs.items():
-                rows = np.arange(spec.sizes[g])
-                old_val += float(c[rows, perm[g].numpy()].sum())
-                new_val += float(c[rows, new[g]].sum())
-            if new_val > old_val + tol * max(1.0, abs(old_val)):
-                for g in unit:
-                    perm[g] = torch.from_numpy(new[g])
-                    dirty |= spec.neighbours[g]
-                improved = True
-        if progress:
-            progress(f"{label}, sweep {sweep})", k + 1 - 1 / (sweep + 1), restarts)
-        value = problem.objective(perm) if improved else history[-1]
-        if value <= history[-1]:
-            # nothing moved, or gains below the float32 products' rounding: the exact objective
-            # did not rise, so the sweep's moves are undone and the run has converged
-            perm = start
-            history.append(history[-1])
-            converged = True
-            break
-        history.append(value)
-    return perm, (history[-1], sweep, converged, history)
+    touches = [set().union(*(spec.neighbours[g] | {g} for g in u)) for u in units]
+    colour: list[int] = []
+    for i, u in enumerate(units):
+        taken = {colour[j] for j in range(i) if touches[j] & set(u)}
+        colour.append(next(c for c in range(len(units) + 1) if c not in taken))
+    count = max(colour, default=-1) + 1
+    return [[u for u, c in zip(units, colour, strict=True) if c == k] for k in range(count)]
 
 
-class _Problem:
-    """A and B's weighed tensors upcast to float32 on the device, with A's member matrices cached."""
+class _Run:
+    """One run's state: its permutation, objective per sweep, and the latest statistics of every
+    group with the permutations they were computed under."""
+
+    def __init__(self, perm: Permutation, first: float):
+        self.perm = perm
+        self.history = [first]
+        self.seconds: list[float] = []
+        self.sweeps = 0
+        self.converged = False
+        self.stats: dict[str, tuple[float, float, dict[str, torch.Tensor]]] = {}
+
+    def group_stats(self, g: str, model: CostModel) -> GroupStats:
+        """:class:`GroupStats` at the final permutation: from the last cost of ``g`` when nothing
+        it depends on has moved since, else from a fresh one."""
+        n = model.spec.sizes[g]
+        kept = self.stats.get(g)
+        if kept is not None and all(torch.equal(self.perm[h], p) for h, p in kept[2].items()):
+            before, after = kept[0], kept[1]
+        else:
+            c = model.cost(g, self.perm)
+            before = float(np.trace(c))
+            after = float(c[np.arange(n), self.perm[g].numpy()].sum())
+        moved = float((self.perm[g] != torch.arange(n)).float().mean())
+        return GroupStats(size=n, objective_before=before, objective_after=after, moved_fraction=moved)
+
+
+class _Search:
+    """Coordinate descent over stages, with progress, an ETA and an optional deadline."""
 
     def __init__(
-        self,
-        a: Mapping[str, torch.Tensor],
-        b: Mapping[str, torch.Tensor],
-        spec: PermutationSpec,
-        device: torch.device,
-        buffers: Collection[str] = (),
+        self, model: CostModel, backend: str, tol: float, progress: Progress | None, deadline: float | None
     ):
-        self.spec = spec
-        self.device = device
-        weighed = spec.cost_params(buffers)
-        self.a = {p: a[p].to(device=device, dtype=torch.float32) for p in weighed}
-        self.b = {p: b[p].to(device=device, dtype=torch.float32) for p in weighed}
-        self.members = {g: [m for m in ms if m.param in self.a] for g, ms in spec.groups.items()}
-        self.a_mats: dict[Member, torch.Tensor] = {}
-        self.fixed_products: dict[Member, torch.Tensor] = {}  # members whose B side never changes
-        for g, members in self.members.items():
-            for m in members:
-                self.a_mats[m] = _unit_rows(self.a[m.param], m, spec.sizes[g])
+        self.model = model
+        self.backend = backend
+        self.tol = tol
+        self.progress = progress
+        self.deadline = deadline
+        self.stages = stages(model.spec)
+        self.stopped: str | None = None
 
-    def cost(self, g: str, perm: Permutation) -> np.ndarray:
-        """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
-        n = self.spec.sizes[g]
-        c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        for m in self.members[g]:
-            if m in self.fixed_products:
-                c += self.fixed_products[m]
-                continue
-            entries = self.spec.axes_to_perm[m.param]
-            bt = permute_tensor(self.b[m.param], entries, perm, skip=g)
-            prod = self.a_mats[m] @ _unit_rows(bt, m, n).T
-            if all(e is None for i, e in enumerate(entries) if i != m.axis):
-                self.fixed_products[m] = prod  # no other group touches it: the same every time
-            c += prod
-        out = c.double().cpu().numpy()
-        if not np.isfinite(out).all():
-            raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
-        return out
+    def descend(self, perm: Permutation, rng: np.random.Generator, max_iter: int, label: str) -> _Run:
+        spec = self.model.spec
+        run = _Run(perm, self.model.objective(perm))  # exact (float64) at the end of every sweep
+        dirty = set(spec.sizes)  # groups whose cost may have changed since last solved
+        for sweep in range(1, max_iter + 1):
+            start = {g: v.clone() for g, v in run.perm.items()}
+            t_sweep = time.perf_counter()
+            order = rng.permutation(len(self.stages))
+            todo = [[u for u in self.stages[int(s)] if not dirty.isdisjoint(u)] for s in order]
+            done_work, total_work = 0.0, sum(self.model.work(u) for stage in todo for u in stage) or 1.0
+            improved = False
+            for stage in todo:
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    run.perm = start
+                    self.stopped = (
+                        f"time budget reached during sweep {sweep}: the result is that of sweep {sweep - 1}"
+                    )
+                    return run
+                for u in stage:
+                    dirty.difference_update(u)
+                for unit, costs in _costs_ahead(self.model, stage, run.perm):
+                    improved |= self._solve(run, unit, costs, dirty)
+                    done_work += self.model.work(unit)
+                    self._report(label, sweep, unit, done_work / total_work, t_sweep)
+            run.sweeps = sweep
+            value = self.model.objective(run.perm) if improved else run.history[-1]
+            run.seconds.append(round(time.perf_counter() - t_sweep, 4))
+            if value <= run.history[-1]:
+                # nothing moved, or gains below the float32 products' rounding: the exact
+                # objective did not rise, so the sweep's moves are undone and the run has converged
+                run.perm = start
+                run.history.append(run.history[-1])
+                run.converged = True
+                return run
+            run.history.append(value)
+            if self.deadline is not None and time.perf_counter() > self.deadline and sweep < max_iter:
+                self.stopped = f"time budget reached after sweep {sweep}"
+                return run
+        return run
 
-    def objective(self, perm: Permutation) -> float:
-        """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p, bt in self.b.items():
-            x = self.a[p].reshape(-1)
-            y = permute_tensor(bt, self.spec.axes_to_perm[p], perm).reshape(-1)
-            for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
-                total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
-        return float(total)
+    def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> bool:
+        """Solve one unit's assignment; keep it when it raises the objective."""
+        spec = self.model.spec
+        new = solve_unit(costs, spec.heads, self.backend)
+        old_val = new_val = 0.0
+        for g, c in costs.items():
+            rows = np.arange(spec.sizes[g])
+            old_val += float(c[rows, run.perm[g].numpy()].sum())
+            new_val += float(c[rows, new[g]].sum())
+        better = new_val > old_val + self.tol * max(1.0, abs(old_val))
+        if better:
+            for g in unit:
+                run.perm[g] = torch.from_numpy(new[g])
+                dirty |= spec.neighbours[g]
+        for g, c in costs.items():
+            rows = np.arange(spec.sizes[g])
+            kept = float(c[rows, run.perm[g].numpy()].sum())
+            snapshot = {h: run.perm[h] for h in spec.neighbours[g] | {g}}
+            run.stats[g] = (float(np.trace(c)), kept, snapshot)
+        return better
+
+    def _report(self, label: str, sweep: int, unit: Unit, frac: float, t_sweep: float) -> None:
+        if not self.progress:
+            return
+        spent = time.perf_counter() - t_sweep
+        eta = spent / frac - spent if frac > 0 else 0.0
+        name = unit[0] if len(unit) == 1 else f"{unit[0]} +{len(unit) - 1}"
+        self.progress(f"{label}, sweep {sweep}) group '{name}', {_clock(eta)} left in sweep", frac, 1.0)
 
 
-_CHUNK = 1 << 22
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _unit_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:
-    """View ``t`` as one row per unit of the member's group (``n`` units): (n, everything else)."""
-    t = t.movedim(m.axis, 0)
-    if m.segment or t.shape[0] != n * m.inner:
-        t = t[m.start : m.start + n * m.inner]
-    if m.inner > 1:
-        t = t.reshape(n, m.inner, *t.shape[1:])
-    return t.reshape(n, -1)
+AHEAD = 1
+"""Units whose costs are computed ahead, in a worker thread, while the current one is solved."""
+
+
+def _costs_ahead(
+    model: CostModel, stage: Sequence[Unit], perm: Permutation
+) -> Iterator[tuple[Unit, dict[str, np.ndarray]]]:
+    """Each unit of a stage with its cost matrices. The units are independent, so their costs
+    are the same whether computed before or after the others are solved: the products of the
+    next unit run (in a thread, releasing the interpreter lock) while the caller solves this one."""
+    if len(stage) == 1:
+        yield stage[0], model.unit_costs(stage[0], perm)
+        return
+    fixed = dict(perm)  # the other stages' groups do not move during this stage
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs") as pool:
+        pending: list[tuple[Unit, Future[dict[str, np.ndarray]]]] = []
+        for unit in stage:
+            pending.append((unit, pool.submit(model.unit_costs, unit, fixed)))
+            if len(pending) > AHEAD:
+                u, f = pending.pop(0)
+                yield u, f.result()
+        for u, f in pending:
+            yield u, f.result()
