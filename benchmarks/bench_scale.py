@@ -44,7 +44,10 @@ SHAPES = {
 def llama_shapes(s: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a LLaMA checkpoint of the given shape."""
     d, f, hd = s["hidden"], s["inter"], s["hidden"] // s["heads"]
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (s["vocab"], d), "model.norm.weight": (d,)}
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (s["vocab"], d),
+        "model.norm.weight": (d,),
+    }
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         out |= {
@@ -110,14 +113,19 @@ def make_pair(root: Path, name: str, pair: str) -> tuple[Path, Path, Permutation
     if pair == "planted":
         planted = random_permutation(spec, 1)
         write_model(
-            b, s, lambda k: permute_tensor(tensor(k, shapes[k], 0), spec.axes_to_perm.get(k, ()), planted), shapes
+            b,
+            s,
+            lambda k: permute_tensor(tensor(k, shapes[k], 0), spec.axes_to_perm.get(k, ()), planted),
+            shapes,
         )
     else:
         write_model(b, s, lambda k: tensor(k, shapes[k], 1), shapes)
     return a, b, spec
 
 
-def gemm_seconds(spec: PermutationSpec, shapes: dict[str, tuple[int, ...]], device: str) -> tuple[float, float]:
+def gemm_seconds(
+    spec: PermutationSpec, shapes: dict[str, tuple[int, ...]], device: str
+) -> tuple[float, float]:
     """Seconds of the plain float32 matmuls one full sweep does, and their multiply-adds."""
     work: dict[tuple[int, int], int] = {}
     for g, members in spec.groups.items():
@@ -145,14 +153,15 @@ def gemm_seconds(spec: PermutationSpec, shapes: dict[str, tuple[int, ...]], devi
 
 
 PEAK = (
-    "import atexit, resource, sys\n"
-    "atexit.register(lambda: print('peak-rss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-    " file=sys.stderr))\n"
+    "import atexit, sys\n"
+    "hwm = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+    "atexit.register(lambda: print('peak-rss-kb', hwm(), file=sys.stderr))\n"
     "sys.argv = ['rebasin', *sys.argv[1:]]\n"
     "from rebasin.cli import main\n"
     "main()\n"
 )
-"""Runs the command line in the child and prints its own peak RSS last on stderr."""
+"""Runs the command line in the child and prints its own peak RSS last on stderr (VmHWM: the
+peak since exec; ru_maxrss would count the parent's memory, shared at fork)."""
 
 
 def main() -> None:

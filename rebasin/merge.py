@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from rebasin.checkpoint import LazyStateDict, StateDict
+from rebasin.checkpoint.state import info_of
+from rebasin.matching.result import Permutation
+from rebasin.permutation import permute_tensor
+from rebasin.spec.core import PermutationSpec
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +31,7 @@ def interpolate(a: StateDict, b: Mapping[str, torch.Tensor], alpha: float = 0.5)
         tb = b[key].to(device=ta.device, dtype=w)
         return torch.lerp(ta.to(w), tb, float(alpha)).to(ta.dtype)
 
-    return LazyStateDict(list(a), get, getattr(a, "shapes", None))
+    return LazyStateDict(list(a), get, info_of(a))
 
 
 def average(states: Sequence[StateDict], weights: Sequence[float] | None = None) -> StateDict:
@@ -50,4 +55,74 @@ def average(states: Sequence[StateDict], weights: Sequence[float] | None = None)
             acc += wt * s[key].to(device=t0.device, dtype=w)
         return acc.to(t0.dtype)
 
-    return LazyStateDict(list(first), get, getattr(first, "shapes", None))
+    return LazyStateDict(list(first), get, info_of(first))
+
+
+class LastRead(Mapping[str, torch.Tensor]):
+    """A view of a state dict that remembers the last tensor read: when one pass reads a tensor
+    twice (to merge it and to measure a distance), the file is read once and only one tensor
+    is held."""
+
+    def __init__(self, state: StateDict):
+        self.state = state
+        self.info = info_of(state)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != key:
+            self._last = None  # drop the previous tensor before reading the next
+            self._last = (key, self.state[key])
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+class Distances:
+    """``||A - B||`` and ``||A - pi(B)||``, gathered while pi(B) is produced tensor by tensor
+    (each B tensor is read once for both); :meth:`result` reads what was never produced."""
+
+    def __init__(self, a: Mapping[str, torch.Tensor], b: StateDict, spec: PermutationSpec, perm: Permutation):
+        self.a, self.b, self.spec, self.perm = a, b, spec, perm
+        self._before: dict[str, float] = {}
+        self._after: dict[str, float] = {}
+
+    def aligned(self) -> StateDict:
+        """pi(B), lazily, measuring both distances of every floating-point tensor it produces."""
+        return LazyStateDict(list(self.b), self._get, info_of(self.b))
+
+    def _get(self, key: str) -> torch.Tensor:
+        tb = self.b[key]
+        entries = self.spec.axes_to_perm.get(key)
+        pib = permute_tensor(tb, entries, self.perm) if entries else tb
+        if tb.is_floating_point() and key not in self._after:
+            ta = self.a[key]
+            self._before[key] = _squared_distance(ta, tb)
+            self._after[key] = _squared_distance(ta, pib)
+        return pib
+
+    def result(self) -> dict[str, float]:
+        """``{"l2_before": ..., "l2_after": ...}`` over every floating-point tensor."""
+        for k in self.b:
+            if k not in self._after:
+                self._get(k)
+        return {
+            "l2_before": math.sqrt(sum(self._before.values())),
+            "l2_after": math.sqrt(sum(self._after.values())),
+        }
+
+
+_CHUNK = 1 << 20
+
+
+def _squared_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``sum((x - y)^2)`` in float64, a block at a time (bounded memory)."""
+    x, y = x.reshape(-1), y.reshape(-1).to(x.device)
+    total = 0.0
+    for i in range(0, x.numel(), _CHUNK):
+        d = x[i : i + _CHUNK].double() - y[i : i + _CHUNK].double()
+        total += float(torch.dot(d, d))
+    return total

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from rebasin.checkpoint import LazyStateDict, StateDict
+from rebasin.checkpoint.state import info_of
 from rebasin.spec.core import Axis, AxisEntry, PermutationSpec, parts
 
 Permutation = dict[str, torch.Tensor]
@@ -92,7 +93,7 @@ def permute(state: StateDict, spec: PermutationSpec, perm: Permutation) -> State
         entries = spec.axes_to_perm.get(key)
         return permute_tensor(t, entries, perm) if entries else t
 
-    return LazyStateDict(list(state), get, getattr(state, "shapes", None))
+    return LazyStateDict(list(state), get, info_of(state))
 
 
 def check_permutation(spec: PermutationSpec, perm: Permutation) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rebasin.checkpoint import LazyStateDict
 from rebasin.matching.result import Permutation
 from rebasin.models.fit import load_into
 from rebasin.permutation import permute
@@ -67,6 +68,8 @@ class Verifier:
     ):
         self.make_model, self.inputs, self.probe, self.name = make_model, tuple(inputs), probe, name
         self._model: nn.Module | None = None
+        self.scope: Callable[[str], bool] | None = None
+        """Which tensors the built model holds (a model cut to its first layer), or None: all."""
         self.strict = True
         """Whether a model that does not fit the checkpoint is an error (a model the user named)
         rather than "no verdict" (a model built from a record or config.json)."""
@@ -97,6 +100,7 @@ class Verifier:
         self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation
     ) -> Equivalence:
         """Does ``permute(state, perm)`` compute what ``state`` computes?"""
+        state, spec, perm = self._scoped(state, spec, perm)
         before = self.output(state)
         return self.compare(before, self.output(permute(state, spec, perm)), perm)
 
@@ -104,12 +108,22 @@ class Verifier:
         self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation
     ) -> str | None:
         """Apply the groups one at a time (tied groups together): the first that breaks it."""
+        state, spec, perm = self._scoped(state, spec, perm)
         before = self.output(state)
         for unit in spec.units:
             part = {g: perm[g] for g in unit if g in perm}
             if part and not self.compare(before, self.output(permute(state, spec, part)), part).ok:
                 return sorted(unit)[0]
         return None
+
+    def _scoped(
+        self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation
+    ) -> tuple[Mapping[str, torch.Tensor], PermutationSpec, Permutation]:
+        if self.scope is None:
+            return state, spec, perm
+        names = [k for k in state if self.scope(k)]
+        spec = spec.restricted(names)
+        return LazyStateDict(names, state.__getitem__), spec, {g: perm[g] for g in spec.sizes}
 
 
 def _diff(before: torch.Tensor, after: torch.Tensor, probe: str) -> Equivalence:

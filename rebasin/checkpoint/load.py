@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rebasin.checkpoint.reader import Location, header_locations, read_tensor
-from rebasin.checkpoint.state import Checkpoint, LazyStateDict, _st_dtype, natural_key
+from rebasin.checkpoint.state import Checkpoint, LazyStateDict, TensorInfo, _st_dtype, natural_key
 from rebasin.errors import CheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -205,8 +205,9 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
         except OSError as e:  # a file truncated or changed since it was opened
             raise CheckpointError(f"cannot read tensor '{key}' ({_clean(e)})", source=name) from None
 
-    state = LazyStateDict(sorted(owner, key=natural_key), get, shapes)
-    return Checkpoint(path, fmt, state, metadata, list(files), shapes, dtypes)
+    info = {k: TensorInfo(dtypes[k], shapes[k]) for k in owner}
+    state = LazyStateDict(sorted(owner, key=natural_key), get, info)
+    return Checkpoint(path, fmt, state, metadata, list(files), shapes, dtypes, locations=owner)
 
 
 def _load_torch(p: Path, name: str) -> Checkpoint:

@@ -8,10 +8,13 @@ holds, and the operating system's page cache (not the process) keeps recently re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,8 +47,9 @@ def header_locations(
     return out
 
 
-def read_tensor(loc: Location) -> torch.Tensor:
-    """The tensor at ``loc``, in a buffer of its own. Raises OSError on a short read."""
+def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
+    """The tensor at ``loc``, in a buffer of its own (read through ``fd`` when given, else a
+    descriptor of its own). Raises OSError on a short read."""
     n = loc.end - loc.begin
     numel = 1
     for d in loc.shape:
@@ -56,7 +60,8 @@ def read_tensor(loc: Location) -> torch.Tensor:
     if n == 0:
         return torch.empty(loc.shape, dtype=loc.dtype)
     buf = bytearray(n)
-    fd = os.open(loc.path, os.O_RDONLY)
+    own = fd is None
+    fd = os.open(loc.path, os.O_RDONLY) if fd is None else fd
     try:
         view = memoryview(buf)
         done = 0
@@ -66,5 +71,44 @@ def read_tensor(loc: Location) -> torch.Tensor:
                 raise OSError("the file ends inside the tensor's data (truncated?)")
             done += got
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     return torch.frombuffer(buf, dtype=loc.dtype).reshape(loc.shape)
+
+
+def scan_files(
+    files: list[Path], locations: dict[str, Location], visit: Callable[[str, torch.Tensor], None]
+) -> str:
+    """Read the files once, in order, and return the SHA-256 of all their bytes, handing every
+    tensor to ``visit(name, tensor)`` on the way (one tensor held at a time)."""
+    h = hashlib.sha256()
+    by_file: dict[Path, list[tuple[str, Location]]] = {}
+    for k, loc in locations.items():
+        by_file.setdefault(loc.path, []).append((k, loc))
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            pos = 0
+            for k, loc in sorted(by_file.get(f, []), key=lambda kv: kv[1].begin):
+                if loc.begin < pos:  # overlapping ranges: read the tensor on its own
+                    visit(k, read_tensor(loc))
+                    continue
+                _hash_range(fd, pos, loc.begin, h)
+                t = read_tensor(loc, fd)
+                h.update(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+                visit(k, t)
+                del t
+                pos = loc.end
+            _hash_range(fd, pos, os.fstat(fd).st_size, h)
+        finally:
+            os.close(fd)
+    return h.hexdigest()
+
+
+def _hash_range(fd: int, lo: int, hi: int, h: Any) -> None:
+    while lo < hi:
+        chunk = os.pread(fd, min(hi - lo, 1 << 22), lo)
+        if not chunk:
+            break
+        h.update(chunk)
+        lo += len(chunk)

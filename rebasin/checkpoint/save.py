@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from rebasin.checkpoint.atomic import (
     write_bytes,
     write_tmp,
 )
-from rebasin.checkpoint.state import _ST_CODES, StateDict, natural_key
+from rebasin.checkpoint.state import _ST_CODES, LazyStateDict, StateDict, natural_key, tensor_info
 from rebasin.errors import CheckpointError
 from rebasin.options import parse_size
 
@@ -63,28 +64,44 @@ def _write_parts(
     limit: int | None,
     progress: Callable[[int, int], None] | None,
 ) -> list[Part]:
-    """Write the tensors in shards of at most ``limit`` bytes, each under a temporary name."""
+    """Write the tensors in shards of at most ``limit`` bytes, each under a temporary name. Shards
+    are planned from the tensors' dtypes and shapes, and each tensor is produced, written and
+    dropped in turn: a lazy state (a permuted or merged model) is never held whole."""
     keys = sorted(state, key=natural_key)
+    plan: list[tuple[list[str], int]] = [([], 0)]
+    for k in keys:
+        info = tensor_info(state, k)
+        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        names, size = plan[-1]
+        if limit is not None and names and size + nbytes > limit:
+            plan.append(([], 0))
+        plan[-1][0].append(k)
+        plan[-1] = (plan[-1][0], plan[-1][1] + nbytes)
     parts: list[Part] = []
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], len(keys))
+
     try:
-        current: dict[str, torch.Tensor] = {}
-        current_bytes = 0
-        for i, k in enumerate(keys):
-            t = state[k].detach().to("cpu")
-            nbytes = t.numel() * t.element_size()
-            if limit is not None and current and current_bytes + nbytes > limit:
-                parts.append((_write_tmp(current, directory, meta), list(current), current_bytes))
-                current, current_bytes = {}, 0
-            current[k] = t
-            current_bytes += nbytes
-            if progress:
-                progress(i + 1, len(keys))
-        parts.append((_write_tmp(current, directory, meta), list(current), current_bytes))
+        for names, size in plan:
+            shard = LazyStateDict(names, state.__getitem__, {k: tensor_info(state, k) for k in names})
+            path = write_tmp(directory, partial(write_safetensors, shard, meta=meta, written=tick))
+            parts.append((path, names, size))
     except BaseException:
         for f, _, _ in parts:
             f.unlink(missing_ok=True)
         raise
     return parts
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _index_text(meta: dict[str, str], parts: list[Part], names: list[str]) -> str:
@@ -234,24 +251,28 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     return out
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> None:
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: Path,
+    meta: Mapping[str, str],
+    written: Callable[[], None] | None = None,
+) -> None:
     """Write the safetensors format deterministically (sorted header, sorted data, fixed padding),
-    so that the same tensors and metadata always give the same bytes."""
+    so that the same tensors and metadata always give the same bytes. The header comes from the
+    tensors' dtypes and shapes (known without producing them for lazy state dicts); the tensors
+    are then produced and written one at a time (``written()`` after each)."""
     header: dict[str, object] = {}
     if meta:
         header["__metadata__"] = dict(sorted(meta.items()))
     names = sorted(tensors)
+    infos = {k: tensor_info(tensors, k) for k in names}
     offset = 0
     for k in names:
-        t = tensors[k]
-        if t.dtype not in _ST_CODES:
-            raise CheckpointError(f"tensor '{k}' has dtype {t.dtype}, which safetensors cannot store")
-        n = t.numel() * t.element_size()
-        header[k] = {
-            "dtype": _ST_CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
+        dtype, shape = infos[k]
+        if dtype not in _ST_CODES:
+            raise CheckpointError(f"tensor '{k}' has dtype {dtype}, which safetensors cannot store")
+        n = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[k] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -259,11 +280,14 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Map
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         for k in names:
-            t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+            t = tensors[k].detach().to("cpu")
+            if (t.dtype, tuple(t.shape)) != infos[k]:
+                got, want = f"{t.dtype} {tuple(t.shape)}", f"{infos[k].dtype} {infos[k].shape}"
+                raise CheckpointError(f"tensor '{k}' came out as {got}, not {want}")
+            t = t.contiguous().reshape(-1)
             if t.numel():
-                fh.write(t.view(torch.uint8).numpy().tobytes())
+                fh.write(t.view(torch.uint8).numpy().data)
+            del t
+            if written is not None:
+                written()
         fh.flush()
-
-
-def _write_tmp(tensors: dict[str, torch.Tensor], directory: Path, meta: dict[str, str]) -> Path:
-    return write_tmp(directory, lambda t: write_safetensors(tensors, t, meta))

@@ -7,11 +7,20 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from rebasin.checkpoint.reader import Location, scan_files
+
 StateDict = Mapping[str, torch.Tensor]
+
+
+class TensorInfo(NamedTuple):
+    """A tensor's dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -21,13 +30,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         self,
         keys: Iterable[str],
         getter: Callable[[str], torch.Tensor],
-        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        info: Mapping[str, TensorInfo] | None = None,
     ):
         self._keys = list(keys)
         self._index = set(self._keys)
         self._getter = getter
-        self.shapes = shapes
-        """Each tensor's shape where known without producing it (None: not known)."""
+        self.info = info
+        """Each tensor's dtype and shape where known without producing it (None: not known)."""
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._index:
@@ -44,12 +53,23 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return key in self._index
 
 
+def info_of(state: Mapping[str, torch.Tensor]) -> Mapping[str, TensorInfo] | None:
+    """The dtypes and shapes a lazy state dict knows without producing its tensors."""
+    return getattr(state, "info", None)
+
+
+def tensor_info(state: Mapping[str, torch.Tensor], key: str) -> TensorInfo:
+    """A tensor's dtype and shape, without producing it where the mapping knows them."""
+    info = info_of(state)
+    if info is not None and key in info:
+        return info[key]
+    t = state[key]
+    return TensorInfo(t.dtype, tuple(t.shape))
+
+
 def shape_of(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape, without reading it where the mapping knows it (lazy checkpoints)."""
-    shapes = getattr(state, "shapes", None)
-    if shapes is not None and key in shapes:
-        return tuple(shapes[key])
-    return tuple(state[key].shape)
+    return tensor_info(state, key).shape
 
 
 @dataclass
@@ -69,6 +89,10 @@ class Checkpoint:
     """A Hugging Face ``config.json`` found in the checkpoint's directory (or next to its file)."""
     model_dir: Path | None = None
     """The Hugging Face model directory the checkpoint was read from (config and tokenizer files)."""
+    locations: dict[str, Location] | None = None
+    """Where each tensor's bytes lie in the files (safetensors), for single-pass scans."""
+    digest: str | None = None
+    """The SHA-256 of the files, once a scan or :meth:`sha256` has read them."""
 
     @property
     def name(self) -> str:
@@ -77,12 +101,23 @@ class Checkpoint:
 
     def sha256(self) -> str:
         """SHA-256 over the bytes of every file of the checkpoint, in order."""
-        h = hashlib.sha256()
-        for f in self.files:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        if self.digest is None:
+            h = hashlib.sha256()
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+            self.digest = h.hexdigest()
+        return self.digest
+
+    def scan(self, visit: Callable[[str, torch.Tensor], None]) -> None:
+        """Hand every tensor to ``visit(name, tensor)``, one at a time. Safetensors files are read
+        once, in order, and their SHA-256 comes with the same pass."""
+        if self.locations is not None:
+            self.digest = scan_files(self.files, self.locations, visit)
+            return
+        for k in self.state:
+            visit(k, self.state[k])
 
     def num_parameters(self, floating: bool = True) -> int:
         """Number of elements over the floating-point tensors (the parameters and float

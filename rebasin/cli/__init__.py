@@ -42,6 +42,9 @@ def _root(
     ] = False,
 ) -> None:
     """Merge neural networks modulo permutation symmetry."""
+    from rebasin._memory import return_freed_tensors
+
+    return_freed_tensors()  # streamed runs: memory follows the tensors alive, not glibc's heap
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]

@@ -3,9 +3,9 @@
 Tensors are taken from the mappings one member at a time, in their stored dtype (a lazy
 checkpoint reads them from disk then), moved to the device, permuted, and multiplied a block of
 columns at a time, each block upcast to float32 only for its product: the memory a cost needs is
-one member's tensors plus a block, never a model. When both models' weighed tensors fit in
-``CACHE_BYTES`` as float32, they are kept (the same numbers either way: caching changes speed,
-not results).
+one member's tensors plus a block, never a model. Nothing is cached but the products of members
+no other group touches, so state dicts in memory and checkpoints read from disk take the same
+path and give the same bits.
 
 On CUDA, half-precision inputs (bfloat16, float16) are multiplied in TF32, which holds their
 mantissas exactly, so the products equal float32 ones up to the order of summation.
@@ -25,13 +25,10 @@ from rebasin.matching.result import Permutation
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import Member, PermutationSpec
 
-CACHE_BYTES = 2 << 30
-"""Keep float32 copies of both models' weighed tensors when they fit in this many bytes."""
-
 BLOCK_BYTES = 64 << 20
 """Largest float32 block of a member's columns upcast at once for a product."""
 
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20
 """Elements per float64 block of the objective's dot products."""
 
 
@@ -45,7 +42,6 @@ class CostModel:
         spec: PermutationSpec,
         device: torch.device,
         buffers: Collection[str] = (),
-        cache_bytes: int = CACHE_BYTES,
     ):
         self.spec = spec
         self.device = device
@@ -58,19 +54,10 @@ class CostModel:
             m for ms in self.members.values() for m in ms if _other_axes(spec, m)
         }
         self._fixed: dict[str, torch.Tensor | None] = {}
-        self._cache: dict[tuple[str, str], torch.Tensor] | None = None
         self._numel = {p: _numel(shape_of(a, p)) for p in weighed}
-        if 8 * sum(self._numel.values()) <= cache_bytes:
-            self._cache = {}
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
-        """Parameter ``p`` of A or B on the device: float32 when cached, else as stored."""
-        if self._cache is not None:
-            key = (side, p)
-            if key not in self._cache:
-                src = self._a if side == "a" else self._b
-                self._cache[key] = src[p].to(device=self.device, dtype=torch.float32)
-            return self._cache[key]
+        """Parameter ``p`` of A or B on the device, as stored."""
         src = self._a if side == "a" else self._b
         return src[p].to(device=self.device)
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rebasin.checkpoint import LazyStateDict
+from rebasin.checkpoint.state import tensor_info
 from rebasin.errors import MatchError
 from rebasin.matching.result import Permutation, Progress
 from rebasin.matching.weight import weight_matching
@@ -46,14 +48,25 @@ class ManyResult:
         }
 
 
-def _mean(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k].float() for s in states]).mean(0) for k in keys}
+def _mean(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> LazyStateDict:
+    """The float32 mean of the states, lazily: one tensor at a time, on access."""
+
+    def get(k: str) -> torch.Tensor:
+        return torch.stack([s[k].float() for s in states]).mean(0)
+
+    return LazyStateDict(list(keys), get)
 
 
 def _distance(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> float:
-    """Sum over models of the L2 distance to the mean."""
-    mean = _mean(states, keys)
-    return sum(math.sqrt(sum(float(((s[k].float() - mean[k]) ** 2).sum()) for k in keys)) for s in states)
+    """Sum over models of the L2 distance to the mean (one tensor of each model held at a time)."""
+    squares = [0.0] * len(states)
+    for k in keys:
+        stack = torch.stack([s[k].float() for s in states])
+        mean = stack.mean(0)
+        for i in range(len(states)):
+            squares[i] += float(((stack[i] - mean) ** 2).sum())
+        del stack, mean
+    return sum(math.sqrt(x) for x in squares)
 
 
 @dataclass(frozen=True)
@@ -74,11 +87,11 @@ class MergeMany:
         if len(states) < 2:
             raise MatchError("merge-many needs at least two models")
         t0 = time.perf_counter()
-        keys = [k for k in states[0] if states[0][k].is_floating_point()]
+        keys = [k for k in states[0] if tensor_info(states[0], k).dtype.is_floating_point]
         touched = spec.params
-        base = [{k: s[k].float() for k in keys} for s in states]
+        base = list(states)  # read as stored, a tensor at a time: never whole models in float32
         perms: list[Permutation] = [{g: torch.arange(n) for g, n in spec.sizes.items()} for _ in states]
-        aligned = [dict(permute(s, spec, p)) for s, p in zip(base, perms, strict=True)]
+        aligned = [permute(s, spec, p) for s, p in zip(base, perms, strict=True)]
         history = [_distance(aligned, keys)]
         rng = np.random.default_rng([self.seed, 7])
         converged = False
@@ -95,7 +108,7 @@ class MergeMany:
                 if any(not torch.equal(r.perm[g], perms[i][g]) for g in spec.sizes):
                     changed = True
                     perms[i] = r.perm
-                    aligned[i] = dict(permute(base[i], spec, r.perm))
+                    aligned[i] = permute(base[i], spec, r.perm)
             history.append(_distance(aligned, keys))
             if history[-1] < best[0]:
                 best = (history[-1], [dict(p) for p in perms])

@@ -2,17 +2,16 @@
 
 Maximize ``sum_params <A, pi(B)>`` by coordinate descent: for one group, with every other group
 held fixed, the objective is linear in that group's permutation, so one exact linear assignment
-solves it. Groups that share no tensor are independent (the objective splits between them), so a
-sweep visits *stages* of mutually independent groups (a colouring of the group graph) in a seeded
-random order: solving a stage's groups one after another or all at once is the same step, which
-lets one pass over the weights serve a whole stage (every layer's MLP and head groups at once) and
-the next group's products run while the current assignment is solved. A group is skipped when
-none of its neighbours changed since it was last solved.
+solves it. Groups are visited in a seeded random order; a sweep that improves nothing ends the
+run. A group is skipped when none of its neighbours changed since it was last solved.
+
+Consecutive groups that share no tensor are independent (the objective splits between them):
+solving them one after another or all from the same state is the same step. So the products of
+the next one run (in a thread) while the current assignment is solved.
 
 Memory is bounded: tensors are read from the mappings (lazy checkpoints read them from disk) one
 member at a time in their stored dtype, and upcast a block of columns at a time for the products
-(:mod:`rebasin.matching.costs`); float32 copies are kept only while both models fit in
-``CACHE_BYTES``.
+(:mod:`rebasin.matching.costs`).
 """
 
 from __future__ import annotations
@@ -117,17 +116,21 @@ def weight_matching(
     )
 
 
-def stages(spec: PermutationSpec) -> list[list[Unit]]:
-    """The spec's units coloured so that no two units of one colour share a tensor (greedy, in
-    the spec's order): each colour is a stage of independent units."""
+def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
+    """The units in ``order``, cut into runs of consecutive units that share no tensor: solving a
+    run's units one after another or all from the same state is the same step."""
     units = spec.units
-    touches = [set().union(*(spec.neighbours[g] | {g} for g in u)) for u in units]
-    colour: list[int] = []
-    for i, u in enumerate(units):
-        taken = {colour[j] for j in range(i) if touches[j] & set(u)}
-        colour.append(next(c for c in range(len(units) + 1) if c not in taken))
-    count = max(colour, default=-1) + 1
-    return [[u for u, c in zip(units, colour, strict=True) if c == k] for k in range(count)]
+    out: list[list[Unit]] = []
+    touched: set[str] = set()
+    for i in order:
+        u = units[int(i)]
+        reach = set().union(*(spec.neighbours[g] | {g} for g in u))
+        if not out or touched & set(u):  # u shares a tensor with the run so far
+            out.append([])
+            touched = set()
+        out[-1].append(u)
+        touched |= reach
+    return out
 
 
 class _Run:
@@ -168,7 +171,6 @@ class _Search:
         self.tol = tol
         self.progress = progress
         self.deadline = deadline
-        self.stages = stages(model.spec)
         self.stopped: str | None = None
 
     def descend(self, perm: Permutation, rng: np.random.Generator, max_iter: int, label: str) -> _Run:
@@ -178,23 +180,24 @@ class _Search:
         for sweep in range(1, max_iter + 1):
             start = {g: v.clone() for g, v in run.perm.items()}
             t_sweep = time.perf_counter()
-            order = rng.permutation(len(self.stages))
-            todo = [[u for u in self.stages[int(s)] if not dirty.isdisjoint(u)] for s in order]
-            done_work, total_work = 0.0, sum(self.model.work(u) for stage in todo for u in stage) or 1.0
+            todo = batches(spec, [int(i) for i in rng.permutation(len(spec.units))])
+            total_work = sum(self.model.work(u) for b in todo for u in b if not dirty.isdisjoint(u))
+            done_work = 0.0
             improved = False
-            for stage in todo:
+            for batch in todo:
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     run.perm = start
                     self.stopped = (
                         f"time budget reached during sweep {sweep}: the result is that of sweep {sweep - 1}"
                     )
                     return run
+                stage = [u for u in batch if not dirty.isdisjoint(u)]  # batch-mates never dirty each other
                 for u in stage:
                     dirty.difference_update(u)
                 for unit, costs in _costs_ahead(self.model, stage, run.perm):
                     improved |= self._solve(run, unit, costs, dirty)
                     done_work += self.model.work(unit)
-                    self._report(label, sweep, unit, done_work / total_work, t_sweep)
+                    self._report(label, sweep, unit, done_work / max(total_work, 1.0), t_sweep)
             run.sweeps = sweep
             value = self.model.objective(run.perm) if improved else run.history[-1]
             run.seconds.append(round(time.perf_counter() - t_sweep, 4))

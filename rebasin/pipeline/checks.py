@@ -41,18 +41,21 @@ def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
     touched = set(spec.params) if spec else set()
     for k in ck.state:
         dt = ck.dtypes[k]
-        is_float = dt.is_floating_point
-        if not is_float and (k in touched or k.endswith((".weight", ".bias")) or k in ("weight", "bias")):
+        if not dt.is_floating_point and (
+            k in touched or k.endswith((".weight", ".bias")) or k in ("weight", "bias")
+        ):
             raise CheckpointError(
                 f"tensor '{k}' has integer dtype {str(dt).removeprefix('torch.')}; "
                 "weights must be floating point",
                 source=ck.name,
             )
-        if is_float:
-            t = ck.state[k]
-            if not bool(torch.isfinite(t).all()):
-                what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
+
+    def finite(k: str, t: torch.Tensor) -> None:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
+
+    ck.scan(finite)  # one read of the files, which also gives their SHA-256 for the report
 
 
 def check_device(name: str) -> None:

@@ -3,6 +3,8 @@ command writes or measures: pi(B) must compute what B computes."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any
 
 from rebasin.checkpoint import Checkpoint
@@ -32,6 +34,15 @@ def verifier_for(opts: Options, ck: Checkpoint) -> tuple[Verifier | None, str]:
         if not known:
             return None, "not verified: no model (pass --model to verify)"
     ref = resolve_model(model, opts.model.model_args, ck.metadata, ck.name, ck.config)
+    scope, scope_note = None, ""
+    size = 4 * ck.num_parameters()
+    if ref.config is not None and size > VERIFY_BYTES:  # too large to build whole: its first layer
+        key = next((k for k in LAYER_KEYS if isinstance(ref.config.get(k), int)), None)
+        if key is None:
+            return None, f"not verified: the model is too large to build for a check ({size / 2**30:.1f} GB)"
+        ref = replace(ref, config={**ref.config, key: 1})
+        scope = first_layer
+        scope_note = f", on the model cut to its first of {ck.config[key]} layers"  # type: ignore[index]
     built = ref.factory()()  # one model serves the probe and every check
 
     def factory() -> Any:
@@ -46,15 +57,31 @@ def verifier_for(opts: Options, ck: Checkpoint) -> tuple[Verifier | None, str]:
         from rebasin.data import load_data
 
         x = load_data(data, opts.run.seed).x_train[:8]
-        verifier = Verifier(factory, (x,), f"{len(x)} examples of {data}", ref.name)
+        verifier = Verifier(factory, (x,), f"{len(x)} examples of {data}{scope_note}", ref.name)
     else:
         try:
             inputs = example_input(built)
         except TraceError:
             return None, "not verified: no probe input (pass --data)"
-        verifier = Verifier(factory, inputs, "the model's example input", ref.name)
+        verifier = Verifier(factory, inputs, f"the model's example input{scope_note}", ref.name)
     verifier.strict = model is not None  # a model built from a record must fit, else no verdict
+    verifier.scope = scope
     return verifier, ""
+
+
+VERIFY_BYTES = 2 << 30
+"""Largest float32 model built whole for a check; larger Hugging Face models are checked on a
+copy cut to their first layer (embeddings, one block, final norm and head), which runs every
+rule of the spec's layer pattern at bounded memory."""
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def first_layer(name: str) -> bool:
+    """Whether a tensor belongs to a model cut to its first layer."""
+    m = _LAYER.search(name)
+    return m is None or int(m.group(1)) == 0
 
 
 def verify(

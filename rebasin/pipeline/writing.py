@@ -12,6 +12,7 @@ import torch
 
 from rebasin._version import __version__
 from rebasin.checkpoint import Checkpoint, LazyStateDict, copy_model_files, save_checkpoint
+from rebasin.checkpoint.state import info_of
 from rebasin.matching.result import Progress
 from rebasin.models.resolve import trusted_records
 
@@ -64,7 +65,7 @@ def _untie(state: Any, like: Checkpoint) -> Any:
             drop.append(head)
     if not drop:
         return state
-    return LazyStateDict([k for k in state if k not in drop], lambda k: state[k])
+    return LazyStateDict([k for k in state if k not in drop], lambda k: state[k], info_of(state))
 
 
 def sub_progress(progress: Progress | None, desc: str) -> Callable[[int, int], None] | None:
