@@ -95,7 +95,7 @@ def scan_files(
                     continue
                 _hash_range(fd, pos, loc.begin, h)
                 t = read_tensor(loc, fd)
-                h.update(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
                 visit(k, t)
                 del t
                 pos = loc.end
