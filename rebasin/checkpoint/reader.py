@@ -59,11 +59,11 @@ def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
         raise OSError(f"its data holds {n} bytes, its shape and dtype need {numel * itemsize}")
     if n == 0:
         return torch.empty(loc.shape, dtype=loc.dtype)
-    buf = bytearray(n)
+    out = torch.empty(n, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
     own = fd is None
     fd = os.open(loc.path, os.O_RDONLY) if fd is None else fd
     try:
-        view = memoryview(buf)
+        view = memoryview(out.numpy().data).cast("B")
         done = 0
         while done < n:
             got = os.preadv(fd, [view[done:]], loc.begin + done)
@@ -73,7 +73,7 @@ def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
     finally:
         if own:
             os.close(fd)
-    return torch.frombuffer(buf, dtype=loc.dtype).reshape(loc.shape)
+    return out.view(loc.dtype).reshape(loc.shape)
 
 
 def scan_files(

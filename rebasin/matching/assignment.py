@@ -33,7 +33,9 @@ def resolve_backend(backend: str) -> str:
 
 def solve_assignment(cost: np.ndarray, backend: str = "auto") -> np.ndarray:
     """Return ``p`` (int64) maximizing ``sum_i cost[i, p[i]]`` for a square float matrix."""
-    c = np.ascontiguousarray(cost, dtype=np.float64)
+    c = np.asarray(cost)
+    if c.dtype not in (np.float32, np.float64):
+        c = c.astype(np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"cost must be square, got shape {c.shape}")
     if not np.isfinite(c).all():
@@ -41,7 +43,8 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto") -> np.ndarray:
     # Minimize the reduced cost (row max minus entry, then minus each column's minimum): the same
     # optimum, non-negative, with zeros in every row and column. LAPJV's initialization then does
     # most of the work: 4-6x faster on weight-matching costs than on the raw negated matrix.
-    reduced = c.max(axis=1, keepdims=True) - c
+    # One float64 matrix is made, whatever the cost's dtype (float32 costs are upcast exactly).
+    reduced = np.subtract(c.max(axis=1, keepdims=True).astype(np.float64), c, dtype=np.float64)
     reduced -= reduced.min(axis=0, keepdims=True)
     if resolve_backend(backend) == "lap":
         import lap
@@ -85,7 +88,7 @@ def solve_unit(
             for j in range(k):
                 p = solve_assignment(blocks[i, j], backend)
                 best[i, j] = p
-                head_cost[i, j] += blocks[i, j][rows, p].sum()
+                head_cost[i, j] += blocks[i, j][rows, p].sum(dtype=np.float64)
         inner[g] = best
     sigma = solve_assignment(head_cost, backend)
     out = {}

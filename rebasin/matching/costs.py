@@ -53,8 +53,12 @@ class CostModel:
         self._moving = {  # members whose B side other groups also permute
             m for ms in self.members.values() for m in ms if _other_axes(spec, m)
         }
-        self._fixed: dict[str, torch.Tensor | None] = {}
+        self._fixed: dict[str, torch.Tensor | None] = {}  # by group and sketch
         self._numel = {p: _numel(shape_of(a, p)) for p in weighed}
+        self.sketch = 1
+        """Keep one in ``sketch`` of each product's contracted columns (a random, fixed subset,
+        scaled up to an unbiased estimate): cheap approximate costs for a first phase. 1: exact."""
+        self._columns: dict[tuple[Member, int], torch.Tensor] = {}
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
@@ -67,27 +71,28 @@ class CostModel:
         for g in unit:
             n = self.spec.sizes[g]
             for m in self.members[g]:
-                total += n * self._numel[m.param]
+                total += n * self._numel[m.param] / self.sketch
         return total
 
     def unit_costs(self, unit: tuple[str, ...], perm: Permutation) -> dict[str, np.ndarray]:
-        """The cost matrix of every group of ``unit`` (float64 numpy, for the assignment)."""
+        """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment)."""
         return {g: self.cost(g, perm) for g in unit}
 
     def cost(self, g: str, perm: Permutation) -> np.ndarray:
         """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        if g not in self._fixed:  # members no other group touches: their product never changes
+        key = f"{g}/{self.sketch}"
+        if key not in self._fixed:  # members no other group touches: their product never changes
             fixed = [m for m in self.members[g] if m not in self._moving]
-            self._fixed[g] = self._sum_products(g, fixed, perm) if fixed else None
-        fixed_part = self._fixed[g]
+            self._fixed[key] = self._sum_products(g, fixed, perm) if fixed else None
+        fixed_part = self._fixed[key]
         if fixed_part is not None:
             c += fixed_part
         moving = [m for m in self.members[g] if m in self._moving]
         if moving:
             c += self._sum_products(g, moving, perm)
-        out = c.double().cpu().numpy()
+        out = c.cpu().numpy()  # float32: the assignment upcasts once, sums run in float64
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
         return out
@@ -99,11 +104,27 @@ class CostModel:
             ta = self.tensor("a", m.param)
             tb = permute_tensor(self.tensor("b", m.param), self.spec.axes_to_perm[m.param], perm, skip=g)
             ra, rb = _unit_rows(ta, m, n), _unit_rows(tb, m, n)
+            scale = 1.0
+            if self.sketch > 1 and ra.shape[1] >= 2 * self.sketch:
+                cols = self._sketch_columns(m, ra.shape[1])
+                scale = ra.shape[1] / len(cols)
+                ra, rb = ra.index_select(1, cols), rb.index_select(1, cols)
             with _exact_half_products(ra.dtype, self.device):
                 for lo, hi in _blocks(ra.shape[1], n):
-                    c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T)
+                    c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
             del ta, tb, ra, rb
         return c
+
+    def _sketch_columns(self, m: Member, k: int) -> torch.Tensor:
+        """The member's random subset of ``k // sketch`` columns, the same every time (seeded by
+        the member's place in the spec)."""
+        key = (m, self.sketch)
+        if key not in self._columns:
+            seed = sorted(self.spec.axes_to_perm).index(m.param) * 1009 + m.axis
+            g = torch.Generator().manual_seed(seed)
+            cols = torch.randperm(k, generator=g)[: k // self.sketch].sort().values
+            self._columns[key] = cols.to(self.device)
+        return self._columns[key]
 
     def objective(self, perm: Permutation) -> float:
         """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""

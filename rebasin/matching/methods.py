@@ -31,6 +31,12 @@ class WeightMatching(Matcher):
         gt=0.0,
         commands=ALIGN,
     )
+    sketch: int = option(
+        1,
+        "First descend on costs from one in N contracted columns, then exactly from there (1: off).",
+        ge=1,
+        commands=ALIGN,
+    )
     tol: float = 1e-12
     """Relative improvement below which a group counts as unchanged."""
 
@@ -57,6 +63,7 @@ class WeightMatching(Matcher):
             buffers=problem.buffers,
             init=init,
             time_budget=self.time_budget,
+            sketch=self.sketch,
         )
 
 

@@ -49,6 +49,7 @@ def weight_matching(
     progress: Progress | None = None,
     buffers: Collection[str] = (),
     time_budget: float | None = None,
+    sketch: int = 1,
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
@@ -57,7 +58,10 @@ def weight_matching(
     the highest objective wins. Runs are reproducible from ``seed``. The objective sums over the
     spec's parameters only: running statistics and ``buffers`` are permuted with their groups but
     carry no weight (:meth:`PermutationSpec.cost_params`). With ``time_budget`` (seconds), the
-    search stops at the end of the last sweep completed within it and says so (``stopped``)."""
+    search stops at the end of the last sweep completed within it and says so (``stopped``).
+    With ``sketch`` > 1, each run first descends on costs from one in ``sketch`` contracted
+    columns (a fixed random subset), then goes on with exact costs from where that phase ended:
+    the result is a fixed point of the exact method, like a run without it."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
@@ -77,7 +81,8 @@ def weight_matching(
         else:
             start = random_permutation(spec, int(rng.integers(2**62)))
             how = "random"
-        run = search.descend(start, rng, max_iter, f"weight matching (run {k + 1}/{restarts}")
+        label = f"weight matching (run {k + 1}/{restarts}"
+        run = _phased(search, start, rng, max_iter, label, sketch)
         traces.append(
             RestartTrace(run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds)
         )
@@ -110,6 +115,7 @@ def weight_matching(
             "device": device,
             "backend": backend,
             "time_budget": time_budget,
+            "sketch": sketch,
         },
         seconds=time.perf_counter() - t0,
         stopped=search.stopped,
@@ -133,6 +139,27 @@ def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
     return out
 
 
+def _phased(
+    search: _Search, start: Permutation, rng: np.random.Generator, max_iter: int, label: str, sketch: int
+) -> _Run:
+    """One run: with ``sketch`` > 1, a descent on sketched costs, then the exact one from there."""
+    if sketch <= 1:
+        return search.descend(start, rng, max_iter, label)
+    search.model.sketch = sketch
+    try:
+        first = search.descend(start, rng, max_iter, f"{label}, sketch 1/{sketch}")
+    finally:
+        search.model.sketch = 1
+    if search.stopped or first.sweeps >= max_iter:
+        first.converged = False
+        return first
+    run = search.descend(first.perm, rng, max_iter - first.sweeps, label)
+    run.history = first.history + run.history[1:]
+    run.seconds = first.seconds + run.seconds
+    run.sweeps += first.sweeps
+    return run
+
+
 class _Run:
     """One run's state: its permutation, objective per sweep, and the latest statistics of every
     group with the permutations they were computed under."""
@@ -154,8 +181,8 @@ class _Run:
             before, after = kept[0], kept[1]
         else:
             c = model.cost(g, self.perm)
-            before = float(np.trace(c))
-            after = float(c[np.arange(n), self.perm[g].numpy()].sum())
+            before = float(np.trace(c, dtype=np.float64))
+            after = float(c[np.arange(n), self.perm[g].numpy()].sum(dtype=np.float64))
         moved = float((self.perm[g] != torch.arange(n)).float().mean())
         return GroupStats(size=n, objective_before=before, objective_after=after, moved_fraction=moved)
 
@@ -221,8 +248,8 @@ class _Search:
         old_val = new_val = 0.0
         for g, c in costs.items():
             rows = np.arange(spec.sizes[g])
-            old_val += float(c[rows, run.perm[g].numpy()].sum())
-            new_val += float(c[rows, new[g]].sum())
+            old_val += float(c[rows, run.perm[g].numpy()].sum(dtype=np.float64))
+            new_val += float(c[rows, new[g]].sum(dtype=np.float64))
         better = new_val > old_val + self.tol * max(1.0, abs(old_val))
         if better:
             for g in unit:
@@ -230,9 +257,9 @@ class _Search:
                 dirty |= spec.neighbours[g]
         for g, c in costs.items():
             rows = np.arange(spec.sizes[g])
-            kept = float(c[rows, run.perm[g].numpy()].sum())
+            kept = float(c[rows, run.perm[g].numpy()].sum(dtype=np.float64))
             snapshot = {h: run.perm[h] for h in spec.neighbours[g] | {g}}
-            run.stats[g] = (float(np.trace(c)), kept, snapshot)
+            run.stats[g] = (float(np.trace(c, dtype=np.float64)), kept, snapshot)
         return better
 
     def _report(self, label: str, sweep: int, unit: Unit, frac: float, t_sweep: float) -> None:
