@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rebasin.checkpoint import LazyStateDict, save_checkpoint
+from rebasin.checkpoint.state import TensorInfo
 from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec import infer_spec
 from rebasin.spec.core import PermutationSpec
@@ -99,7 +100,8 @@ def hash_name(name: str) -> int:
 def write_model(out: Path, s: dict[str, int], get: object, shapes: dict[str, tuple[int, ...]]) -> None:
     if (out / "config.json").exists():
         return
-    state = LazyStateDict(list(shapes), get, shapes)  # type: ignore[arg-type]
+    info = {k: TensorInfo(torch.bfloat16, v) for k, v in shapes.items()}
+    state = LazyStateDict(list(shapes), get, info)  # type: ignore[arg-type]
     save_checkpoint(state, out, {"format": "pt"}, shard_size="2GB")
     (out / "config.json").write_text(json.dumps(llama_config(s), indent=2))
 
