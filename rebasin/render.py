@@ -91,7 +91,7 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     runs = ""
     if m["restarts"]:
         best = m["restarts"][m["best_restart"]]
-        state = "converged" if best["converged"] else "max-iter reached"
+        state = "converged" if best["converged"] else (m.get("stopped") or "max-iter reached")
         runs = f"{best['sweeps']} sweeps ({state}), {len(m['restarts'])} run(s), "
     name = m.get("objective_name") or "objective"
     better = {"max": "higher is better", "min": "lower is better"}.get(m.get("direction", ""), "")

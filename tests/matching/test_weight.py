@@ -149,3 +149,30 @@ def test_running_statistics_carry_no_weight() -> None:
     direct = sum(float((a[k].double() * back[k].double()).sum()) for k in weights)
     assert r.objective == pytest.approx(direct, rel=1e-9)
     assert spec.cost_params() == weights
+
+
+def test_time_budget_stops_at_the_last_complete_sweep_and_says_so() -> None:
+    a, b = pair("mlp", in_features=16, hidden=64)
+    spec = infer_spec(a)
+    r = match(a, b, spec, time_budget=1e-9)
+    assert r.stopped == "time budget reached during sweep 1: the result is that of sweep 0"
+    assert r.converged is False
+    assert all(torch.equal(p, torch.arange(len(p))) for p in r.perm.values())
+    assert r.history == [r.objective_identity]
+    full = match(a, b, spec)
+    assert full.stopped is None and full.converged
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_sketched_first_phase_ends_at_a_fixed_point_of_the_exact_method(planted: bool) -> None:
+    a, b = pair("mlp", in_features=16, hidden=64)
+    spec = infer_spec(a)
+    if planted:
+        torch.manual_seed(3)
+        b = dict(permute(a, spec, {g: torch.randperm(n) for g, n in spec.sizes.items()}))
+    r = match(a, b, spec, sketch=4)
+    assert r.converged
+    assert all(y >= x for x, y in itertools.pairwise(r.history))
+    # exact weight matching from its answer moves nothing
+    exact = match(a, permute(b, spec, r.perm), spec)
+    assert all(torch.equal(p, torch.arange(len(p))) for p in exact.perm.values())
