@@ -9,10 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rebasin._version import __version__
-from rebasin.checkpoint import Checkpoint, StateDict
+from rebasin.checkpoint import Checkpoint
 from rebasin.spec.core import PermutationSpec
 
 SCHEMA = 1
@@ -47,16 +45,6 @@ def spec_info(spec: PermutationSpec, source: str, names: Sequence[str]) -> dict[
         "fixed": spec.fixed(names),
         "notes": list(spec.notes),
     }
-
-
-def l2_distance(a: StateDict, b: StateDict) -> float:
-    """Euclidean distance over every floating-point tensor of two state dicts."""
-    total = 0.0
-    for k in a:
-        ta = a[k]
-        if ta.is_floating_point():
-            total += float(torch.sum((ta.double() - b[k].double()) ** 2))
-    return math.sqrt(total)
 
 
 def jsonable(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,12 +52,9 @@ def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
     """The tensor at ``loc``, in a buffer of its own (read through ``fd`` when given, else a
     descriptor of its own). Raises OSError on a short read."""
     n = loc.end - loc.begin
-    numel = 1
-    for d in loc.shape:
-        numel *= d
-    itemsize = torch.empty((), dtype=loc.dtype).element_size()
-    if n != numel * itemsize:
-        raise OSError(f"its data holds {n} bytes, its shape and dtype need {numel * itemsize}")
+    need = math.prod(loc.shape) * loc.dtype.itemsize
+    if n != need:
+        raise OSError(f"its data holds {n} bytes, its shape and dtype need {need}")
     if n == 0:
         return torch.empty(loc.shape, dtype=loc.dtype)
     out = torch.empty(n, dtype=torch.uint8)  # not zero-filled, unlike a bytearray

@@ -70,8 +70,7 @@ def _write_parts(
     keys = sorted(state, key=natural_key)
     plan: list[tuple[list[str], int]] = [([], 0)]
     for k in keys:
-        info = tensor_info(state, k)
-        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        nbytes = tensor_info(state, k).nbytes
         names, size = plan[-1]
         if limit is not None and names and size + nbytes > limit:
             plan.append(([], 0))
@@ -95,13 +94,6 @@ def _write_parts(
             f.unlink(missing_ok=True)
         raise
     return parts
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _index_text(meta: dict[str, str], parts: list[Part], names: list[str]) -> str:
@@ -271,7 +263,7 @@ def write_safetensors(
         dtype, shape = infos[k]
         if dtype not in _ST_CODES:
             raise CheckpointError(f"tensor '{k}' has dtype {dtype}, which safetensors cannot store")
-        n = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        n = infos[k].nbytes
         header[k] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -13,6 +13,7 @@ mantissas exactly, so the products equal float32 ones up to the order of summati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -54,7 +55,7 @@ class CostModel:
             m for ms in self.members.values() for m in ms if _other_axes(spec, m)
         }
         self._fixed: dict[str, torch.Tensor | None] = {}  # by group and sketch
-        self._numel = {p: _numel(shape_of(a, p)) for p in weighed}
+        self._numel = {p: math.prod(shape_of(a, p)) for p in weighed}
         self.sketch = 1
         """Keep one in ``sketch`` of each product's contracted columns (a random, fixed subset,
         scaled up to an unbiased estimate): cheap approximate costs for a first phase. 1: exact."""
@@ -139,13 +140,6 @@ class CostModel:
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:
     return any(e is not None for i, e in enumerate(spec.axes_to_perm[m.param]) if i != m.axis)
-
-
-def _numel(shape: tuple[int, ...] | torch.Size) -> int:
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return k
 
 
 def _blocks(cols: int, rows: int) -> Iterator[tuple[int, int]]:

@@ -152,6 +152,7 @@ def _phased(
         search.model.sketch = 1
     if search.stopped or first.sweeps >= max_iter:
         first.converged = False
+        first.stats = {}  # they came from sketched costs: the report's group figures are exact
         return first
     run = search.descend(first.perm, rng, max_iter - first.sweeps, label)
     run.history = first.history + run.history[1:]
@@ -188,7 +189,8 @@ class _Run:
 
 
 class _Search:
-    """Coordinate descent over stages, with progress, an ETA and an optional deadline."""
+    """Coordinate descent over batches of independent units, with progress, an ETA and an
+    optional deadline."""
 
     def __init__(
         self, model: CostModel, backend: str, tol: float, progress: Progress | None, deadline: float | None
