@@ -20,6 +20,16 @@ class RebasinError(Exception):
         """The message as printed: ``<source>: <message>`` when a file is known."""
         return f"{self.source}: {self.message}" if self.source else self.message
 
+    def __reduce__(self) -> tuple[object, ...]:  # whole across processes: message, hint, source
+        return (_rebuilt, (type(self), dict(self.__dict__)))
+
+
+def _rebuilt(cls: type[RebasinError], fields: dict[str, object]) -> RebasinError:
+    e = cls.__new__(cls)
+    e.__dict__.update(fields)
+    Exception.__init__(e, e.line())
+    return e
+
 
 class CheckpointError(RebasinError):
     """A checkpoint cannot be read, written, or is unfit for merging."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rebasin.checkpoint import LazyStateDict
+from rebasin.checkpoint.state import info_of
 from rebasin.matching.result import Permutation
 from rebasin.models.fit import load_into
 from rebasin.permutation import permute
@@ -68,6 +69,7 @@ class Verifier:
     ):
         self.make_model, self.inputs, self.probe, self.name = make_model, tuple(inputs), probe, name
         self._model: nn.Module | None = None
+        self._before: tuple[Mapping[str, torch.Tensor], torch.Tensor] | None = None
         self.scope: Callable[[str], bool] | None = None
         """Which tensors the built model holds (a model cut to its first layer), or None: all."""
         self.strict = True
@@ -77,10 +79,19 @@ class Verifier:
     @torch.no_grad()
     def output(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's float32 eval-mode output for ``state`` on the probe."""
+        model = self.model()
+        load_into(model, state, "verification", self.name)
+        return first_tensor(model(*self.inputs)).float()
+
+    def model(self) -> nn.Module:
+        """The float32 eval-mode model the checks run (built once)."""
         if self._model is None:
             self._model = self.make_model().float().eval()
-        load_into(self._model, state, "verification", self.name)
-        return first_tensor(self._model(*self.inputs)).float()
+        return self._model
+
+    def model_bytes(self) -> int:
+        """The memory the model's parameters take once loaded."""
+        return 4 * sum(p.numel() for p in self.model().parameters())
 
     def compare(
         self, before: torch.Tensor, after: torch.Tensor, perm: Permutation | None = None
@@ -96,20 +107,33 @@ class Verifier:
                     return Equivalence(True, moved.max_abs_diff, moved.relative, self.probe, g)
         return result
 
+    def prepare(self, state: Mapping[str, torch.Tensor], spec: PermutationSpec) -> None:
+        """Run ``state`` itself ahead of time, before its permutation is known; ``check`` and
+        ``first_breaking_group`` on the same ``state`` then run only the permuted model."""
+        scoped, _, _ = self._scoped(state, spec, {})
+        self._before = (state, self.output(scoped))
+
+    def reference(self, state: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Tensor:
+        """The output of ``state`` itself (run once)."""
+        if self._before is None or self._before[0] is not state:
+            self.prepare(state, spec)
+        assert self._before is not None
+        return self._before[1]
+
     def check(
         self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation
     ) -> Equivalence:
         """Does ``permute(state, perm)`` compute what ``state`` computes?"""
+        before = self.reference(state, spec)
         state, spec, perm = self._scoped(state, spec, perm)
-        before = self.output(state)
         return self.compare(before, self.output(permute(state, spec, perm)), perm)
 
     def first_breaking_group(
         self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation
     ) -> str | None:
         """Apply the groups one at a time (tied groups together): the first that breaks it."""
+        before = self.reference(state, spec)
         state, spec, perm = self._scoped(state, spec, perm)
-        before = self.output(state)
         for unit in spec.units:
             part = {g: perm[g] for g in unit if g in perm}
             if part and not self.compare(before, self.output(permute(state, spec, part)), part).ok:
@@ -123,7 +147,8 @@ class Verifier:
             return state, spec, perm
         names = [k for k in state if self.scope(k)]
         spec = spec.restricted(names)
-        return LazyStateDict(names, state.__getitem__), spec, {g: perm[g] for g in spec.sizes}
+        perm = {g: p for g, p in perm.items() if g in spec.sizes}
+        return LazyStateDict(names, state.__getitem__, info_of(state)), spec, perm
 
 
 def _diff(before: torch.Tensor, after: torch.Tensor, probe: str) -> Equivalence:

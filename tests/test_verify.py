@@ -4,12 +4,15 @@ model can be built; headless models (whose output is the residual stream) keep t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import run
 from safetensors.torch import load_file
+
+from rebasin.pipeline import verification
 
 
 def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -22,6 +25,25 @@ def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path
     assert "verified: pi(B) computes what B computes" in err
 
 
+@pytest.mark.parametrize("worker", ["thread", "stopped"])
+def test_the_verdict_does_not_depend_on_where_the_check_runs(
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = trained_mlp_pair
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m1.safetensors", "--json")
+    assert code == 0, err
+    first = json.loads(stdout)["equivalence"]
+    if worker == "thread":
+        monkeypatch.setattr(verification, "forking", lambda: False)
+    elif not verification.forking():
+        pytest.skip("the check runs in a worker process only where the system forks")
+    else:  # a worker process that dies: the check runs again in the command's own process
+        monkeypatch.setattr(verification, "_serve", lambda *args: os._exit(3))
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["equivalence"] == first and first["ok"] is True
+
+
 def test_without_a_model_the_report_says_so(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = mlp_pair
     code, stdout, _ = run("merge", a, b, "-o", tmp_path / "m.safetensors", "--json")
@@ -32,21 +54,24 @@ def test_without_a_model_the_report_says_so(mlp_pair: tuple[Path, Path], tmp_pat
     }
 
 
+@pytest.mark.parametrize("worker", ["process", "thread"])
 def test_a_wrong_spec_is_caught_and_nothing_is_written(
-    trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path, worker: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if worker == "thread":  # where the system does not fork, the check runs in a thread
+        monkeypatch.setattr(verification, "forking", lambda: False)
     a, b = trained_mlp_pair
     spec = tmp_path / "wrong.yaml"  # moves net.0's units but forgets net.2's input columns
     spec.write_text(
         "format_version: 1\ngroups:\n  P_half: {size: 128, members: [[net.0.weight, 0], [net.0.bias, 0]]}\n"
     )
-    out = tmp_path / "m.safetensors"
-    code, stdout, err = run("merge", a, b, "-o", out, "--spec", spec)
+    out, permuted = tmp_path / "m", tmp_path / "p.safetensors"
+    code, stdout, err = run("merge", a, b, "-o", out, "--save-permuted", permuted, "--spec", spec)
     assert code == 2 and stdout == ""
     line = err.splitlines()[0]
     assert line.startswith(f"error: {b}: pi(B) does not compute what B computes (max abs diff ")
     assert line.endswith("; the first group that breaks it: 'P_half'")
-    assert not out.exists()
+    assert sorted(tmp_path.iterdir()) == [spec]  # written beside the check, put in place never
     code, _, err = run("merge", a, b, "-o", out, "--spec", spec, "--no-verify")
     assert code == 0, err
     assert out.exists()

@@ -36,6 +36,7 @@ def save_checkpoint(
     shard_size: int | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra: Callable[[Path], list[str]] | None = None,
+    gate: Callable[[], object] | None = None,
 ) -> list[Path]:
     """Write ``state`` as safetensors, atomically; returns the files written.
 
@@ -44,13 +45,15 @@ def save_checkpoint(
     point: it names a complete set of shards at every moment). Any other path is a folder holding
     ``model.safetensors`` (or shards and ``model.safetensors.index.json``), built beside its place
     and swapped in whole; ``extra(staged_folder)`` may add files to it first (returning their
-    names). An interrupted write leaves the old output or the new one, never a mix."""
+    names). An interrupted write leaves the old output or the new one, never a mix. ``gate()``
+    runs when every tensor is written and before anything is put in place: if it raises, nothing
+    is (a check that ran beside the write refused it)."""
     out = Path(path)
     limit = parse_size(shard_size)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if out.suffix == ".safetensors":
-        return _save_file_set(state, out, meta, limit, progress)
-    return _save_folder(state, out, meta, limit, progress, extra)
+        return _save_file_set(state, out, meta, limit, progress, gate)
+    return _save_folder(state, out, meta, limit, progress, extra, gate)
 
 
 Part = tuple[Path, list[str], int]
@@ -63,6 +66,7 @@ def _write_parts(
     meta: dict[str, str],
     limit: int | None,
     progress: Callable[[int, int], None] | None,
+    gate: Callable[[], object] | None = None,
 ) -> list[Part]:
     """Write the tensors in shards of at most ``limit`` bytes, each under a temporary name. Shards
     are planned from the tensors' dtypes and shapes, and each tensor is produced, written and
@@ -89,6 +93,8 @@ def _write_parts(
             shard = LazyStateDict(names, state.__getitem__, {k: tensor_info(state, k) for k in names})
             path = write_tmp(directory, partial(write_safetensors, shard, meta=meta, written=tick))
             parts.append((path, names, size))
+        if gate is not None:
+            gate()
     except BaseException:
         for f, _, _ in parts:
             f.unlink(missing_ok=True)
@@ -129,12 +135,13 @@ def _save_file_set(
     meta: dict[str, str],
     limit: int | None,
     progress: Callable[[int, int], None] | None,
+    gate: Callable[[], object] | None,
 ) -> list[Path]:
     d, stem = out.parent, out.name.removesuffix(".safetensors")
     index_path = d / f"{stem}.safetensors.index.json"
     old = indexed_names(index_path)
     clean_stale(d, keep=old)
-    parts = _write_parts(state, d, meta, limit, progress)
+    parts = _write_parts(state, d, meta, limit, progress, gate)
     temps = [p for p, _, _ in parts]
     try:
         if len(parts) == 1:
@@ -194,12 +201,13 @@ def _save_folder(
     limit: int | None,
     progress: Callable[[int, int], None] | None,
     extra: Callable[[Path], list[str]] | None,
+    gate: Callable[[], object] | None,
 ) -> list[Path]:
     clean_stale(out.parent)
     staged = tmp_name(out.parent, "-" + out.name)
     staged.mkdir()
     try:
-        parts = _write_parts(state, staged, meta, limit, progress)
+        parts = _write_parts(state, staged, meta, limit, progress, gate)
         if len(parts) == 1:
             os.replace(parts[0][0], staged / "model.safetensors")
             names = ["model.safetensors"]

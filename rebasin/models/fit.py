@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rebasin.checkpoint.state import LazyStateDict, info_of, shape_of
 from rebasin.errors import ConfigError
 
 
@@ -17,7 +18,10 @@ def renamed(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
     key_map = getattr(model, "rebasin_key_map", None)
     if not key_map:
         return state
-    return {key_map.get(k, k): v for k, v in state.items()}
+    back = {key_map.get(k, k): k for k in state}
+    info = info_of(state)
+    named = {n: info[k] for n, k in back.items() if k in info} if info is not None else None
+    return LazyStateDict(back, lambda n: state[back[n]], named)  # read on access, as ``state`` is
 
 
 def tied_aside(own: dict[str, torch.Tensor], state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -61,10 +65,12 @@ def check_fits(
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors."""
+    """Load ``state`` into ``model`` strictly; on mismatch name the first differing tensors. A
+    lazy state that knows its shapes is read one tensor at a time (never held whole)."""
     state = renamed(model, state)
-    tensors = {k: state[k] for k in state}  # one pass: a lazy state computes each tensor once
-    own = check_fits(model, {k: tuple(v.shape) for k, v in tensors.items()}, source, model_name)
+    if info_of(state) is None:  # shapes only by producing the tensors: produce each once
+        state = {k: state[k] for k in state}
+    own = check_fits(model, {k: shape_of(state, k) for k in state}, source, model_name)
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(tensors[k].to(v.dtype))
+            v.copy_(state[k])  # casts to the model's dtype in place

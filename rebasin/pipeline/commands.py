@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,22 +28,13 @@ from rebasin.pipeline.evaluation import (
     wants_evaluation,
 )
 from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
-from rebasin.pipeline.verification import verifier_for, verify
+from rebasin.pipeline.verification import NOT_VERIFIED, Check, verifier_for, verify
 from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
 from rebasin.report import input_info, new_report, spec_info
 from rebasin.spec.core import PermutationSpec
 from rebasin.spec.names import infer_spec
 
 PathLike = str | os.PathLike[str]
-
-
-def _in_background(fn: Any, *args: Any) -> Future[Any]:
-    """Run ``fn(*args)`` in a thread (imports and model building overlap the matching's products,
-    which release the interpreter lock); its errors surface at ``result()``."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin")
-    future = pool.submit(fn, *args)
-    pool.shutdown(wait=False)
-    return future
 
 
 @contextmanager
@@ -120,45 +110,53 @@ def merge_checkpoints(
     with _timed(timings, "spec_s"):
         spec, source, frozen = _spec(opts, a, b)
     check_data_available(opts.matcher, opts, a)
-    pending = _in_background(verifier_for, opts, a)  # builds the model while matching runs
-    wanted = wants_evaluation(opts, a)
-    ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
-    result = _align(opts, a, b, spec, ev, progress)
-    timings["match_s"] = round(result.seconds, 4)
-    a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
-    distances = Distances(a_state, b.state, spec, result.perm)
-    b_aligned = distances.aligned()  # measures both distances as the merge reads it
-    report = _match_report("merge", a, b, spec, source, frozen, result)
-    with _timed(timings, "verify_s"):
-        verifier, why = pending.result()
-        report["equivalence"] = verify(verifier, why, b, spec, result.perm)
-    _note_output_group(report)
-    report["distance"] = {}
-    common = _provenance(opts, result, source, spec, report)
-    if ev is not None and wanted is not None:
-        with _timed(timings, "evaluate_s"):
-            report["evaluation"] = _curves(ev, a_state, b.state, b_aligned, wanted.alphas, progress)
-        common["bn"] = ev.bn
-    written: dict[str, list[str]] = {}
-    with _timed(timings, "write_s"):
-        alpha = opts.merge.alpha
-        if out is not None:
-            fixed_bn = wanted is not None and ev is not None and ev.bn != "none"
-            merged = (
-                ev.merged_state(a_state, b_aligned, alpha)  # type: ignore[union-attr]
-                if fixed_bn
-                else interpolate(a_state, b_aligned, alpha)
-            )
-            meta = output_metadata(a.metadata, command="merge", alpha=alpha, **common)
-            written["merged"] = [
-                str(f)
-                for f in write_checkpoint(merged, out, meta, a, shard, sub_progress(progress, "writing"))
-            ]
-        if o.save_permuted is not None:
-            meta = output_metadata(b.metadata, command="align", **common)
-            written["permuted"] = [
-                str(f) for f in write_checkpoint(b_aligned, o.save_permuted, meta, b, shard)
-            ]
+    with Check(opts, a, b, spec) as check:  # builds the model and runs B while matching runs
+        wanted = wants_evaluation(opts, a)
+        ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
+        result = _align(opts, a, b, spec, ev, progress)
+        timings["match_s"] = round(result.seconds, 4)
+        check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
+        a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
+        distances = Distances(a_state, b.state, spec, result.perm)
+        b_aligned = distances.aligned()  # measures both distances as the merge reads it
+        report = _match_report("merge", a, b, spec, source, frozen, result)
+        report["equivalence"] = NOT_VERIFIED
+
+        def verdict() -> None:
+            if "verify_s" not in timings:
+                with _timed(timings, "verify_s"):  # the wait for it, beyond the work beside it
+                    report["equivalence"] = check.result()
+                _note_output_group(report)
+
+        report["distance"] = {}
+        common = _provenance(opts, result, source, spec, report)
+        if ev is not None and wanted is not None:
+            with _timed(timings, "evaluate_s"):
+                report["evaluation"] = _curves(ev, a_state, b.state, b_aligned, wanted.alphas, progress)
+            common["bn"] = ev.bn
+        written: dict[str, list[str]] = {}
+        with _timed(timings, "write_s"):
+            alpha = opts.merge.alpha
+            if out is not None:
+                fixed_bn = wanted is not None and ev is not None and ev.bn != "none"
+                merged = (
+                    ev.merged_state(a_state, b_aligned, alpha)  # type: ignore[union-attr]
+                    if fixed_bn
+                    else interpolate(a_state, b_aligned, alpha)
+                )
+                meta = output_metadata(a.metadata, command="merge", alpha=alpha, **common)
+                written["merged"] = [
+                    str(f)
+                    for f in write_checkpoint(
+                        merged, out, meta, a, shard, sub_progress(progress, "writing"), verdict
+                    )
+                ]
+            if o.save_permuted is not None:
+                meta = output_metadata(b.metadata, command="align", **common)
+                written["permuted"] = [
+                    str(f) for f in write_checkpoint(b_aligned, o.save_permuted, meta, b, shard, gate=verdict)
+                ]
+        verdict()
     with _timed(timings, "distance_s"):  # what the write did not already read
         report["distance"] = distances.result()
     timings["total_s"] = round(time.perf_counter() - t0, 4)
@@ -247,10 +245,11 @@ def barrier_checkpoints(
     b_aligned = None
     if opts.align:
         spec, source, frozen = _spec(opts, a, b)
-        result = _align(opts, a, b, spec, ev, progress)
-        report = _match_report("barrier", a, b, spec, source, frozen, result)
-        b_aligned = permute(b.state, spec, result.perm)
-        report["equivalence"] = verify(*verifier_for(opts, a), b, spec, result.perm)
+        with Check(opts, a, b, spec) as check:  # builds the model and runs B while matching runs
+            result = _align(opts, a, b, spec, ev, progress)
+            report = _match_report("barrier", a, b, spec, source, frozen, result)
+            b_aligned = permute(b.state, spec, result.perm)
+            report["equivalence"] = check(result.perm)
         _note_output_group(report)
     else:
         check_weights(a)
@@ -282,13 +281,13 @@ def permute_checkpoint(
     ck = load_checkpoint(path)
     s, source, frozen = _spec(opts, ck)
     perm = random_permutation(s, opts.run.seed)
-    verifier, why = verifier_for(opts, ck)
-    equivalence = verify(verifier, why, ck, s, perm, "the permuted model", "the original")
-    kept = equivalence.get("output_group")
-    if kept:  # the model's output axis: moving it would change what the model returns
-        perm[kept] = torch.arange(len(perm[kept]))
-        frozen = [*frozen, kept]
-        equivalence = verify(verifier, why, ck, s, perm, "the permuted model", "the original")
+    with Check(opts, ck, ck, s, "the permuted model", "the original") as check:
+        equivalence = check(perm)
+        kept = equivalence.get("output_group")
+        if kept:  # the model's output axis: moving it would change what the model returns
+            perm[kept] = torch.arange(len(perm[kept]))
+            frozen = [*frozen, kept]
+            equivalence = check(perm)
     meta = output_metadata(
         ck.metadata, command="permute", seed=opts.run.seed, spec=source, spec_digest=s.digest()
     )

@@ -36,14 +36,16 @@ def write_checkpoint(
     like: Checkpoint,
     shard: int | None,
     progress: Callable[[int, int], None] | None = None,
+    gate: Callable[[], object] | None = None,
 ) -> list[Path]:
     """Write ``state`` like the input ``like``: into a directory, a Hugging Face input's
-    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it."""
+    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it.
+    ``gate()`` runs before the output is put in place (see ``save_checkpoint``)."""
     if like.config is not None:
         state = _untie(state, like)
     src = like.model_dir
     extra = (lambda staged: copy_model_files(src, staged)) if src is not None else None
-    return save_checkpoint(state, out, meta, shard_size=shard, progress=progress, extra=extra)
+    return save_checkpoint(state, out, meta, shard_size=shard, progress=progress, extra=extra, gate=gate)
 
 
 _TIED = (

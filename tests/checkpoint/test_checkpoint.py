@@ -120,6 +120,25 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("out", ["o.safetensors", "folder", "sharded.safetensors"])
+def test_a_refusing_gate_leaves_the_old_output(tmp_path: Path, out: str) -> None:
+    """The gate runs after every tensor is written and before anything is put in place."""
+    target = tmp_path / out
+    first = save_checkpoint(STATE, target, shard_size=64)
+    before = {f: f.read_bytes() for f in first}
+    seen: list[set[str]] = []
+
+    def gate() -> None:
+        seen.append({f.name for f in tmp_path.rglob("*")})
+        raise CheckpointError("refused")
+
+    with pytest.raises(CheckpointError, match="refused"):
+        save_checkpoint({k: v + 1 for k, v in STATE.items()}, target, shard_size=64, gate=gate)
+    assert any(".rebasin-tmp-" in n for n in seen[0])  # it ran with the new tensors written
+    assert {f: f.read_bytes() for f in first} == before
+    assert not [f for f in tmp_path.rglob("*") if ".rebasin-" in f.name]
+
+
 def test_lazy_loading_reads_on_access(tmp_path: Path) -> None:
     out = tmp_path / "x.safetensors"
     save_checkpoint(STATE, out)
