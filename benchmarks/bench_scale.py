@@ -155,15 +155,18 @@ def gemm_seconds(
 
 
 PEAK = (
-    "import atexit, sys\n"
+    "import atexit, resource, sys\n"
     "hwm = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
-    "atexit.register(lambda: print('peak-rss-kb', hwm(), file=sys.stderr))\n"
+    "kids = lambda: resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "atexit.register(lambda: print('peak-rss-kb', hwm(), kids(), file=sys.stderr))\n"
     "sys.argv = ['rebasin', *sys.argv[1:]]\n"
     "from rebasin.cli import main\n"
     "main()\n"
 )
-"""Runs the command line in the child and prints its own peak RSS last on stderr (VmHWM: the
-peak since exec; ru_maxrss would count the parent's memory, shared at fork)."""
+"""Runs the command line in the child and prints, last on stderr, its own peak RSS (VmHWM: the
+peak since exec; ru_maxrss would count the parent's memory, shared at fork) and that of its
+verification worker process (ru_maxrss of its children: an upper bound, as it counts the pages the
+worker shares with the command since the fork)."""
 
 
 def main() -> None:
@@ -178,7 +181,8 @@ def main() -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     print(f"device {args.device}, bfloat16 checkpoints, {args.pair} pairs, in {root}")
-    cols = ("params", "wall s", "match s", "sweep1 s", "sweeps", "RSS GB", "GEMM s", "GFLOP/s", "plain")
+    cols = ("params", "wall s", "match s", "sweep1 s", "sweeps", "RSS GB", "+check")
+    cols += ("GEMM s", "GFLOP/s", "plain")
     print(f"{'shape':<10} " + " ".join(f"{c:>8}" for c in cols) + "  recovered", flush=True)
     for name in args.shapes:
         t = time.perf_counter()
@@ -195,7 +199,7 @@ def main() -> None:
         if proc.returncode != 0:
             print(f"{name}: rebasin merge failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
             continue
-        rss = int(proc.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+        rss, worker = (int(kb) / 2**20 for kb in proc.stderr.strip().splitlines()[-1].split()[-2:])
         rep = json.loads(proc.stdout)
         m = rep["match"]
         trace = m["restarts"][m["best_restart"]]
@@ -211,6 +215,7 @@ def main() -> None:
             f"{sweep1:.1f}",
             trace["sweeps"],
             f"{rss:.2f}",
+            f"{worker:.2f}",
             f"{gemm_s:.1f}",
             f"{flops / sweep1 / 1e9:.0f}",
             f"{flops / gemm_s / 1e9:.0f}",
