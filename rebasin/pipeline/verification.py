@@ -4,6 +4,7 @@ command writes or measures: pi(B) must compute what B computes."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import re
 import signal
@@ -162,23 +163,27 @@ class Check:
         if fork:
             ctx = multiprocessing.get_context("fork")
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve_forked, args=(theirs, self._args), daemon=True)
+            proc = ctx.Process(target=_serve_forked, args=(theirs, self._args, os.getpid()), daemon=True)
             with warnings.catch_warnings():  # 3.12+ warns of fork beside threads: the worker
                 warnings.simplefilter("ignore", DeprecationWarning)  # runs one thread, no locks
                 proc.start()
             theirs.close()
 
-            def stop() -> None:
-                with suppress(OSError):
-                    mine.send(None)
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+            senders: list[threading.Thread] = []
+
+            def send(perm: Permutation) -> None:  # a large one fills the pipe: not in our way
+                payload = {g: p.numpy() for g, p in perm.items()}
+                senders.append(threading.Thread(target=_quietly, args=(mine.send, payload), daemon=True))
+                senders[-1].start()
+
+            def stop() -> None:  # the worker writes nothing: it need not finish what it does
+                proc.kill()  # even before it has set its own signal handlers
+                proc.join()
+                for t in senders:  # their pipe is closed at the other end now
+                    t.join()
                 mine.close()
 
-            self._send = lambda perm: mine.send({g: p.numpy() for g, p in perm.items()})
-            self._recv = mine.recv
+            self._send, self._recv = send, mine.recv
             self._stop = stop
             return
         asks: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -194,10 +199,7 @@ class Check:
         """Hand ``perm`` to the check (returns at once)."""
         self._perm, self._answer = perm, None
         if self._send is not None:
-            try:
-                self._send(perm)
-            except OSError:  # the worker is gone: result() checks here
-                self._send = self._recv = None
+            self._send(perm)
 
     def result(self) -> dict[str, Any]:
         """The verdict on the last permutation submitted (waits for it)."""
@@ -249,6 +251,11 @@ permutation is known, beside the matching; a larger one is built ahead (its memo
 but loaded only afterwards, so that it never adds to the matching's own peak."""
 
 
+def _quietly(send: Callable[[Any], None], payload: Any) -> None:
+    with suppress(OSError):  # a worker that is gone: result() finds its pipe closed
+        send(payload)
+
+
 def forking() -> bool:
     """Whether a verification worker may be a forked process: on Linux, where fork is safe for
     a worker that runs one thread, and not beside a gRPC client (Ray), which forks badly."""
@@ -280,10 +287,15 @@ def _serve(recv: Callable[[], Any], send: Callable[[tuple[str, Any]], None], arg
             send(("crash", error_line(e)))
 
 
-def _serve_forked(conn: Any, args: tuple[Any, ...]) -> None:
-    """``_serve`` in a forked worker: one thread (a forked OpenMP pool would hang), and Ctrl-C is
-    left to the parent, which stops the worker."""
+def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
+    """``_serve`` in a forked worker at the lowest priority, on one thread (a forked OpenMP pool
+    would hang); Ctrl-C is left to the parent, which stops the worker, SIGTERM ends it at once,
+    and so does the parent's end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: it has no files
+    _die_with_parent(parent)
+    with suppress(OSError):
+        os.nice(19)  # it takes what the command leaves idle, not a share of its cores
     torch.set_num_threads(1)
 
     def recv() -> Permutation | None:
@@ -300,3 +312,14 @@ def _serve_forked(conn: Any, args: tuple[Any, ...]) -> None:
             conn.send(("crash", f"{type(e).__name__}: {e}"))
 
     _serve(recv, send, args)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when its parent ends (prctl PR_SET_PDEATHSIG), so a killed
+    command leaves no worker behind; where that is not possible, the closed pipe ends it later."""
+    with suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before that took effect
+        os._exit(0)
