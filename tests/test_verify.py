@@ -12,7 +12,7 @@ import torch
 from helpers import run
 from safetensors.torch import load_file
 
-from rebasin.pipeline import verification
+from rebasin.pipeline import check_worker
 
 
 def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -34,11 +34,11 @@ def test_the_verdict_does_not_depend_on_where_the_check_runs(
     assert code == 0, err
     first = json.loads(stdout)["equivalence"]
     if worker == "thread":
-        monkeypatch.setattr(verification, "forking", lambda: False)
-    elif not verification.forking():
+        monkeypatch.setattr(check_worker, "forking", lambda: False)
+    elif not check_worker.forking():
         pytest.skip("the check runs in a worker process only where the system forks")
     else:  # a worker process that dies: the check runs again in the command's own process
-        monkeypatch.setattr(verification, "_serve", lambda *args: os._exit(3))
+        monkeypatch.setattr(check_worker, "_serve", lambda *args: os._exit(3))
     code, stdout, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors", "--json")
     assert code == 0, err
     assert json.loads(stdout)["equivalence"] == first and first["ok"] is True
@@ -59,7 +59,7 @@ def test_a_wrong_spec_is_caught_and_nothing_is_written(
     trained_mlp_pair: tuple[Path, Path], tmp_path: Path, worker: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if worker == "thread":  # where the system does not fork, the check runs in a thread
-        monkeypatch.setattr(verification, "forking", lambda: False)
+        monkeypatch.setattr(check_worker, "forking", lambda: False)
     a, b = trained_mlp_pair
     spec = tmp_path / "wrong.yaml"  # moves net.0's units but forgets net.2's input columns
     spec.write_text(

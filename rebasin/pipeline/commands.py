@@ -19,6 +19,7 @@ from rebasin.matching.result import MatchResult, Progress
 from rebasin.merge import Distances, LastRead, interpolate
 from rebasin.options import Options, parse_size
 from rebasin.permutation import permute, random_permutation
+from rebasin.pipeline.check_worker import Check
 from rebasin.pipeline.checks import check_device, check_pair, check_weights
 from rebasin.pipeline.evaluation import (
     EvaluatorData,
@@ -28,7 +29,7 @@ from rebasin.pipeline.evaluation import (
     wants_evaluation,
 )
 from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
-from rebasin.pipeline.verification import NOT_VERIFIED, Check, verifier_for, verify
+from rebasin.pipeline.verification import NOT_VERIFIED, verifier_for, verify
 from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
 from rebasin.report import input_info, new_report, spec_info
 from rebasin.spec.core import PermutationSpec
