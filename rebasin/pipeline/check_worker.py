@@ -170,9 +170,9 @@ def _serve(recv: Callable[[], Any], send: Callable[[tuple[str, Any]], None], arg
     try:
         verifier, why = verifier_for(opts, model_ck)
         failure: BaseException | None = None
-    except Exception as e:
+    except BaseException as e:  # whatever it is, it is answered, never left for a waiter to miss
         verifier, why, failure = None, "", e
-    with suppress(Exception):  # a failure here comes again in verify(), reported there
+    with suppress(BaseException):  # a failure here comes again in verify(), reported there
         if verifier is not None and verifier.model_bytes() <= AHEAD_BYTES:
             verifier.prepare(ck.state, spec)
     while (perm := recv()) is not None:
@@ -182,7 +182,7 @@ def _serve(recv: Callable[[], Any], send: Callable[[tuple[str, Any]], None], arg
             send(("ok", verify(verifier, why, ck, spec, perm, what, of)))
         except RebasinError as e:
             send(("error", e))
-        except Exception as e:
+        except BaseException as e:  # anything else: the command checks again itself
             send(("crash", error_line(e)))
 
 
