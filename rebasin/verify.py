@@ -69,7 +69,7 @@ class Verifier:
     ):
         self.make_model, self.inputs, self.probe, self.name = make_model, tuple(inputs), probe, name
         self._model: nn.Module | None = None
-        self._before: tuple[Mapping[str, torch.Tensor], torch.Tensor] | None = None
+        self._before: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = []
         self.scope: Callable[[str], bool] | None = None
         """Which tensors the built model holds (a model cut to its first layer), or None: all."""
         self.strict = True
@@ -111,14 +111,15 @@ class Verifier:
         """Run ``state`` itself ahead of time, before its permutation is known; ``check`` and
         ``first_breaking_group`` on the same ``state`` then run only the permuted model."""
         scoped, _, _ = self._scoped(state, spec, {})
-        self._before = (state, self.output(scoped))
+        self._before.append((state, self.output(scoped)))
 
     def reference(self, state: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Tensor:
         """The output of ``state`` itself (run once)."""
-        if self._before is None or self._before[0] is not state:
-            self.prepare(state, spec)
-        assert self._before is not None
-        return self._before[1]
+        for known, out in self._before:
+            if known is state:
+                return out
+        self.prepare(state, spec)
+        return self._before[-1][1]
 
     def check(
         self, state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Permutation

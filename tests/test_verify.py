@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,25 @@ def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path
     assert eq["ok"] is True and eq["relative"] < 1e-5 and eq["output_group"] is None
     code, _, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors")
     assert "verified: pi(B) computes what B computes" in err
+
+
+def test_merge_many_checks_every_model_before_writing(
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = trained_mlp_pair
+    spec = tmp_path / "wrong.yaml"
+    spec.write_text(
+        "format_version: 1\ngroups:\n  P_half: {size: 128, members: [[net.0.weight, 0], [net.0.bias, 0]]}\n"
+    )
+    code, stdout, err = run("merge-many", a, b, "-o", tmp_path / "mm", "--spec", spec)
+    assert code == 2 and stdout == ""
+    line = err.splitlines()[0]
+    assert re.fullmatch(
+        r"error: .*: model (1|2) aligned does not compute what model \1 computes \(max abs diff .*\); "
+        r"the first group that breaks it: 'P_half'",
+        line,
+    ), line
+    assert sorted(tmp_path.iterdir()) == [spec]
 
 
 @pytest.mark.parametrize("worker", ["thread", "stopped"])

@@ -4,6 +4,7 @@ each permutation handed to it."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import queue
@@ -23,34 +24,33 @@ from rebasin.matching.result import Permutation
 from rebasin.options import Options
 from rebasin.pipeline.verification import verifier_for, verify
 from rebasin.spec.core import PermutationSpec
+from rebasin.verify import Verifier
+
+Target = tuple[Checkpoint, str, str]
+"""A checkpoint whose permutations are checked, with the words for the error: ``(ck, what, of)``,
+as in "pi(B) does not compute what B computes"."""
 
 
 class Check:
-    """The verification of ``ck``'s permutations, prepared while other work runs.
+    """The verification of the targets' permutations, prepared while other work runs.
 
     Building the model (importing its library: seconds of single-threaded Python) and running
-    ``ck`` itself need no permutation, so they start at once: in a forked worker process at the
-    lowest priority where the system forks safely (Linux), which takes only what the command
-    leaves idle and never its interpreter lock, else in a thread. ``submit(perm)`` hands a
-    permutation over and ``result()`` waits for its verdict: the report's ``equivalence``, or the
-    CheckpointError naming the group that breaks it. Should the worker stop or fail unexpectedly,
-    the check runs again in this process."""
+    each target itself need no permutation, so they start at once: in a forked worker process at
+    the lowest priority where the system forks safely (Linux), which takes only what the command
+    leaves idle and never its interpreter lock, else in a thread. ``submit(perm, i)`` hands target
+    ``i``'s permutation over and ``result(i)`` waits for its verdict: the report's
+    ``equivalence``, or the CheckpointError naming the group that breaks it. Should the worker stop
+    or fail unexpectedly, the check runs again in this process."""
 
-    def __init__(
-        self,
-        opts: Options,
-        model_ck: Checkpoint,
-        ck: Checkpoint,
-        spec: PermutationSpec,
-        what: str = "pi(B)",
-        of: str = "B",
-    ):
-        self._args = (opts, model_ck, ck, spec, what, of)
-        self._perm: Permutation | None = None
-        self._answer: tuple[str, Any] | None = None
+    def __init__(self, opts: Options, model_ck: Checkpoint, spec: PermutationSpec, targets: list[Target]):
+        self._args = (opts, model_ck, spec, targets)
+        self._numbers = itertools.count()
+        self._asked: dict[int, tuple[int, Permutation]] = {}  # target: (request number, perm)
+        self._answers: dict[int, tuple[str, Any]] = {}  # request number: (kind, value)
         self._send: Callable[[Any], None] | None = None
-        self._recv: Callable[[], tuple[str, Any]] | None = None
+        self._recv: Callable[[], Answer] | None = None
         self._stop: Callable[[], None] = lambda: None
+        self._local: tuple[Verifier | None, str] | None = None
         if not opts.output.no_verify:
             self._start(forking())
 
@@ -63,11 +63,11 @@ class Check:
                 warnings.simplefilter("ignore", DeprecationWarning)  # runs one thread, no locks
                 proc.start()
             theirs.close()
-
             senders: list[threading.Thread] = []
 
-            def send(perm: Permutation) -> None:  # a large one fills the pipe: not in our way
-                payload = {g: p.numpy() for g, p in perm.items()}
+            def send(ask: Ask) -> None:  # a large one fills the pipe: sent beside the command
+                n, i, perm = ask
+                payload = (n, i, {g: p.numpy() for g, p in perm.items()})
                 senders.append(threading.Thread(target=_quietly, args=(mine.send, payload), daemon=True))
                 senders[-1].start()
 
@@ -78,11 +78,10 @@ class Check:
                     t.join()
                 mine.close()
 
-            self._send, self._recv = send, mine.recv
-            self._stop = stop
+            self._send, self._recv, self._stop = send, mine.recv, stop
             return
         asks: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        answers: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         thread = threading.Thread(
             target=_serve, args=(asks.get, answers.put, self._args), name="rebasin-verify", daemon=True
         )
@@ -90,40 +89,50 @@ class Check:
         self._send, self._recv = asks.put, answers.get
         self._stop = lambda: asks.put(None)
 
-    def submit(self, perm: Permutation) -> None:
-        """Hand ``perm`` to the check (returns at once)."""
-        self._perm, self._answer = perm, None
+    def submit(self, perm: Permutation, i: int = 0) -> None:
+        """Hand target ``i``'s permutation to the check (returns at once)."""
+        n = next(self._numbers)
+        self._asked[i] = (n, perm)
         if self._send is not None:
-            self._send(perm)
+            self._send((n, i, perm))
 
-    def result(self) -> dict[str, Any]:
-        """The verdict on the last permutation submitted (waits for it)."""
-        assert self._perm is not None, "submit a permutation first"
-        if self._answer is None:
-            self._answer = self._ask()
-        kind, value = self._answer
+    def result(self, i: int = 0) -> dict[str, Any]:
+        """The verdict on target ``i``'s last permutation submitted (waits for it)."""
+        n, perm = self._asked[i]
+        while n not in self._answers:
+            got = self._receive()
+            if got is None:  # no worker (any more): the check runs here
+                self._answers[n] = ("ok", self._here(i, perm))
+            else:
+                self._answers[got[0]] = got[1:]
+        kind, value = self._answers[n]
         if kind == "error":
             raise value
         return dict(value)
 
-    def __call__(self, perm: Permutation) -> dict[str, Any]:
-        self.submit(perm)
-        return self.result()
+    def __call__(self, perm: Permutation, i: int = 0) -> dict[str, Any]:
+        self.submit(perm, i)
+        return self.result(i)
 
-    def _ask(self) -> tuple[str, Any]:
-        opts, model_ck, ck, spec, what, of = self._args
-        assert self._perm is not None
-        if opts.output.no_verify:
-            return "ok", verify(None, "not verified: --no-verify", ck, spec, self._perm)
+    def _receive(self) -> Answer | None:
         if self._recv is not None:
             try:
-                answer = self._recv()
+                n, kind, value = self._recv()
+                if kind != "crash":
+                    return n, kind, value
             except (EOFError, OSError):
-                answer = ("crash", "the worker stopped")
-            if answer[0] != "crash":
-                return answer
-        self.close()  # whatever went wrong there comes again here, reported as usual
-        return "ok", verify(*verifier_for(opts, model_ck), ck, spec, self._perm, what, of)
+                pass
+            self.close()  # whatever went wrong there comes again here, reported as usual
+        return None
+
+    def _here(self, i: int, perm: Permutation) -> dict[str, Any]:
+        opts, model_ck, spec, targets = self._args
+        ck, what, of = targets[i]
+        if opts.output.no_verify:
+            return verify(None, "not verified: --no-verify", ck, spec, perm)
+        if self._local is None:
+            self._local = verifier_for(opts, model_ck)
+        return verify(*self._local, ck, spec, perm, what, of)
 
     def close(self) -> None:
         """Stop the worker (idempotent)."""
@@ -141,8 +150,8 @@ class Check:
 
 
 AHEAD_BYTES = 1 << 30
-"""Largest model (float32 parameters) loaded and run on the unpermuted checkpoint before the
-permutation is known, beside the matching; a larger one is built ahead (its memory untouched)
+"""Largest model (float32 parameters) loaded and run on the unpermuted checkpoints before the
+permutations are known, beside the matching; a larger one is built ahead (its memory untouched)
 but loaded only afterwards, so that it never adds to the matching's own peak."""
 
 
@@ -161,12 +170,19 @@ def forking() -> bool:
     return ray is None or not ray.is_initialized()
 
 
-def _serve(recv: Callable[[], Any], send: Callable[[tuple[str, Any]], None], args: tuple[Any, ...]) -> None:
-    """Build the verifier and run the unpermuted checkpoint, then answer each permutation received
-    (None ends): ("ok", equivalence), ("error", a RebasinError), or ("crash", why)."""
+Ask = tuple[int, int, Permutation]
+"""A request to the worker: (request number, target, permutation)."""
+Answer = tuple[int, str, Any]
+"""The worker's answer to request n: (n, "ok", equivalence), (n, "error", a RebasinError) or
+(n, "crash", why)."""
+
+
+def _serve(recv: Callable[[], Ask | None], send: Callable[[Answer], None], args: tuple[Any, ...]) -> None:
+    """Build the verifier and run the unpermuted targets (when the model is small enough), then
+    answer each request received, in order, until None."""
     from rebasin.errors import RebasinError, error_line
 
-    opts, model_ck, ck, spec, what, of = args
+    opts, model_ck, spec, targets = args
     try:
         verifier, why = verifier_for(opts, model_ck)
         failure: BaseException | None = None
@@ -174,16 +190,19 @@ def _serve(recv: Callable[[], Any], send: Callable[[tuple[str, Any]], None], arg
         verifier, why, failure = None, "", e
     with suppress(BaseException):  # a failure here comes again in verify(), reported there
         if verifier is not None and verifier.model_bytes() <= AHEAD_BYTES:
-            verifier.prepare(ck.state, spec)
-    while (perm := recv()) is not None:
+            for ck, _, _ in targets:
+                verifier.prepare(ck.state, spec)
+    while (ask := recv()) is not None:
+        n, i, perm = ask
+        ck, what, of = targets[i]
         try:
             if failure is not None:
                 raise failure
-            send(("ok", verify(verifier, why, ck, spec, perm, what, of)))
+            send((n, "ok", verify(verifier, why, ck, spec, perm, what, of)))
         except RebasinError as e:
-            send(("error", e))
+            send((n, "error", e))
         except BaseException as e:  # anything else: the command checks again itself
-            send(("crash", error_line(e)))
+            send((n, "crash", error_line(e)))
 
 
 def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
@@ -197,18 +216,21 @@ def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
         os.nice(19)  # it takes what the command leaves idle, not a share of its cores
     torch.set_num_threads(1)
 
-    def recv() -> Permutation | None:
+    def recv() -> Ask | None:
         try:
             got = conn.recv()
         except (EOFError, OSError):
             return None
-        return None if got is None else {g: torch.from_numpy(p) for g, p in got.items()}
+        if got is None:
+            return None
+        n, i, perm = got
+        return n, i, {g: torch.from_numpy(p) for g, p in perm.items()}
 
-    def send(answer: tuple[str, Any]) -> None:
+    def send(answer: Answer) -> None:
         try:
             conn.send(answer)
         except Exception as e:  # an answer that does not pickle
-            conn.send(("crash", f"{type(e).__name__}: {e}"))
+            conn.send((answer[0], "crash", f"{type(e).__name__}: {e}"))
 
     _serve(recv, send, args)
 

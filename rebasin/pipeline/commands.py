@@ -29,7 +29,7 @@ from rebasin.pipeline.evaluation import (
     wants_evaluation,
 )
 from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
-from rebasin.pipeline.verification import NOT_VERIFIED, verifier_for, verify
+from rebasin.pipeline.verification import NOT_VERIFIED
 from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
 from rebasin.report import input_info, new_report, spec_info
 from rebasin.spec.core import PermutationSpec
@@ -111,7 +111,9 @@ def merge_checkpoints(
     with _timed(timings, "spec_s"):
         spec, source, frozen = _spec(opts, a, b)
     check_data_available(opts.matcher, opts, a)
-    with Check(opts, a, b, spec) as check:  # builds the model and runs B while matching runs
+    with Check(
+        opts, a, spec, [(b, "pi(B)", "B")]
+    ) as check:  # builds the model and runs B while matching runs
         wanted = wants_evaluation(opts, a)
         ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
         result = _align(opts, a, b, spec, ev, progress)
@@ -246,7 +248,9 @@ def barrier_checkpoints(
     b_aligned = None
     if opts.align:
         spec, source, frozen = _spec(opts, a, b)
-        with Check(opts, a, b, spec) as check:  # builds the model and runs B while matching runs
+        with Check(
+            opts, a, spec, [(b, "pi(B)", "B")]
+        ) as check:  # builds the model and runs B while matching runs
             result = _align(opts, a, b, spec, ev, progress)
             report = _match_report("barrier", a, b, spec, source, frozen, result)
             b_aligned = permute(b.state, spec, result.perm)
@@ -282,7 +286,7 @@ def permute_checkpoint(
     ck = load_checkpoint(path)
     s, source, frozen = _spec(opts, ck)
     perm = random_permutation(s, opts.run.seed)
-    with Check(opts, ck, ck, s, "the permuted model", "the original") as check:
+    with Check(opts, ck, s, [(ck, "the permuted model", "the original")]) as check:
         equivalence = check(perm)
         kept = equivalence.get("output_group")
         if kept:  # the model's output axis: moving it would change what the model returns
@@ -330,23 +334,30 @@ def merge_many_checkpoints(
         check_pair(cks[0], ck)
     s, source, frozen = _spec(opts, *cks)
     solver = MergeMany(max_rounds=opts.merge.max_rounds, seed=opts.run.seed, device=opts.run.device)
-    result = solver.match([c.state for c in cks], s, progress)
-    verifier, why = verifier_for(opts, cks[0])
-    checks = [
-        verify(verifier, why, c, s, p, f"model {i + 1} aligned", f"model {i + 1}")
-        for i, (c, p) in enumerate(zip(cks, result.perms, strict=True))
-    ]
-    aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
-    meta = output_metadata(
-        cks[0].metadata,
-        command="merge-many",
-        method="merge-many",
-        seed=opts.run.seed,
-        spec=source,
-        spec_digest=s.digest(),
-        models=len(cks),
-    )
-    files = write_checkpoint(average(aligned), out, meta, cks[0], parse_size(opts.output.shard_size))
+    targets = [(c, f"model {i + 1} aligned", f"model {i + 1}") for i, c in enumerate(cks)]
+    with Check(opts, cks[0], s, targets) as check:  # the model is built while matching runs
+        result = solver.match([c.state for c in cks], s, progress)
+        for i, p in enumerate(result.perms):
+            check.submit(p, i)  # checked beside the write: nothing is put in place before they pass
+        checks: list[dict[str, Any]] = []
+
+        def verdicts() -> None:
+            checks[:] = [check.result(i) for i in range(len(cks))]
+
+        aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
+        meta = output_metadata(
+            cks[0].metadata,
+            command="merge-many",
+            method="merge-many",
+            seed=opts.run.seed,
+            spec=source,
+            spec_digest=s.digest(),
+            models=len(cks),
+        )
+        shard = parse_size(opts.output.shard_size)
+        files = write_checkpoint(average(aligned), out, meta, cks[0], shard, gate=verdicts)
+        if not checks:
+            verdicts()
     report = new_report("merge-many")
     report["inputs"] = [input_info(c) for c in cks]
     report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}

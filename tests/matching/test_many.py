@@ -99,6 +99,7 @@ def test_merge_many_command(trained_trio: list[Path], tmp_path: Path) -> None:
     assert len(report["inputs"]) == 3
     assert len(report["merge_many"]["moved_fraction"]) == 3
     assert report["merge_many"]["distance_after"] < report["merge_many"]["distance_before"]
+    assert report["equivalence"]["ok"] is True  # every model's permutation, checked
     merged = load_file(out)
     assert set(merged) == set(load_file(trained_trio[0]))
     expect_error(
