@@ -59,9 +59,13 @@ class Check:
             ctx = multiprocessing.get_context("fork")
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=_serve_forked, args=(theirs, self._args, os.getpid()), daemon=True)
-            with warnings.catch_warnings():  # 3.12+ warns of fork beside threads: the worker
-                warnings.simplefilter("ignore", DeprecationWarning)  # runs one thread, no locks
-                proc.start()
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # until the worker has its own
+            try:
+                with warnings.catch_warnings():  # 3.12+ warns of fork beside threads: the worker
+                    warnings.simplefilter("ignore", DeprecationWarning)  # runs one thread, no locks
+                    proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             theirs.close()
             senders: list[threading.Thread] = []
 
@@ -211,6 +215,7 @@ def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
     and so does the parent's end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: it has no files
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by the parent across the fork
     _die_with_parent(parent)
     with suppress(OSError):
         os.nice(19)  # it takes what the command leaves idle, not a share of its cores
@@ -233,6 +238,10 @@ def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
             conn.send((answer[0], "crash", f"{type(e).__name__}: {e}"))
 
     _serve(recv, send, args)
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+"""Signals the worker must not take with the command's handlers (blocked across the fork)."""
 
 
 def _die_with_parent(parent: int) -> None:
