@@ -111,9 +111,8 @@ def merge_checkpoints(
     with _timed(timings, "spec_s"):
         spec, source, frozen = _spec(opts, a, b)
     check_data_available(opts.matcher, opts, a)
-    with Check(
-        opts, a, spec, [(b, "pi(B)", "B")]
-    ) as check:  # builds the model and runs B while matching runs
+    # the check's worker builds the model and runs B while matching runs
+    with Check(opts, a, spec, [(b, "pi(B)", "B")]) as check:
         wanted = wants_evaluation(opts, a)
         ev = make_evaluator(a, opts) if wanted or opts.matcher.needs_data() else None
         result = _align(opts, a, b, spec, ev, progress)
@@ -248,9 +247,8 @@ def barrier_checkpoints(
     b_aligned = None
     if opts.align:
         spec, source, frozen = _spec(opts, a, b)
-        with Check(
-            opts, a, spec, [(b, "pi(B)", "B")]
-        ) as check:  # builds the model and runs B while matching runs
+        # the check's worker builds the model and runs B while matching runs
+        with Check(opts, a, spec, [(b, "pi(B)", "B")]) as check:
             result = _align(opts, a, b, spec, ev, progress)
             report = _match_report("barrier", a, b, spec, source, frozen, result)
             b_aligned = permute(b.state, spec, result.perm)
@@ -339,10 +337,9 @@ def merge_many_checkpoints(
         result = solver.match([c.state for c in cks], s, progress)
         for i, p in enumerate(result.perms):
             check.submit(p, i)  # checked beside the write: nothing is put in place before they pass
-        checks: list[dict[str, Any]] = []
 
-        def verdicts() -> None:
-            checks[:] = [check.result(i) for i in range(len(cks))]
+        def verdicts() -> list[dict[str, Any]]:  # answers are kept: asking again costs nothing
+            return [check.result(i) for i in range(len(cks))]
 
         aligned = [permute(c.state, s, p) for c, p in zip(cks, result.perms, strict=True)]
         meta = output_metadata(
@@ -356,8 +353,7 @@ def merge_many_checkpoints(
         )
         shard = parse_size(opts.output.shard_size)
         files = write_checkpoint(average(aligned), out, meta, cks[0], shard, gate=verdicts)
-        if not checks:
-            verdicts()
+        checks = verdicts()
     report = new_report("merge-many")
     report["inputs"] = [input_info(c) for c in cks]
     report["spec"] = spec_info(s, source, list(cks[0].state)) | {"frozen": frozen}
