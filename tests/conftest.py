@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_seed
 from safetensors.torch import save_file
 from torch import nn
 
 from rebasin.models import build_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = os.environ.get("REBASIN_TEST_THREADS")  # set by benchmarks/bench_test_stability.py
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 class HandNamedMLP(nn.Module):
@@ -136,7 +144,7 @@ def trained_mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     paths = []
     for seed in (0, 1):
         p = d / f"mlp{seed}.safetensors"
-        train_checkpoint("mlp", args, "mnist1d", p, seed=seed, epochs=8)
+        train_checkpoint("mlp", args, "mnist1d", p, seed=train_seed(seed), epochs=8)
         paths.append(p)
     return paths[0], paths[1]
 
@@ -151,6 +159,6 @@ def trained_bn_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     paths = []
     for seed in (0, 1):
         p = d / f"bn{seed}.safetensors"
-        train_checkpoint("mlp", args, "mnist1d", p, seed=seed, epochs=8)
+        train_checkpoint("mlp", args, "mnist1d", p, seed=train_seed(seed), epochs=8)
         paths.append(p)
     return paths[0], paths[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,15 @@ from typer.testing import CliRunner
 from rebasin.cli import app
 
 runner = CliRunner()
+
+TRAIN_SEED_SHIFT = int(os.environ.get("REBASIN_TEST_SEED", "0"))
+"""Added (x10) to the seeds of the models trained for the tests: benchmarks/bench_test_stability.py
+sets it to show how a test fares with other trained pairs."""
+
+
+def train_seed(seed: int) -> int:
+    """The seed a test fixture trains with (see TRAIN_SEED_SHIFT)."""
+    return seed + 10 * TRAIN_SEED_SHIFT
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
@@ -34,6 +45,19 @@ def expect_error(args: list[str | Path], line: str, hint: str | None = None) -> 
     assert lines[0] == f"error: {line}"
     if hint is not None:
         assert lines[1] == f"hint: {hint}"
+
+
+def same_figure(got: float | None, want: float | None, rel: float = 1e-6) -> bool:
+    """Whether two reported figures agree: None only with None, NaN only with NaN, infinities
+    exactly, finite numbers within ``rel`` (explicit: ``pytest.approx`` treats None and NaN
+    differently from one pytest release to the next)."""
+    if got is None or want is None:
+        return got is None and want is None
+    if math.isnan(got) or math.isnan(want):
+        return math.isnan(got) and math.isnan(want)
+    if math.isinf(got) or math.isinf(want):
+        return got == want
+    return abs(got - want) <= rel * max(abs(got), abs(want)) or got == want
 
 
 def tiny(kind: str, seed: int) -> Any:

@@ -59,3 +59,18 @@ def test_example_runs(example: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """CI runs exactly the README's test command (with the pinned versions), in a new venv."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [c for c in re.findall(r"^\$ (.*)$", readme, re.M) if "pytest" in c]
+    assert len(commands) == 1, commands
+    assert "-c constraints.txt" in commands[0]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[0] in ci.splitlines()
+    assert "-m venv" in ci
+    pins = (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins
+    for name in ("pytest", "transformers", "ray", "sentence-transformers", "hypothesis"):
+        assert any(line.lower().startswith(f"{name}==") for line in pins), name
