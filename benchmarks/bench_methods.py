@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from rebasin import barrier_checkpoints, build_options
-from rebasin.demo import DEMO_MODEL, train_checkpoint
+from rebasin.commands.demo import DEMO_MODEL, train_checkpoint
 
 METHODS = [
     ("none (naive)", None, {}),

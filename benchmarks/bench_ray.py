@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from rebasin.demo import DEMO_MODEL, train_checkpoint
+from rebasin.commands.demo import DEMO_MODEL, train_checkpoint
 
 
 def plan(folder: Path, a: Path, b: Path, items: int, alphas: int, tag: str) -> Path:

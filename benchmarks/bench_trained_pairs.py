@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rebasin.barrier import PathEvaluator, alpha_grid
 from rebasin.checkpoint import load_checkpoint
+from rebasin.commands.demo import train_checkpoint
 from rebasin.data import load_data
-from rebasin.demo import train_checkpoint
+from rebasin.evaluate.paths import PathEvaluator, alpha_grid
 from rebasin.matching import MergeMany, match
 from rebasin.merge import average
 from rebasin.models.resolve import resolve_model

@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 from rebasin import Options, WeightMatching, barrier_checkpoints
-from rebasin.demo import train_checkpoint
+from rebasin.commands.demo import train_checkpoint
 from rebasin.options import EvalOptions
-from rebasin.plot import plot_curves
+from rebasin.report.plot import plot_curves
 
 
 def main() -> None:

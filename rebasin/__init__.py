@@ -38,10 +38,10 @@ _EXPORTS = {
     "random_permutation": "rebasin.permutation",
     "interpolate": "rebasin.merge",
     "average": "rebasin.merge",
-    "merge_checkpoints": "rebasin.pipeline",
+    "merge_checkpoints": "rebasin.commands",
     "MergeOptions": "rebasin.options",
-    "barrier_checkpoints": "rebasin.pipeline",
-    "RebasinError": "rebasin.errors",
+    "barrier_checkpoints": "rebasin.commands",
+    "RebasinError": "rebasin.core.errors",
 }
 
 __all__ = [
@@ -77,7 +77,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from rebasin.errors import RebasinError
+    from rebasin.commands import barrier_checkpoints, merge_checkpoints
+    from rebasin.core.errors import RebasinError
     from rebasin.matching import match
     from rebasin.matching.methods import WeightMatching
     from rebasin.matching.registry import get_matcher, list_matchers, register_matcher
@@ -85,7 +86,6 @@ if TYPE_CHECKING:
     from rebasin.merge import average, interpolate
     from rebasin.options import MergeOptions, Options, build_options
     from rebasin.permutation import compose, invert, permute, random_permutation
-    from rebasin.pipeline import barrier_checkpoints, merge_checkpoints
     from rebasin.spec.core import PermutationSpec, dump_spec, load_spec
     from rebasin.spec.names import infer_spec
     from rebasin.spec.registry import list_specs, register_spec

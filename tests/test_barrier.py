@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rebasin.barrier import BarrierCurve, PathEvaluator, alpha_grid, barrier_metrics
 from rebasin.checkpoint import load_checkpoint
+from rebasin.core.errors import ConfigError
 from rebasin.data import load_data
-from rebasin.errors import ConfigError
+from rebasin.evaluate.paths import BarrierCurve, PathEvaluator, alpha_grid, barrier_metrics
 from rebasin.matching import match
 from rebasin.models import build_model
 from rebasin.permutation import permute, random_permutation
@@ -121,7 +121,7 @@ def test_bn_reset_recomputes_the_statistics_of_every_point(trained_bn_pair: tupl
 
 
 def test_repair_matches_target_statistics() -> None:
-    from rebasin.repair import channel_stats, repair, repair_targets
+    from rebasin.evaluate.repair import channel_stats, repair, repair_targets
 
     data = load_data("synthetic")
     torch.manual_seed(0)

@@ -131,8 +131,8 @@ def test_shards_of_a_point_add_up_to_the_whole(monkeypatch: pytest.MonkeyPatch) 
     figures (shown here with small shards on a built-in model, without Ray)."""
     import torch
 
-    from rebasin.barrier import PathEvaluator, shard_rows
     from rebasin.data import load_data
+    from rebasin.evaluate.paths import PathEvaluator, shard_rows
     from rebasin.models import build_model
 
     assert [shard_rows(2500, 1000, i, 2) for i in range(2)] == [(0, 2000), (2000, 2500)]
@@ -153,7 +153,7 @@ def test_shards_of_a_point_add_up_to_the_whole(monkeypatch: pytest.MonkeyPatch) 
         def map(self, fn, calls, gpu=False):  # type: ignore[no-untyped-def]
             return (fn(*c) for c in calls)
 
-    monkeypatch.setattr("rebasin.barrier.SHARD_EXAMPLES", 300)
+    monkeypatch.setattr("rebasin.evaluate.paths.SHARD_EXAMPLES", 300)
     sharded = ev.curve(a, b, [0.0, 0.5, 1.0], pool=Serial())
     for split in ("train", "test"):
         assert sharded.loss[split] == pytest.approx(whole.loss[split], rel=1e-12)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import expect_error, run
 
-from rebasin.batch import item_keys
-from rebasin.errors import ConfigError
+from rebasin.commands.batch import item_keys
+from rebasin.core.errors import ConfigError
 from rebasin.options import (
     EvalOptions,
     MergeOptions,

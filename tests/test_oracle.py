@@ -78,7 +78,7 @@ def test_merge_is_mean_of_a_and_permuted_b(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_activation_matching_recovers_planted_permutation(case: Case) -> None:
-    from rebasin.evaluate import activation_features
+    from rebasin.evaluate.metrics import activation_features
 
     model = case.make(0)
     state = model.state_dict()

@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import CASES, Case
 
+from rebasin.core.errors import ConfigError
+from rebasin.core.registry import Registry
 from rebasin.data import list_data, load_data
-from rebasin.errors import ConfigError
-from rebasin.evaluate import activation_features, task_loss_fns
+from rebasin.evaluate.metrics import activation_features, task_loss_fns
 from rebasin.matching.registry import MATCHERS, CallableData, Matcher, MatchProblem
 from rebasin.models import build_model, list_models
 from rebasin.options import options_of
 from rebasin.permutation import permute, random_permutation
-from rebasin.registry import Registry
 from rebasin.spec import infer_spec
 
 

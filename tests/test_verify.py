@@ -13,7 +13,7 @@ import torch
 from helpers import run
 from safetensors.torch import load_file
 
-from rebasin.pipeline import check_worker
+from rebasin.verify import worker as check_worker
 
 
 def test_merge_reports_equivalence(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:

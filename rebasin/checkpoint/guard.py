@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rebasin.errors import CheckpointError
+from rebasin.core.errors import CheckpointError
 
 PathLike = str | os.PathLike[str]
 

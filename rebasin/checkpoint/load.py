@@ -19,7 +19,7 @@ import torch
 
 from rebasin.checkpoint.reader import Location, header_locations, read_tensor
 from rebasin.checkpoint.state import Checkpoint, LazyStateDict, TensorInfo, _st_dtype, natural_key
-from rebasin.errors import CheckpointError
+from rebasin.core.errors import CheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")

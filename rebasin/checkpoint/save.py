@@ -24,7 +24,7 @@ from rebasin.checkpoint.atomic import (
     write_tmp,
 )
 from rebasin.checkpoint.state import _ST_CODES, LazyStateDict, StateDict, natural_key, tensor_info
-from rebasin.errors import CheckpointError
+from rebasin.core.errors import CheckpointError
 from rebasin.options import parse_size
 
 

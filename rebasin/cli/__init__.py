@@ -66,19 +66,19 @@ BarrierMethodName: Any = choice([*list_matchers(), "none"])
 
 
 def _gate(value: float | None, limit: float | None, quiet: bool) -> None:
-    from rebasin.pipeline import gate
+    from rebasin.commands import gate
 
     reason = gate(value, limit)
     if reason is not None:
         if not quiet:
-            from rebasin.render import err
+            from rebasin.report.render import err
 
             err.print(f"gate failed: {reason}", soft_wrap=True)
         raise typer.Exit(1)
 
 
 def _emit_json(report: Any) -> None:
-    from rebasin.report import to_json
+    from rebasin.report.document import to_json
 
     sys.stdout.write(to_json(report))
 
@@ -101,8 +101,8 @@ def merge(
     values: dict[str, Any] | None = None,
 ) -> None:
     """Align B to A and write (1 - alpha) A + alpha pi(B); with --data, also measure the barrier."""
-    from rebasin import render
-    from rebasin.pipeline import gate_value, merge_checkpoints
+    from rebasin.commands import gate_value, merge_checkpoints
+    from rebasin.report import render
 
     opts = _options("merge", {**(values or {}), "method": method})
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
@@ -126,8 +126,8 @@ def permute(
     values: dict[str, Any] | None = None,
 ) -> None:
     """Write a random, function-preserving permutation of a checkpoint."""
-    from rebasin import render
-    from rebasin.pipeline import permute_checkpoint
+    from rebasin.commands import permute_checkpoint
+    from rebasin.report import render
 
     rep = permute_checkpoint(checkpoint, None, _options("permute", values or {}, "never"))
     if as_json:
@@ -146,8 +146,8 @@ def merge_many(
     values: dict[str, Any] | None = None,
 ) -> None:
     """MergeMany: align every model to the mean of the others, repeat, write the mean."""
-    from rebasin import render
-    from rebasin.pipeline import merge_many_checkpoints
+    from rebasin.commands import merge_many_checkpoints
+    from rebasin.report import render
 
     opts = _options("merge-many", values or {}, "never")
     with render.progress_bar(not (as_json or quiet) and render.interactive()) as progress:
@@ -168,11 +168,11 @@ def spec_cmd(
     values: dict[str, Any] | None = None,
 ) -> None:
     """Show the permutation groups (and the tensors left fixed); export them with -o (.yaml or .json)."""
-    from rebasin import render
     from rebasin.checkpoint.atomic import write_bytes
     from rebasin.checkpoint.guard import file_output, guard_outputs
-    from rebasin.pipeline import describe_spec
-    from rebasin.report import spec_info
+    from rebasin.commands import describe_spec
+    from rebasin.report import render
+    from rebasin.report.document import spec_info
     from rebasin.spec.core import dump_spec
 
     opts = _options("spec", values or {}, "never")
@@ -198,8 +198,8 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """List tensors, shapes, dtypes, parameter count and metadata."""
-    from rebasin import render
-    from rebasin.pipeline import inspect_checkpoint
+    from rebasin.commands import inspect_checkpoint
+    from rebasin.report import render
 
     info = inspect_checkpoint(checkpoint)
     if as_json:
@@ -220,8 +220,8 @@ def barrier(
     values: dict[str, Any] | None = None,
 ) -> None:
     """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
-    from rebasin import render
-    from rebasin.pipeline import barrier_checkpoints, gate_value
+    from rebasin.commands import barrier_checkpoints, gate_value
+    from rebasin.report import render
 
     align = method != "none"
     opts = _options(
@@ -266,9 +266,9 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model on built-in or user data (seeded); the checkpoint records how to rebuild it."""
-    from rebasin import render
-    from rebasin.demo import train_checkpoint
+    from rebasin.commands.demo import train_checkpoint
     from rebasin.models.resolve import parse_model_args
+    from rebasin.report import render
 
     args = parse_model_args(arch_args)
     if arch == "mlp" and "in_features" not in args:
@@ -319,8 +319,8 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Train two MLPs on MNIST-1D, merge them, and show the barrier before and after alignment."""
-    from rebasin import render
-    from rebasin.demo import check_demo_folder, run_demo
+    from rebasin.commands.demo import check_demo_folder, run_demo
+    from rebasin.report import render
 
     check_demo_folder(out, force)
     if not (as_json or quiet):
@@ -369,9 +369,9 @@ def batch(
     """Run many merges/barriers from a plan; exit 1 if any item failed or any gate failed."""
     import json as _json
 
-    from rebasin import render
-    from rebasin.batch import load_plan, plan_items, run_plan, summarize
-    from rebasin.report import jsonable
+    from rebasin.commands.batch import load_plan, plan_items, run_plan, summarize
+    from rebasin.report import render
+    from rebasin.report.document import jsonable
 
     if max_barrier is not None:
         from rebasin.options import EvalOptions
@@ -380,7 +380,7 @@ def batch(
     p = load_plan(plan, allow_code)
     rows = []
     if ray is not None:
-        from rebasin.cluster import connect, run_items
+        from rebasin.commands.cluster import connect, run_items
 
         results = run_items(connect(ray), plan_items(p, max_barrier))
     else:

@@ -29,8 +29,8 @@ def handled(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rebasin.errors import RebasinError
-        from rebasin.render import error
+        from rebasin.core.errors import RebasinError
+        from rebasin.report.render import error
 
         try:
             return fn(*args, **kwargs)
@@ -48,7 +48,7 @@ def handled(fn: F) -> F:
         except (OSError, MemoryError, Exception) as e:  # never a traceback for people
             if os.environ.get("REBASIN_TRACEBACK"):
                 raise
-            from rebasin.errors import error_line
+            from rebasin.core.errors import error_line
 
             internal = not isinstance(e, OSError | MemoryError)
             line = error_line(e)

@@ -7,8 +7,8 @@ import functools
 import numpy as np
 import torch
 
+from rebasin.core.errors import ConfigError
 from rebasin.data.core import Dataset, register_data
-from rebasin.errors import ConfigError
 
 
 def _standardize(x: np.ndarray, xt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

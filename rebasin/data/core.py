@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rebasin._imports import call_user, import_object
-from rebasin.errors import ConfigError
-from rebasin.registry import Registry
+from rebasin.core.errors import ConfigError
+from rebasin.core.registry import Registry
+from rebasin.core.usercode import call_user, import_object
 
 
 @dataclass

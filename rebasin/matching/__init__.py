@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from rebasin.matching.activation import Features
-    from rebasin.matching.many import ManyResult, MergeMany
+    from rebasin.matching.mergemany import ManyResult, MergeMany
     from rebasin.matching.methods import ActivationMatching, SinkhornRebasin, StraightThrough, WeightMatching
     from rebasin.matching.registry import (
         CallableData,
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "Features": "rebasin.matching.activation",
-    "ManyResult": "rebasin.matching.many",
-    "MergeMany": "rebasin.matching.many",
+    "ManyResult": "rebasin.matching.mergemany",
+    "MergeMany": "rebasin.matching.mergemany",
     "ActivationMatching": "rebasin.matching.methods",
     "SinkhornRebasin": "rebasin.matching.methods",
     "StraightThrough": "rebasin.matching.methods",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from rebasin.errors import MatchError
+from rebasin.core.errors import MatchError
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.result import GroupStats, MatchResult, Progress
 from rebasin.spec.core import PermutationSpec

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 from rebasin.spec.core import Heads, PermutationSpec
 
 BACKENDS = ("auto", "scipy", "lap")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rebasin.checkpoint.state import shape_of
-from rebasin.errors import MatchError
+from rebasin.core.errors import MatchError
 from rebasin.matching.result import Permutation
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import Member, PermutationSpec

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
 from rebasin.options import option
 

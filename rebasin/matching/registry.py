@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
+from rebasin.core.registry import Registry
 from rebasin.options import Checked, option
-from rebasin.registry import Registry
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.projection import ImplicitSinkhorn, soft_permute

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from rebasin.errors import MatchError
+from rebasin.core.errors import MatchError
 from rebasin.matching.assignment import resolve_backend, solve_unit
 from rebasin.matching.costs import CostModel
 from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace

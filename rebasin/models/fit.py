@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rebasin.checkpoint.state import LazyStateDict, info_of, shape_of
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 
 def renamed(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:

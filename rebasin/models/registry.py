@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from rebasin.errors import ConfigError
-from rebasin.registry import Registry
+from rebasin.core.errors import ConfigError
+from rebasin.core.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 

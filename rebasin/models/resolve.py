@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin._imports import brief, call_user, import_object, is_code_ref
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
+from rebasin.core.usercode import brief, call_user, import_object, is_code_ref
 from rebasin.models.registry import build_model, list_models
 
 ARCH_KEY = "rebasin.arch"

@@ -2,7 +2,7 @@
 
 Each stage of the flow has a frozen dataclass (run, model, spec, match, merge, evaluate, output);
 each field is declared with :func:`option`, which records its command-line flag, help, bounds and
-the commands that take it. The command line (``rebasin.cli``), batch plan keys (``rebasin.batch``),
+the commands that take it. The command line (``rebasin.cli``), batch plan keys (``rebasin.commands.batch``),
 the options table in ``docs/options.md`` and the Python API all derive from these classes, and
 every value is checked here, in :func:`check_value`, whoever supplies it.
 
@@ -13,6 +13,15 @@ naming the methods that do.
 This module imports no torch: ``rebasin --help`` stays fast.
 """
 
+from rebasin.core.fields import (
+    Checked,
+    OptionInfo,
+    check_value,
+    option,
+    options_of,
+    parse_json_object,
+    parse_size,
+)
 from rebasin.options.build import (
     Options,
     all_options,
@@ -21,15 +30,6 @@ from rebasin.options.build import (
     make_matcher,
     matcher_options,
     plan_options,
-)
-from rebasin.options.declare import (
-    Checked,
-    OptionInfo,
-    check_value,
-    option,
-    options_of,
-    parse_json_object,
-    parse_size,
 )
 from rebasin.options.docs import describe_defaults, options_table, write_options_doc
 from rebasin.options.stages import (

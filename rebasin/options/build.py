@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rebasin.errors import ConfigError
-from rebasin.options.declare import OptionInfo, check_value, options_of
+from rebasin.core.errors import ConfigError
+from rebasin.core.fields import OptionInfo, check_value, options_of
 from rebasin.options.stages import (
     STAGES,
     EvalOptions,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from rebasin.core.fields import OptionInfo, options_of
 from rebasin.options.build import all_options
-from rebasin.options.declare import OptionInfo, options_of
 
 
 def describe_defaults(info: OptionInfo) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rebasin.options.declare import Checked, option, parse_size
+from rebasin.core.fields import Checked, option, parse_size
 
 MODEL_COMMANDS = ("merge", "barrier", "permute", "spec")
 ALIGN_COMMANDS = ("merge", "barrier")

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rebasin.errors import ConfigError, SpecError
+from rebasin.core.errors import ConfigError, SpecError
 
 FORMAT_VERSION = 1
 
@@ -417,7 +417,7 @@ def _canonical(e: str | AxisEntry) -> AxisEntry:
 
 def load_spec(path: str | Path) -> PermutationSpec:
     """Read a spec from YAML or JSON (strict)."""
-    from rebasin.textfiles import read_data
+    from rebasin.core.textfiles import read_data
 
     try:
         data = read_data(path, "spec")

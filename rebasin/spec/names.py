@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rebasin.checkpoint import natural_key
-from rebasin.errors import SpecError
+from rebasin.core.errors import SpecError
 from rebasin.spec.core import Axis, AxisEntry, Heads, PermutationSpec
 from rebasin.spec.registry import NotThisFamily, Shapes, get_spec_family, list_specs, register_spec
 

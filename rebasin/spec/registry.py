@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rebasin.registry import Registry
+from rebasin.core.registry import Registry
 from rebasin.spec.core import PermutationSpec
 
 Shapes = Mapping[str, tuple[int, ...]]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rebasin.checkpoint import load_checkpoint, parse_size, save_checkpoint
-from rebasin.errors import CheckpointError, ConfigError
+from rebasin.core.errors import CheckpointError, ConfigError
 
 STATE = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

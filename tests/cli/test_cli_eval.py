@@ -122,7 +122,7 @@ def test_train_is_deterministic_and_records_metadata(tmp_path: Path) -> None:
     assert meta["rebasin.data"] == "synthetic"
     # the recorded metrics are the checkpoint's own (what training reaches is a figure)
     from rebasin.data import load_data
-    from rebasin.evaluate import evaluate
+    from rebasin.evaluate.metrics import evaluate
     from rebasin.models import build_model
 
     model = build_model("mlp", **json.loads(meta["rebasin.arch_args"]))

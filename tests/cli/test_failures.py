@@ -97,7 +97,7 @@ def test_non_finite_data(trained_mlp_pair: tuple[Path, Path], tmp_path: Path) ->
 
 
 def test_non_finite_barrier_fails_its_gate(tmp_path: Path) -> None:
-    from rebasin.pipeline import gate
+    from rebasin.commands import gate
 
     assert gate(float("nan"), 1.0) == "test loss barrier is nan (the path's loss is not finite)"
     assert gate(float("inf"), 1.0) is not None

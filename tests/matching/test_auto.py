@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from rebasin.evaluate import activation_features, task_loss_fns
+from rebasin.evaluate.metrics import activation_features, task_loss_fns
+from rebasin.evaluate.repair import reset_batchnorm
 from rebasin.matching.methods import AutoMatch
 from rebasin.matching.registry import CallableData, MatchProblem
 from rebasin.models import build_model
 from rebasin.permutation import permute
-from rebasin.repair import reset_batchnorm
 from rebasin.spec import infer_spec
 
 

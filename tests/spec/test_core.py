@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rebasin.errors import SpecError
+from rebasin.core.errors import SpecError
 from rebasin.permutation import compose, identity, invert, permute, random_permutation
 from rebasin.spec import Axis, PermutationSpec, dump_spec, load_spec
 from rebasin.spec.core import Heads

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rebasin.errors import SpecError
+from rebasin.core.errors import SpecError
 from rebasin.spec.core import PermutationSpec
 from rebasin.spec.trace.assemble import build_spec
 from rebasin.spec.trace.recorder import Recorder

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rebasin.checkpoint import Checkpoint
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 from rebasin.matching.registry import Matcher
 from rebasin.models.resolve import ARCH_KEY, recorded_data
 from rebasin.options import EvalOptions, Options
@@ -52,12 +52,12 @@ def check_data_available(matcher: Matcher, opts: Options, a: Checkpoint) -> None
 
 def make_evaluator(a: Checkpoint, opts: Options) -> Any:
     """A PathEvaluator for A's architecture on the chosen data, checked against A."""
-    from rebasin.barrier import PathEvaluator
     from rebasin.data import load_data
-    from rebasin.evaluate import check_data_fits
+    from rebasin.evaluate.metrics import check_data_fits
+    from rebasin.evaluate.paths import PathEvaluator
+    from rebasin.evaluate.repair import has_batchnorm
     from rebasin.models.fit import load_into
     from rebasin.models.resolve import resolve_model
-    from rebasin.repair import has_batchnorm
 
     ev = opts.evaluate or EvalOptions()
     ref = resolve_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
@@ -104,7 +104,7 @@ class EvaluatorData:
         self._fns: tuple[Any, Any] | None = None
 
     def features(self) -> Callable[[Mapping[str, torch.Tensor]], Iterator[dict[str, list[torch.Tensor]]]]:
-        from rebasin.evaluate import activation_features
+        from rebasin.evaluate.metrics import activation_features
 
         ev = self.ev
         return activation_features(
@@ -113,7 +113,7 @@ class EvaluatorData:
 
     def _task(self) -> tuple[Any, Any]:
         if self._fns is None:
-            from rebasin.evaluate import task_loss_fns
+            from rebasin.evaluate.metrics import task_loss_fns
 
             self._fns = task_loss_fns(
                 self.ev.make_model,

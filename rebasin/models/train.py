@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rebasin.data.core import Dataset, batches
-from rebasin.evaluate import Metrics, evaluate
+from rebasin.evaluate.metrics import Metrics, evaluate
 from rebasin.matching.result import Progress
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rebasin.data.core import batches
-from rebasin.evaluate import channel_rows
+from rebasin.evaluate.metrics import channel_rows
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 LAYERS = (nn.Linear, nn.modules.conv._ConvNd)

@@ -13,27 +13,27 @@ import torch
 
 from rebasin.checkpoint import Checkpoint, load_checkpoint
 from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
-from rebasin.errors import ConfigError, SpecError
-from rebasin.matching.registry import MatchProblem
-from rebasin.matching.result import MatchResult, Progress
-from rebasin.merge import Distances, LastRead, interpolate
-from rebasin.options import Options, parse_size
-from rebasin.permutation import permute, random_permutation
-from rebasin.pipeline.check_worker import Check
-from rebasin.pipeline.checks import check_device, check_pair, check_weights
-from rebasin.pipeline.evaluation import (
+from rebasin.commands.inputs import check_device, check_pair, check_weights
+from rebasin.commands.writing import output_metadata, sub_progress, write_checkpoint
+from rebasin.core.errors import ConfigError, SpecError
+from rebasin.evaluate.setup import (
     EvaluatorData,
     check_data_available,
     evaluation_report,
     make_evaluator,
     wants_evaluation,
 )
-from rebasin.pipeline.specs import freeze_groups, resolve_spec, spec_config
-from rebasin.pipeline.verification import NOT_VERIFIED
-from rebasin.pipeline.writing import output_metadata, sub_progress, write_checkpoint
-from rebasin.report import input_info, new_report, spec_info
+from rebasin.matching.registry import MatchProblem
+from rebasin.matching.result import MatchResult, Progress
+from rebasin.merge import Distances, LastRead, interpolate
+from rebasin.options import Options, parse_size
+from rebasin.permutation import permute, random_permutation
+from rebasin.report.document import input_info, new_report, spec_info
+from rebasin.spec.choose import freeze_groups, resolve_spec, spec_config
 from rebasin.spec.core import PermutationSpec
 from rebasin.spec.names import infer_spec
+from rebasin.verify.plan import NOT_VERIFIED
+from rebasin.verify.worker import Check
 
 PathLike = str | os.PathLike[str]
 
@@ -172,7 +172,7 @@ def _write_report(report: dict[str, Any], path: PathLike | None) -> None:
     """Write the JSON report (when asked), listing itself among the outputs."""
     if path is None:
         return
-    from rebasin.report import write_report
+    from rebasin.report.document import write_report
 
     files = report.setdefault("output", {}).setdefault("files", {})
     if isinstance(files, list):
@@ -214,11 +214,11 @@ def _curves(
 ) -> dict[str, Any]:
     """Naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation section;
     with ``ray``, the alpha points run as Ray tasks."""
-    from rebasin.barrier import alpha_grid
+    from rebasin.evaluate.paths import alpha_grid
 
     pool = None
     if ray is not None:
-        from rebasin.cluster import RayMap, connect
+        from rebasin.commands.cluster import RayMap, connect
 
         pool = RayMap(connect(ray))
     grid = alpha_grid(alphas)
@@ -235,7 +235,7 @@ def barrier_checkpoints(
     opts = options or Options()
     check_device(opts.run.device)
     if opts.run.ray is not None:  # before any work: a missing package or cluster is one line
-        from rebasin.cluster import connect
+        from rebasin.commands.cluster import connect
 
         connect(opts.run.ray)
     o = opts.output
@@ -264,7 +264,7 @@ def barrier_checkpoints(
     report["evaluation"] = _curves(ev, a.state, b.state, b_aligned, alphas, progress, opts.run.ray)
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 4)}
     if plot is not None:
-        from rebasin.plot import plot_curves
+        from rebasin.report.plot import plot_curves
 
         files = plot_curves(report["evaluation"], plot.path)
         report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
@@ -314,7 +314,7 @@ def merge_many_checkpoints(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align N checkpoints to a common reference (MergeMany) and write the mean of the aligned models."""
-    from rebasin.matching.many import MergeMany
+    from rebasin.matching.mergemany import MergeMany
     from rebasin.merge import average
 
     opts = options or Options()

@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import torch
 
 from rebasin.checkpoint import LazyStateDict
 from rebasin.checkpoint.state import tensor_info
-from rebasin.errors import MatchError
+from rebasin.core.errors import MatchError
 from rebasin.matching.result import Permutation, Progress
 from rebasin.matching.weight import weight_matching
 from rebasin.permutation import permute

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 RAY_HINT = 'pip install "basinmerge[ray]"'
 T = TypeVar("T")
@@ -56,7 +56,7 @@ def _task_options(item: dict[str, Any]) -> dict[str, Any]:
 
 def _absolute(item: dict[str, Any]) -> dict[str, Any]:
     """The item with its file paths absolute (a worker's folder is not the driver's)."""
-    from rebasin.batch import PATH_KEYS
+    from rebasin.commands.batch import PATH_KEYS
 
     out = dict(item)
     for k in (*PATH_KEYS, "data", "spec"):
@@ -67,7 +67,7 @@ def _absolute(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_item(item: dict[str, Any]) -> dict[str, Any]:
-    from rebasin.batch import try_item
+    from rebasin.commands.batch import try_item
 
     return try_item(item)
 
@@ -76,7 +76,7 @@ def run_items(ray: Any, items: Sequence[dict[str, Any]]) -> Iterator[dict[str, A
     """Run batch items as Ray tasks; yield each summary row as its task finishes. A task that
     raises or whose worker dies becomes that item's error row. Interrupted (Ctrl-C), the
     outstanding tasks are cancelled and their temporary files removed."""
-    from rebasin.batch import error_row
+    from rebasin.commands.batch import error_row
 
     remote = ray.remote(_run_item)
     pending: dict[Any, dict[str, Any]] = {}
@@ -98,8 +98,8 @@ def run_items(ray: Any, items: Sequence[dict[str, Any]]) -> Iterator[dict[str, A
 
 def _cancel(ray: Any, pending: dict[Any, dict[str, Any]]) -> None:
     """Cancel tasks still running and remove the temporary files they leave behind."""
-    from rebasin.batch import item_outputs
     from rebasin.checkpoint.atomic import clean_stale
+    from rebasin.commands.batch import item_outputs
 
     _cancel_running(ray, list(pending))
     for ref in pending:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rebasin.checkpoint import Checkpoint
-from rebasin.errors import ConfigError, SpecError
+from rebasin.core.errors import ConfigError, SpecError
 from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, recorded_data
 from rebasin.spec.core import PermutationSpec, load_spec
 from rebasin.spec.names import infer_spec

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 _META = "rebasin.option"
 

@@ -22,9 +22,9 @@ import torch
 from rebasin.checkpoint import Checkpoint
 from rebasin.matching.result import Permutation
 from rebasin.options import Options
-from rebasin.pipeline.verification import verifier_for, verify
 from rebasin.spec.core import PermutationSpec
-from rebasin.verify import Verifier
+from rebasin.verify.equivalence import Verifier
+from rebasin.verify.plan import verifier_for, verify
 
 Target = tuple[Checkpoint, str, str]
 """A checkpoint whose permutations are checked, with the words for the error: ``(ck, what, of)``,
@@ -182,7 +182,7 @@ Answer = tuple[int, str, Any]
 def _serve(recv: Callable[[], Ask | None], send: Callable[[Answer], None], args: tuple[Any, ...]) -> None:
     """Build the verifier and run the unpermuted targets (when the model is small enough), then
     answer each request received, in order, until None."""
-    from rebasin.errors import RebasinError, error_line
+    from rebasin.core.errors import RebasinError, error_line
 
     opts, model_ck, spec, targets = args
     try:

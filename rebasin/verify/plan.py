@@ -8,11 +8,11 @@ from dataclasses import replace
 from typing import Any
 
 from rebasin.checkpoint import Checkpoint
-from rebasin.errors import CheckpointError, ConfigError
+from rebasin.core.errors import CheckpointError, ConfigError
 from rebasin.matching.result import Permutation
 from rebasin.options import Options
 from rebasin.spec.core import PermutationSpec
-from rebasin.verify import Verifier
+from rebasin.verify.equivalence import Verifier
 
 NOT_VERIFIED = {"ok": None}
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from rebasin.checkpoint import Checkpoint, natural_key
-from rebasin.errors import CheckpointError
+from rebasin.core.errors import CheckpointError
 from rebasin.spec.core import PermutationSpec
 
 
@@ -60,7 +60,7 @@ def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
 
 def check_device(name: str) -> None:
     """The device must exist on this machine and in this torch build."""
-    from rebasin.errors import ConfigError
+    from rebasin.core.errors import ConfigError
 
     try:
         dev = torch.device(name)

@@ -32,10 +32,10 @@ def train_checkpoint(
 
     from rebasin.checkpoint import check_output_path, save_checkpoint
     from rebasin.data import list_data, load_data
-    from rebasin.evaluate import check_data_fits
+    from rebasin.evaluate.metrics import check_data_fits
     from rebasin.models.resolve import DATA_KEY, ModelRef
-    from rebasin.report import new_report
-    from rebasin.train import TrainConfig, train
+    from rebasin.models.train import TrainConfig, train
+    from rebasin.report.document import new_report
 
     check_output_path(out, [], force)
     data = load_data(data_name, seed)
@@ -71,7 +71,7 @@ def train_checkpoint(
 
 def check_demo_folder(out_dir: str | os.PathLike[str], force: bool) -> None:
     """The demo writes into a new or empty folder unless ``force``."""
-    from rebasin.errors import CheckpointError
+    from rebasin.core.errors import CheckpointError
 
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
@@ -92,11 +92,11 @@ def run_demo(
     """Train A (seed 0) and B (seed 1), merge (method auto within ``budget`` seconds), evaluate;
     write everything into ``out_dir``."""
     from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
+    from rebasin.commands import merge_checkpoints
     from rebasin.matching.methods import AutoMatch
     from rebasin.options import EvalOptions, Options, OutputOptions
-    from rebasin.pipeline import merge_checkpoints
-    from rebasin.plot import plot_curves
-    from rebasin.report import write_report
+    from rebasin.report.document import write_report
+    from rebasin.report.plot import plot_curves
 
     d = Path(out_dir)
     check_demo_folder(d, force)

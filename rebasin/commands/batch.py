@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebasin._imports import is_code_ref
 from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs
-from rebasin.errors import ConfigError, RebasinError, error_line
+from rebasin.core.errors import ConfigError, RebasinError, error_line
+from rebasin.core.usercode import is_code_ref
 from rebasin.options import OptionInfo, Options, build_options, check_value, plan_options
 
 ITEM_ONLY = {"name": str, "a": str, "b": str, "align": bool}
@@ -66,7 +66,7 @@ CODE_KEYS = ("model", "data")
 def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
     """Read and validate a plan; raise ConfigError listing every problem. Keys that name code to
     import are refused unless ``allow_code`` (``rebasin batch --allow-code``)."""
-    from rebasin.textfiles import read_data
+    from rebasin.core.textfiles import read_data
 
     p = Path(path)
     src = str(path)
@@ -167,7 +167,7 @@ def item_options(item: dict[str, Any]) -> Options:
 
 def run_item(item: dict[str, Any]) -> dict[str, Any]:
     """Run one item (merge when it has an output, else barrier); return its summary row."""
-    from rebasin.pipeline import barrier_checkpoints, gate, gate_value, merge_checkpoints
+    from rebasin.commands import barrier_checkpoints, gate, gate_value, merge_checkpoints
 
     opts = item_options(item)
     row: dict[str, Any] = {"name": item["name"], "a": item["a"], "b": item["b"]}

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rebasin.core.errors import ConfigError
 from rebasin.data.core import Dataset, batches
-from rebasin.errors import ConfigError
 from rebasin.models.fit import load_into, renamed
 from rebasin.spec.core import Axis, PermutationSpec
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 
 def brief(e: BaseException) -> str:

@@ -2,8 +2,7 @@
 ``checks`` (inputs), ``specs`` (spec resolution), ``evaluation`` (the model and data side),
 ``writing`` (outputs) and ``commands`` (one function per command)."""
 
-from rebasin.options import EvalOptions, MergeOptions, Options, build_options
-from rebasin.pipeline.commands import (
+from rebasin.commands.stories import (
     barrier_checkpoints,
     describe_spec,
     inspect_checkpoint,
@@ -11,7 +10,8 @@ from rebasin.pipeline.commands import (
     merge_many_checkpoints,
     permute_checkpoint,
 )
-from rebasin.pipeline.evaluation import gate, gate_value
+from rebasin.evaluate.setup import gate, gate_value
+from rebasin.options import EvalOptions, MergeOptions, Options, build_options
 
 __all__ = [
     "EvalOptions",

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from rebasin.errors import ConfigError
+from rebasin.core.errors import ConfigError
 
 MAX_BYTES = 8 << 20
 """Largest spec file or plan read (real ones are kilobytes)."""

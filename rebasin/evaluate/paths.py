@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from rebasin.core.errors import ConfigError
 from rebasin.data.core import Dataset
-from rebasin.errors import ConfigError
-from rebasin.evaluate import evaluation_sums
+from rebasin.evaluate.metrics import evaluation_sums
+from rebasin.evaluate.repair import channel_stats, repair, repair_targets, reset_batchnorm
 from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
 from rebasin.models.fit import load_into
-from rebasin.repair import channel_stats, repair, repair_targets, reset_batchnorm
 
 BN_MODES = ("none", "reset", "repair")
 SPLITS = ("train", "test")
@@ -165,7 +165,7 @@ class PathEvaluator:
         pool: Any = None,
     ) -> BarrierCurve:
         """Loss/accuracy on train and test at each alpha. With ``pool`` (a
-        :class:`rebasin.cluster.RayMap`), the alphas are evaluated in parallel tasks; each point
+        :class:`rebasin.commands.cluster.RayMap`), the alphas are evaluated in parallel tasks; each point
         is computed exactly as here."""
         a = {k: a[k] for k in a}
         b = {k: b[k] for k in b}

@@ -1,0 +1,2 @@
+"""Reports: the JSON document (``document``), its rendering for people (``render``, the only
+module that imports rich) and plots (``plot``)."""
