@@ -63,8 +63,8 @@ def main() -> None:
                 continue
             if args.quick and method in ("sinkhorn", "ste"):
                 extra = {**extra, "steps": 20}
-            values = {"method": method or "auto", "align": method is not None, "alphas": alphas, **extra}
-            rep = barrier_checkpoints(a, b, build_options(values, "barrier", evaluate="always"))
+            values = {"method": method or "none", "alphas": alphas, **extra}
+            rep = barrier_checkpoints(a, b, build_options(values, "barrier"))
             path = "aligned" if method else "naive"
             search = rep["match"]["seconds"] if method else 0.0
             curve = rep["evaluation"]["paths"][path]

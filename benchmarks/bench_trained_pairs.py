@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rebasin.checkpoint import load_checkpoint
-from rebasin.commands.demo import train_checkpoint
+from rebasin.commands.train import train_checkpoint
 from rebasin.data import load_data
 from rebasin.evaluate.paths import PathEvaluator, alpha_grid
 from rebasin.matching import MergeMany, match
@@ -123,7 +123,7 @@ def lm_rows(out: Path, s: int) -> None:
         model.save_pretrained(folders[-1])
     tokens = out / f"tokens-{s}.npz"
     np.savez(tokens, input_ids=markov(400, 5).numpy(), input_ids_test=markov(200, 6).numpy())
-    opts = build_options({"data": str(tokens), "alphas": 5, "budget": 1.0}, "barrier", evaluate="always")
+    opts = build_options({"data": str(tokens), "alphas": 5, "budget": 1.0}, "barrier")
     paths = barrier_checkpoints(folders[0], folders[1], opts)["evaluation"]["paths"]
     nb, ab = (paths[p]["barriers"]["test"]["loss"]["linear"] for p in ("naive", "aligned"))
     print(f"  tiny GPT-2s: next-token loss barrier naive {nb:.3f}, aligned {ab:.3f}")

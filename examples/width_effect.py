@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from rebasin import Options, WeightMatching, barrier_checkpoints
-from rebasin.commands.demo import train_checkpoint
+from rebasin.commands.train import train_checkpoint
 from rebasin.options import EvalOptions
 
 

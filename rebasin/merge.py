@@ -9,7 +9,7 @@ import torch
 
 from rebasin.checkpoint import LazyStateDict, StateDict
 from rebasin.checkpoint.state import info_of
-from rebasin.matching.result import Permutation
+from rebasin.core.types import Permutation
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import PermutationSpec
 

@@ -137,7 +137,7 @@ def mlp_pair(write_st: Callable[..., Path]) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def trained_mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two small MLPs trained on MNIST-1D with seeds 0 and 1 (about a second each), cached."""
-    from rebasin.commands.demo import train_checkpoint
+    from rebasin.commands.train import train_checkpoint
 
     d = tmp_path_factory.mktemp("trained_mlp")
     args = {"in_features": 40, "hidden": 128, "depth": 2, "num_classes": 10}
@@ -152,7 +152,7 @@ def trained_mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 @pytest.fixture(scope="session")
 def trained_bn_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two small BatchNorm MLPs (3 hidden layers) trained on MNIST-1D, cached."""
-    from rebasin.commands.demo import train_checkpoint
+    from rebasin.commands.train import train_checkpoint
 
     d = tmp_path_factory.mktemp("trained_bn")
     args = {"in_features": 40, "hidden": 128, "depth": 3, "num_classes": 10, "norm": "bn"}

@@ -96,5 +96,32 @@ def test_build_options_picks_the_matcher_and_its_defaults() -> None:
     opts = build_options({"method": "ste", "estimator": "reinmax", "data": "synthetic"}, "barrier")
     assert opts.matcher.name == "ste"
     assert opts.matcher.learning_rate == 0.1
-    assert opts.evaluate is not None and opts.evaluate.data == "synthetic"
-    assert build_options({}, "merge").evaluate is None
+    assert opts.evaluate.data == "synthetic"
+    assert build_options({}, "merge").method == "auto"  # commands and plans: auto
+    assert build_options({"method": "none"}, "barrier").matcher is None
+
+
+def test_a_name_has_one_meaning() -> None:
+    """An option declared in several places (a stage and the matchers: --epochs, --lr) has one
+    help text, type and bound everywhere; only its default may differ."""
+    by_name: dict[str, list] = {}
+    for o in all_options():
+        by_name.setdefault(o.name, []).append(o)
+    for name, infos in by_name.items():
+        first = infos[0]
+        for o in infos[1:]:
+            assert (o.help, o.kind, o.ge, o.gt, o.le, o.flag) == (
+                first.help, first.kind, first.ge, first.gt, first.le, first.flag
+            ), name
+
+
+def test_command_defaults_and_choices() -> None:
+    """train's data and model default to mnist1d and mlp, demo writes to rebasin-demo, and only
+    barrier (and plans) accept --method none."""
+    t = build_options({}, "train")
+    assert (t.evaluate.data, t.model.model, t.train.epochs) == ("mnist1d", "mlp", 20)
+    assert build_options({}, "merge").evaluate.data is None
+    assert build_options({}, "demo").output.output == "rebasin-demo"
+    with pytest.raises(ConfigError, match="--method must be one of"):
+        build_options({"method": "none"}, "merge")
+    assert build_options({"method": "none"}, "batch", style="plan").align is False

@@ -15,7 +15,7 @@ from helpers import run, tiny
 from safetensors.torch import load_file
 
 from rebasin.checkpoint import LazyStateDict, load_checkpoint, save_checkpoint
-from rebasin.commands.stories import describe_spec
+from rebasin.commands.single import describe_spec
 from rebasin.matching import match
 from rebasin.merge import interpolate
 from rebasin.permutation import invert, permute, random_permutation
@@ -83,7 +83,7 @@ def test_files_and_memory_give_bit_identical_merges(tmp_path: Path) -> None:
 CHILD = """
 import sys
 from rebasin.cli import app
-import rebasin.commands.stories, rebasin.matching.weight, safetensors.torch
+import rebasin.commands.pair, rebasin.matching.weight, safetensors.torch
 def status(key):  # VmHWM: this process's peak since exec (ru_maxrss counts the parent's, from fork)
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0])
 base = status("VmRSS")

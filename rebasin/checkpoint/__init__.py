@@ -4,7 +4,7 @@ from rebasin.checkpoint.guard import check_output_path
 from rebasin.checkpoint.load import load_checkpoint, read_hf_config
 from rebasin.checkpoint.save import copy_model_files, save_checkpoint, write_safetensors
 from rebasin.checkpoint.state import Checkpoint, LazyStateDict, StateDict, natural_key
-from rebasin.options import parse_size
+from rebasin.core.sizes import parse_size
 
 __all__ = [
     "Checkpoint",

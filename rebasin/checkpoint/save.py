@@ -25,7 +25,7 @@ from rebasin.checkpoint.atomic import (
 )
 from rebasin.checkpoint.state import _ST_CODES, LazyStateDict, StateDict, natural_key, tensor_info
 from rebasin.core.errors import CheckpointError
-from rebasin.options import parse_size
+from rebasin.core.sizes import parse_size
 
 
 def save_checkpoint(

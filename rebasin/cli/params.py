@@ -38,8 +38,8 @@ def _help(info: OptionInfo) -> str:
 def cli_parameter(
     info: OptionInfo, required: bool = False, choices: Sequence[str] | None = None
 ) -> inspect.Parameter:
-    """The typer parameter of one option (``required``: no default; ``choices`` overrides the
-    model's, e.g. ``barrier --method`` adds ``none``)."""
+    """The typer parameter of one option (``required``: no default; ``choices``: those the
+    command accepts, e.g. ``barrier --method`` adds ``none``)."""
     choices = choices if choices is not None else info.choices
     decls = [info.flag, *([info.short] if info.short else [])]
     kwargs: dict[str, Any] = {"help": _help(info), "show_default": False}
@@ -59,18 +59,16 @@ def cli_parameter(
     )
 
 
-def with_options(
-    command: str, required: Sequence[str] = (), choices: dict[str, Sequence[str]] | None = None
-) -> Callable[[F], F]:
+def with_options(command: str, required: Sequence[str] = ()) -> Callable[[F], F]:
     """Decorator: the function's own parameters stay; every option of ``command`` in the options
-    model is added, and the function receives their given values as ``values`` (a dict; options
-    not given are absent)."""
+    model is added (with the choices ``command`` accepts), and the function receives their given
+    values as ``values`` (a dict; options not given are absent)."""
     infos = for_command(command)
 
     def deco(fn: F) -> F:
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "values"]
-        added = [cli_parameter(i, i.name in required, (choices or {}).get(i.name)) for i in infos]
+        added = [cli_parameter(i, i.name in required, i.choices_for(command)) for i in infos]
         names = {i.name for i in infos}
 
         @functools.wraps(fn)

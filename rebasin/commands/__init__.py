@@ -1,17 +1,14 @@
-"""The top-level stories used by the command line and the API, split by concern:
-``checks`` (inputs), ``specs`` (spec resolution), ``evaluation`` (the model and data side),
-``writing`` (outputs) and ``commands`` (one function per command)."""
+"""The command stories the command line and the Python API share, each a straight line over one
+resolved run (``resolve``): ``pair`` (merge, barrier), ``single`` (permute, spec, inspect),
+``many`` (merge-many), ``batch`` (plans, on Ray with ``cluster``), ``train`` and ``demo``; the
+stages they are made of (``stages``), their input checks (``inputs``), outputs (``writing``) and
+``--dry-run`` (``dry_run``)."""
 
-from rebasin.commands.stories import (
-    barrier_checkpoints,
-    describe_spec,
-    inspect_checkpoint,
-    merge_checkpoints,
-    merge_many_checkpoints,
-    permute_checkpoint,
-)
-from rebasin.evaluate.setup import gate, gate_value
+from rebasin.commands.many import merge_many_checkpoints
+from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
+from rebasin.commands.single import describe_spec, inspect_checkpoint, permute_checkpoint
 from rebasin.options import EvalOptions, MergeOptions, Options, build_options
+from rebasin.report.document import gate, gate_value
 
 __all__ = [
     "EvalOptions",

@@ -5,15 +5,16 @@ format_version: 1
 defaults: {data: mnist1d, alphas: 11, max_barrier: 0.5}
 items:
   - {name: mlp, a: a.safetensors, b: b.safetensors, output: merged.safetensors}
-  - {name: mlp-naive, a: a.safetensors, b: b.safetensors, align: false}
+  - {name: mlp-naive, a: a.safetensors, b: b.safetensors, method: none}
 ```
 Relative paths are taken from the plan's folder. Every problem of a plan is reported at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,14 @@ from rebasin.core.errors import ConfigError, RebasinError, error_line
 from rebasin.core.usercode import is_code_ref
 from rebasin.options import OptionInfo, Options, build_options, check_value, plan_options
 
-ITEM_ONLY = {"name": str, "a": str, "b": str, "align": bool}
+ITEM_ONLY = {"name": str, "a": str, "b": str}
 """Keys of an item beyond the options model's plan options (``rebasin.options.plan_options``)."""
 PATH_KEYS = ("a", "b", "output", "report", "save_permuted")
 
 
 def item_keys() -> dict[str, OptionInfo | type]:
-    """Every key an item may have: its own keys, ``method``, and the plan options."""
-    return {**ITEM_ONLY, "method": str, **{o.name: o for o in plan_options()}}
+    """Every key an item may have: its own keys and the plan options (``method`` among them)."""
+    return {**ITEM_ONLY, **{o.name: o for o in plan_options()}}
 
 
 def default_keys() -> set[str]:
@@ -50,7 +51,7 @@ def _check(where: str, key: str, value: Any, problems: list[str]) -> None:
     want = item_keys()[key]
     if isinstance(want, OptionInfo):
         try:
-            check_value(want, value, "plan")
+            check_value(want, value, "plan", "batch")
         except ConfigError as e:
             problems.append(f"{where}: {e.message}")
         return
@@ -104,14 +105,16 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
             where = f"item '{item['name']}'"
         before = len(problems)
         for k, v in item.items():
-            if k not in item_keys():
+            if k == "align":
+                problems.append(f"{where}: unknown key 'align' (use 'method: none' for the naive path only)")
+            elif k not in item_keys():
                 problems.append(f"{where}: unknown key '{k}'")
             else:
                 _check(where, k, v, problems)
         for req in ("a", "b"):
             if req not in item:
                 problems.append(f"{where}: missing '{req}'")
-        merged = {**defaults, **item}
+        merged = {k: v for k, v in {**defaults, **item}.items() if v is not None}  # null: not given
         merged.setdefault("name", f"item{i + 1}")
         for k in CODE_KEYS:
             v = merged.get(k)
@@ -160,14 +163,14 @@ def item_outputs(item: dict[str, Any]) -> list[Output]:
 
 def item_options(item: dict[str, Any]) -> Options:
     """The typed options of one item (the same model the command line builds)."""
-    values = {k: v for k, v in item.items() if k not in ("name", "a", "b")}
-    evaluate = "always" if "data" in item else "never"
-    return build_options(values, "batch", style="plan", evaluate=evaluate)
+    values = {k: v for k, v in item.items() if k not in ITEM_ONLY}
+    return build_options(values, "batch", style="plan")
 
 
 def run_item(item: dict[str, Any]) -> dict[str, Any]:
     """Run one item (merge when it has an output, else barrier); return its summary row."""
-    from rebasin.commands import barrier_checkpoints, gate, gate_value, merge_checkpoints
+    from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
+    from rebasin.report.document import gate, gate_value
 
     opts = item_options(item)
     row: dict[str, Any] = {"name": item["name"], "a": item["a"], "b": item["b"]}
@@ -232,3 +235,58 @@ def summarize(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "passed": passed,
         "failed": len(rows) - passed,
     }
+
+
+# ------------------------------------------------------------------------------- on Ray
+
+
+def _task_options(item: dict[str, Any]) -> dict[str, Any]:
+    """The resources one batch item asks for: one CPU, and a GPU when its device is CUDA."""
+    device = str(item.get("device") or "cpu")
+    return {"num_cpus": 1, "num_gpus": 1 if device.startswith("cuda") else 0, "max_retries": 0}
+
+
+def _absolute(item: dict[str, Any]) -> dict[str, Any]:
+    """The item with its file paths absolute (a worker's folder is not the driver's)."""
+    out = dict(item)
+    for k in (*PATH_KEYS, "data", "spec"):
+        v = out.get(k)
+        if isinstance(v, str) and (k in PATH_KEYS or Path(v).exists()):
+            out[k] = str(Path(v).resolve())
+    return out
+
+
+def run_items(ray: Any, items: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Run batch items as Ray tasks; yield each summary row as its task finishes. A task that
+    raises or whose worker dies becomes that item's error row. Interrupted (Ctrl-C), the
+    outstanding tasks are cancelled and their temporary files removed."""
+    remote = ray.remote(try_item)
+    pending: dict[Any, dict[str, Any]] = {}
+    for item in items:
+        item = _absolute(item)
+        pending[remote.options(**_task_options(item)).remote(item)] = item
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(done[0])
+            try:
+                yield ray.get(done[0])
+            except Exception as e:  # the worker died, or the task could not run
+                yield error_row(item, e)
+    finally:
+        if pending:
+            _cancel(ray, pending)
+
+
+def _cancel(ray: Any, pending: dict[Any, dict[str, Any]]) -> None:
+    """Cancel tasks still running and remove the temporary files they leave behind."""
+    from rebasin.checkpoint.atomic import clean_stale
+    from rebasin.commands.cluster import cancel_running
+
+    cancel_running(ray, list(pending))
+    for ref in pending:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=30)
+    for item in pending.values():
+        for o in item_outputs(item):
+            clean_stale(o.path.parent)

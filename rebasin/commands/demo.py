@@ -7,66 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rebasin.matching.result import Progress
+from rebasin.commands.train import train_checkpoint
+from rebasin.core.types import Progress
 
 DEMO_MODEL = {"in_features": 40, "hidden": 512, "depth": 2, "num_classes": 10}
-
-
-def train_checkpoint(
-    arch: str,
-    arch_args: dict[str, Any],
-    data_name: str,
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    weight_decay: float = 0.0,
-    force: bool = False,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Train a built-in (or importable) model and save it with its architecture, data and
-    final metrics in the metadata; return a small report."""
-    import torch
-
-    from rebasin.checkpoint import check_output_path, save_checkpoint
-    from rebasin.data import list_data, load_data
-    from rebasin.evaluate.metrics import check_data_fits
-    from rebasin.models.resolve import DATA_KEY, ModelRef
-    from rebasin.models.train import TrainConfig, train
-    from rebasin.report.document import new_report
-
-    check_output_path(out, [], force)
-    data = load_data(data_name, seed)
-    ref = ModelRef(arch, arch_args)
-    factory = ref.factory()
-    torch.manual_seed(seed)
-    model = factory()
-    check_data_fits(model, data, arch)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
-    metrics = train(model, data, cfg, progress)
-    meta = {
-        **ref.metadata(),
-        **({DATA_KEY: data_name} if data_name in list_data() else {}),
-        "rebasin.command": "train",
-        "rebasin.seed": str(seed),
-        "rebasin.train": f"epochs={epochs} lr={lr} batch_size={batch_size} weight_decay={weight_decay}",
-    }
-    for split, m in metrics.items():
-        meta[f"rebasin.{split}_loss"] = f"{m.loss:.6f}"
-        meta[f"rebasin.{split}_acc"] = f"{m.acc:.6f}"
-    from rebasin._version import __version__
-
-    meta["rebasin.version"] = __version__
-    files = save_checkpoint(model.state_dict(), out, meta)
-    rep = new_report("train")
-    rep["model"] = {"name": arch, "args": arch_args}
-    rep["data"] = data.describe()
-    rep["seed"] = seed
-    rep["metrics"] = {s: {"loss": m.loss, "acc": m.acc} for s, m in metrics.items()}
-    rep["output"] = {"files": [str(f) for f in files]}
-    return rep
+DEMO_DATA = "mnist1d"
 
 
 def check_demo_folder(out_dir: str | os.PathLike[str], force: bool) -> None:
@@ -108,16 +53,17 @@ def run_demo(
     )
     for seed, key in ((0, "a"), (1, "b")):
         train_checkpoint(
-            "mlp", DEMO_MODEL, "mnist1d", paths[key], seed=seed, epochs=epochs, force=True, progress=progress
+            "mlp", DEMO_MODEL, DEMO_DATA, paths[key], seed=seed, epochs=epochs, force=True, progress=progress
         )
     report = merge_checkpoints(
         paths["a"],
         paths["b"],
         paths["merged"],
         Options(
+            method=AutoMatch.name,
             match=AutoMatch(budget=budget),
             output=OutputOptions(force=True),
-            evaluate=EvalOptions(alphas=alphas),
+            evaluate=EvalOptions(data=DEMO_DATA, alphas=alphas),
         ),
         progress,
     )

@@ -38,6 +38,13 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
 
 def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
     """Weights must be floating point and finite."""
+    check_dtypes(ck, spec)
+    check_finite(ck)
+
+
+def check_dtypes(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
+    """Weights (the spec's tensors, and every ``weight`` and ``bias``) must be floating point
+    (from the headers alone)."""
     touched = set(spec.params) if spec else set()
     for k in ck.state:
         dt = ck.dtypes[k]
@@ -50,12 +57,16 @@ def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
                 source=ck.name,
             )
 
+
+def check_finite(ck: Checkpoint) -> None:
+    """Float tensors must be finite (one read of the files, which also gives their SHA-256)."""
+
     def finite(k: str, t: torch.Tensor) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
 
-    ck.scan(finite)  # one read of the files, which also gives their SHA-256 for the report
+    ck.scan(finite)
 
 
 def check_device(name: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from rebasin._version import __version__
 from rebasin.checkpoint import Checkpoint, LazyStateDict, copy_model_files, save_checkpoint
 from rebasin.checkpoint.state import info_of
-from rebasin.matching.result import Progress
+from rebasin.core.types import Progress
 from rebasin.models.resolve import trusted_records
 
 PathLike = str | os.PathLike[str]

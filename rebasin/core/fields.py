@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +40,24 @@ class OptionInfo:
     """For a matcher's own options: the methods that use it (None: every method)."""
     default_text: str | None = None
     """How the docs and help show the default, where the value alone would mislead."""
+    command_defaults: tuple[tuple[str, Any], ...] = ()
+    """Defaults of particular commands, where they differ (``train``'s ``--data mnist1d``)."""
+    extra_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Choices only some commands accept (``barrier --method none``)."""
 
     def label(self, style: str) -> str:
         """How errors name the option: ``--max-iter`` on the command line, ``'max_iter'`` in a plan."""
         return self.flag if style == "cli" else f"'{self.name}'"
+
+    def default_for(self, command: str) -> Any:
+        """The default ``command`` uses."""
+        return dict(self.command_defaults).get(command, self.default)
+
+    def choices_for(self, command: str) -> tuple[str, ...] | None:
+        """The values ``command`` accepts (None: any value of the option's type)."""
+        if self.choices is None:
+            return None
+        return self.choices + dict(self.extra_choices).get(command, ())
 
 
 def option(
@@ -53,7 +66,7 @@ def option(
     *,
     flag: str | None = None,
     short: str | None = None,
-    choices: Sequence[str] | None = None,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
@@ -61,13 +74,16 @@ def option(
     commands: Sequence[str] = (),
     plan: bool = True,
     default_text: str | None = None,
+    command_defaults: Mapping[str, Any] | None = None,
+    extra_choices: Mapping[str, Sequence[str]] | None = None,
 ) -> Any:
-    """Declare a dataclass field as an option (see :class:`OptionInfo` for the meanings)."""
+    """Declare a dataclass field as an option (see :class:`OptionInfo` for the meanings).
+    ``choices`` may be a function giving them (names read from a registry when asked)."""
     meta = {
         "help": help,
         "flag": flag,
         "short": short,
-        "choices": tuple(choices) if choices is not None else None,
+        "choices": choices,
         "ge": ge,
         "gt": gt,
         "le": le,
@@ -75,6 +91,8 @@ def option(
         "commands": tuple(commands),
         "plan": plan,
         "default_text": default_text,
+        "command_defaults": tuple((command_defaults or {}).items()),
+        "extra_choices": tuple((k, tuple(v)) for k, v in (extra_choices or {}).items()),
     }
     if isinstance(default, list | dict):
         raise TypeError("use a tuple or None as the default of a list or mapping option")
@@ -104,6 +122,8 @@ def options_of(cls: type, stage: str, methods: tuple[str, ...] | None = None) ->
         if meta is None:
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        choices = meta["choices"]
+        choices = tuple(choices() if callable(choices) else choices) if choices is not None else None
         out.append(
             OptionInfo(
                 name=f.name,
@@ -111,7 +131,7 @@ def options_of(cls: type, stage: str, methods: tuple[str, ...] | None = None) ->
                 kind=_kind(hints[f.name]),
                 default=f.default,
                 methods=methods,
-                **{**meta, "flag": flag},
+                **{**meta, "flag": flag, "choices": choices},
             )
         )
     return out
@@ -124,10 +144,11 @@ def _plain(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def check_value(info: OptionInfo, value: Any, style: str = "cli") -> Any:
+def check_value(info: OptionInfo, value: Any, style: str = "cli", command: str = "") -> Any:
     """Check one value against its option (type, choices, bounds, finiteness) and return it in the
     option's own type (lists become tuples, JSON text for a mapping is parsed). ``style`` says how
-    the message names the option (see :meth:`OptionInfo.label`)."""
+    the message names the option (see :meth:`OptionInfo.label`); ``command`` adds the choices only
+    it accepts."""
     name = info.label(style)
     if value is None:
         return None
@@ -147,8 +168,9 @@ def check_value(info: OptionInfo, value: Any, style: str = "cli") -> Any:
         if not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {_plain(value)}")
         value = tuple(value)
-    if info.choices is not None and value not in info.choices:
-        raise ConfigError(f"{name} must be one of {', '.join(info.choices)}, got {_plain(value)}")
+    choices = info.choices_for(command)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {_plain(value)}")
     if kind in (int, float):
         _check_number(info, name, value)
     return value
@@ -182,23 +204,17 @@ def parse_json_object(text: str, name: str = "--model-args") -> dict[str, Any]:
     return value
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """Parse '500MB', '2GB', '1GiB' or a byte count; None stays None."""
-    if text is None or isinstance(text, int):
-        if isinstance(text, int) and text <= 0:
-            raise ConfigError(f"invalid size '{text}' (must be positive)")
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"invalid size '{text}' (use e.g. 500MB, 2GB, 1GiB)")
-    value = float(m.group(1))
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I")]
-    size = int(value * base**power)
-    if size <= 0:
-        raise ConfigError(f"invalid size '{text}' (must be positive)")
-    return size
+def construct(cls: type, kw: dict[str, Any], style: str) -> Any:
+    """``cls(**kw)``; in a plan (``style`` not ``cli``), messages name plan keys, not flags."""
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        if style == "cli":
+            raise
+        message = e.message
+        for info in options_of(cls, ""):
+            message = message.replace(info.flag, f"'{info.name}'")
+        raise ConfigError(message, e.hint, source=e.source) from None
 
 
 class Checked:
@@ -206,5 +222,15 @@ class Checked:
 
     def __post_init__(self) -> None:
         for info in options_of(type(self), ""):
-            value = check_value(info, getattr(self, info.name), "cli")
-            object.__setattr__(self, info.name, value)
+            extra = {c for _, cs in info.extra_choices for c in cs}
+            value = getattr(self, info.name)
+            if not (
+                isinstance(value, str) and value in extra
+            ):  # accepted by some command: checked where the command is known
+                object.__setattr__(self, info.name, check_value(info, value, "cli"))
+
+
+EPOCHS_HELP = "Passes over the training data in mini-batches."
+LR_HELP = "Learning rate of the Adam optimizer."
+SEED_HELP = "Seed of every random choice: initialization, data order, group orders, restarts, permutations."
+"""Help of options declared in more than one place (a stage and a matcher): one name, one meaning."""

@@ -6,7 +6,8 @@ A name is registered once; an unknown name fails with the known names and the cl
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from rebasin.core.errors import ConfigError
@@ -17,24 +18,22 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Entries of one ``kind`` (``"model"``, ``"data set"``, ...) by name, in registration order.
 
-    ``loader`` (optional) is called once before the first lookup, to import the modules whose
-    decorators fill the registry (built-ins stay lazy: importing the registry imports nothing)."""
+    ``builtins`` names the modules whose decorators register the built-in entries: they are
+    imported, in that order, before the first lookup (so importing a registry imports nothing)."""
 
-    def __init__(
-        self, kind: str, loader: Callable[[], None] | None = None, more: str = "", known: str = "known"
-    ):
+    def __init__(self, kind: str, builtins: Sequence[str] = (), more: str = "", known: str = "known"):
         self.kind = kind
         self.known = known
         """How the unknown-name error introduces the list of names (``known``, ``built-in``)."""
         self.more = more
         """Said after the names in the unknown-name error (e.g. ``, or a spec file``)."""
         self._entries: dict[str, T] = {}
-        self._loader = loader
+        self._builtins = tuple(builtins)
 
     def _load(self) -> None:
-        if self._loader is not None:
-            loader, self._loader = self._loader, None
-            loader()
+        modules, self._builtins = self._builtins, ()
+        for m in modules:
+            importlib.import_module(m)
 
     def add(self, name: str, entry: T) -> T:
         """Register ``entry`` under ``name``; a second registration of a name is an error."""

@@ -49,7 +49,10 @@ class Dataset:
 DataLoader = Callable[[int], "Dataset"]
 
 DATASETS: Registry[DataLoader] = Registry(
-    "data", more="; or a .safetensors/.npz file, or MODULE:FUNCTION", known="built-in"
+    "data",
+    builtins=("rebasin.data.builtin",),
+    more="; or a .safetensors/.npz file, or MODULE:FUNCTION",
+    known="built-in",
 )
 
 

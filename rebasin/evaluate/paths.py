@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from rebasin.core.errors import ConfigError
+from rebasin.core.types import Progress
 from rebasin.data.core import Dataset
 from rebasin.evaluate.metrics import evaluation_sums
 from rebasin.evaluate.repair import channel_stats, repair, repair_targets, reset_batchnorm
-from rebasin.matching.result import Progress
 from rebasin.merge import interpolate
 from rebasin.models.fit import load_into
 

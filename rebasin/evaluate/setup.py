@@ -1,70 +1,63 @@
-"""Evaluation wiring: the model and data side of a run (barrier curves, the data matchers use)."""
+"""The evaluation a run makes, as decided once (:class:`DataPlan`, :class:`EvalPlan`), and
+building it: the path evaluator for barrier curves and the data side data-driven matchers get."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rebasin.checkpoint import Checkpoint
 from rebasin.core.errors import ConfigError
-from rebasin.matching.registry import Matcher
-from rebasin.models.resolve import ARCH_KEY, recorded_data
-from rebasin.options import EvalOptions, Options
+from rebasin.models.resolve import ModelRef
 from rebasin.spec.core import PermutationSpec
 
 NO_DATA = "pass --data (mnist1d, digits, synthetic, a .safetensors/.npz file, or MODULE:FUNCTION)"
 TASK_BATCH = 256
 """Mini-batch size of the task loss that data-driven matchers optimize."""
+SPLITS = ("train", "test")
 
 
-def wants_evaluation(opts: Options, a: Checkpoint) -> EvalOptions | None:
-    """The evaluation to run, if any: asked for by data, a BatchNorm fix or a gate; a ``--model``
-    alone evaluates only when the data is known (recorded in A)."""
-    ev = opts.evaluate
-    if ev is None:
-        return None
-    required = ev.data is not None or ev.bn in ("reset", "repair") or ev.max_barrier is not None
-    if not required and recorded_data(a.metadata, a.name) is None:
-        return None
-    return ev
+@dataclass(frozen=True)
+class DataPlan:
+    """The data the models run on (barrier curves, data-driven matchers), and how: the BatchNorm
+    mode (``auto`` already resolved: ``reset`` where the checkpoint has BatchNorm statistics),
+    the training examples used and the batch size."""
+
+    name: str
+    bn: str
+    max_train: int | None = None
+    batch_size: int = 1000
+
+    def describe(self) -> str:
+        cap = f", at most {self.max_train} training examples" if self.max_train else ""
+        return f"{self.name} (BatchNorm: {self.bn}{cap})"
 
 
-def check_data_available(matcher: Matcher, opts: Options, a: Checkpoint) -> None:
-    """For data-driven matchers: say exactly what is missing (data, or a model definition)."""
-    if not matcher.needs_data():
-        return
-    what = f"method '{matcher.name}'" + (
-        f" with cost '{getattr(matcher, 'cost', '')}'" if matcher.name == "sinkhorn" else ""
-    )
-    data = opts.evaluate.data if opts.evaluate else None
-    if not (data or recorded_data(a.metadata, a.name)):
-        raise ConfigError(f"{what} needs data to run both models on: {NO_DATA}", source=a.name)
-    if not (opts.model.model or ARCH_KEY in a.metadata or a.config is not None):
-        raise ConfigError(
-            f"{what} runs the models: pass --model NAME or MODULE:FACTORY "
-            "(the checkpoint records no architecture)",
-            source=a.name,
-        )
+@dataclass(frozen=True)
+class EvalPlan:
+    """The curves a run measures: the alpha grid, the splits and the gate."""
+
+    alphas: int
+    max_barrier: float | None = None
+    splits: tuple[str, ...] = SPLITS
+
+    def describe(self) -> str:
+        gate = f", gate: test loss barrier <= {self.max_barrier}" if self.max_barrier is not None else ""
+        return f"naive and aligned paths at {self.alphas} alphas on {' and '.join(self.splits)}{gate}"
 
 
-def make_evaluator(a: Checkpoint, opts: Options) -> Any:
-    """A PathEvaluator for A's architecture on the chosen data, checked against A."""
+def _prepared(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, weights: bool) -> tuple[Any, Any]:
+    """The data and the model factory, checked: the data fits the task the model answers, A fits
+    the model (with ``weights``, A's tensors are loaded; else only their shapes are compared), and
+    the data's inputs fit the model. Returns (factory, data)."""
     from rebasin.data import load_data
     from rebasin.evaluate.metrics import check_data_fits
-    from rebasin.evaluate.paths import PathEvaluator
-    from rebasin.evaluate.repair import has_batchnorm
-    from rebasin.models.fit import load_into
-    from rebasin.models.resolve import resolve_model
+    from rebasin.models.fit import check_fits, load_into, renamed
 
-    ev = opts.evaluate or EvalOptions()
-    ref = resolve_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
-    data_arg = ev.data or recorded_data(a.metadata, a.name)
-    if not data_arg:
-        raise ConfigError(f"no data: {NO_DATA}", source=a.name)
-    data = load_data(data_arg, opts.run.seed)
+    data = load_data(plan.name, seed)
     tokens = data.x_train.shape == data.y_train.shape and not data.x_train.is_floating_point()
     if tokens and ref.config is not None and not ref.name.endswith(("ForCausalLM", "LMHeadModel")):
         raise ConfigError(
@@ -74,18 +67,31 @@ def make_evaluator(a: Checkpoint, opts: Options) -> Any:
         )
     factory = ref.factory()
     probe = factory()
-    load_into(probe, a.state, a.name, ref.name)
+    if weights:
+        load_into(probe, a.state, a.name, ref.name)
+    else:
+        check_fits(probe, renamed(probe, a.shapes), a.name, ref.name)
     check_data_fits(probe, data, ref.name)
-    bn = ev.bn
-    if bn == "auto":
-        bn = "reset" if has_batchnorm(probe) else "none"
+    return factory, data
+
+
+def check_evaluation(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int) -> None:
+    """Every check :func:`make_evaluator` makes, from A's headers only (a dry run)."""
+    _prepared(a, ref, plan, seed, weights=False)
+
+
+def make_evaluator(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, device: str) -> Any:
+    """A PathEvaluator for A's model on the planned data, checked against A."""
+    from rebasin.evaluate.paths import PathEvaluator
+
+    factory, data = _prepared(a, ref, plan, seed, weights=True)
     return PathEvaluator(
         factory,
         data,
-        bn=bn,
-        batch_size=ev.batch_size,
-        max_train=ev.max_train,
-        device=opts.run.device,
+        bn=plan.bn,
+        batch_size=plan.batch_size,
+        max_train=plan.max_train,
+        device=device,
         model_name=ref.name,
         model_args=ref.args,
     )
@@ -137,52 +143,3 @@ class EvaluatorData:
 
     def batches_per_epoch(self) -> int:
         return max(1, -(-len(self.y) // TASK_BATCH))
-
-
-def evaluation_report(ev: Any, curves: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``evaluation`` section: model, data, BatchNorm mode, curves, endpoints."""
-    out: dict[str, Any] = {
-        "model": {"name": ev.model_name, "args": ev.model_args},
-        "data": ev.data.describe() | ({"max_train": ev.max_train} if ev.max_train else {}),
-        "bn": ev.bn,
-        "paths": {name: c.to_dict() for name, c in curves.items()},
-    }
-    first = next(iter(curves.values()))
-    out["endpoints"] = {
-        "a": {s: {"loss": first.loss[s][0], "acc": first.acc[s][0]} for s in first.loss},
-        "b": {s: {"loss": first.loss[s][-1], "acc": first.acc[s][-1]} for s in first.loss},
-    }
-    if "naive" in out["paths"] and "aligned" in out["paths"]:
-        out["aligned_worse_than_naive"] = worse_splits(out["paths"])
-    return out
-
-
-def worse_splits(paths: Mapping[str, Any]) -> list[str]:
-    """The splits on which the aligned path's loss barrier (linear definition) is above the
-    naive path's: alignment made things worse there."""
-    naive, aligned = paths["naive"]["barriers"], paths["aligned"]["barriers"]
-    return [s for s in aligned if aligned[s]["loss"]["linear"] > naive[s]["loss"]["linear"]]
-
-
-def gate_value(report: Mapping[str, Any]) -> float | None:
-    """The number ``--max-barrier`` is compared with: the test loss barrier (linear definition)
-    of the aligned path (of the naive path when nothing was aligned)."""
-    ev = report.get("evaluation")
-    if not ev:
-        return None
-    path = "aligned" if "aligned" in ev["paths"] else "naive"
-    return float(ev["paths"][path]["barriers"]["test"]["loss"]["linear"])
-
-
-def gate(value: float | None, limit: float | None) -> str | None:
-    """Why ``value`` fails the ``--max-barrier`` gate ``limit`` (None when it passes or no gate
-    is set). A barrier that is not a finite number always fails a gate."""
-    if limit is None:
-        return None
-    if value is None:
-        return "no barrier was measured"
-    if not math.isfinite(value):
-        return f"test loss barrier is {value} (the path's loss is not finite)"
-    if value > limit:
-        return f"test loss barrier {value:.4f} > --max-barrier {limit}"
-    return None

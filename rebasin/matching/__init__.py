@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from rebasin.core.types import Permutation, Progress
     from rebasin.matching.activation import Features
     from rebasin.matching.mergemany import ManyResult, MergeMany
     from rebasin.matching.methods import ActivationMatching, SinkhornRebasin, StraightThrough, WeightMatching
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
         list_matchers,
         register_matcher,
     )
-    from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
+    from rebasin.matching.result import GroupStats, MatchResult, RestartTrace
     from rebasin.spec.core import PermutationSpec
 
 _EXPORTS = {
@@ -45,8 +46,8 @@ _EXPORTS = {
     "register_matcher": "rebasin.matching.registry",
     "GroupStats": "rebasin.matching.result",
     "MatchResult": "rebasin.matching.result",
-    "Permutation": "rebasin.matching.result",
-    "Progress": "rebasin.matching.result",
+    "Permutation": "rebasin.core.types",
+    "Progress": "rebasin.core.types",
     "RestartTrace": "rebasin.matching.result",
 }
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from rebasin.core.errors import MatchError
+from rebasin.core.types import Progress
 from rebasin.matching.assignment import resolve_backend, solve_groups
-from rebasin.matching.result import GroupStats, MatchResult, Progress
+from rebasin.matching.result import GroupStats, MatchResult
 from rebasin.spec.core import PermutationSpec
 
 Features = Callable[[Mapping[str, torch.Tensor]], Iterable[dict[str, list[torch.Tensor]]]]
@@ -109,7 +110,6 @@ def activation_matching(
         perm.update(wm.perm)
         groups.update(wm.groups)
     return MatchResult(
-        method="activation",
         perm=perm,
         objective_identity=sum(s.objective_before for s in groups.values()),
         objective=sum(s.objective_after for s in groups.values()),

@@ -19,40 +19,48 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state
+from rebasin.core.types import Permutation, Progress
+from rebasin.matching.result import GroupStats, MatchResult, float32_state
 from rebasin.permutation import identity, permute, random_permutation
 
 if TYPE_CHECKING:
-    from rebasin.matching.methods import AutoMatch
+    from rebasin.matching.methods import AutoMatch, WeightMatching
     from rebasin.matching.registry import DataSide, Matcher, MatchProblem
 
 OBJECTIVE = "midpoint loss (training data)"
 RESTARTS = 3
 
 
-def auto_match(opts: AutoMatch, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
-    """Run the candidates of ``opts`` (see :class:`AutoMatch`) on ``problem``; keep the best."""
+def auto_match(
+    opts: AutoMatch, base: WeightMatching, problem: MatchProblem, progress: Progress | None = None
+) -> MatchResult:
+    """Run the candidates of ``opts`` (see :class:`AutoMatch`) on ``problem``, starting with
+    ``base``'s runs (the result without data); keep the best."""
     t0 = time.perf_counter()
-    runs = [_weight(problem, opts, None)]
-    while len(runs) < RESTARTS and (len(runs) + 1) * _weight_run_seconds(problem) <= opts.budget:
-        runs.append(_weight(problem, opts, random_permutation(problem.spec, problem.seed * 7919 + len(runs))))
+    run_seconds = _seconds(base.auto_flops(sweep_flops(problem), 0.0), problem.device)
+    runs = [base.run(problem)]
+    while len(runs) < RESTARTS and (len(runs) + 1) * run_seconds <= opts.budget:
+        init = random_permutation(problem.spec, problem.seed * 7919 + len(runs))
+        runs.append(base.run(problem, init))
     if problem.data is None:  # the highest objective: the only criterion there is
-        best = max(runs, key=lambda r: r.objective)
-        reason = f"no data: weight matching, best objective of {len(runs)} run(s)"
-        return _relabel(best, reason, len(runs), time.perf_counter() - t0)
+        return _best_run(runs, base.name, time.perf_counter() - t0)
     return _with_data(opts, problem, problem.data, runs, t0, progress)
 
 
-def _weight(problem: MatchProblem, opts: AutoMatch, init: Permutation | None) -> MatchResult:
-    """One run of weight matching, from the identity or from ``init``."""
-    from rebasin.matching.methods import WeightMatching
-
-    return WeightMatching(backend=opts.backend).run(problem, init)
-
-
-def _relabel(r: MatchResult, reason: str, runs: int, seconds: float) -> MatchResult:
-    options = {**r.options, "restarts": runs, "auto": reason, "chosen": "weight"}
-    return dataclasses.replace(r, method="auto", options=options, seconds=seconds)
+def _best_run(runs: list[MatchResult], name: str, seconds: float) -> MatchResult:
+    """The run with the highest objective, reporting every run as a restart."""
+    best = max(range(len(runs)), key=lambda i: (runs[i].objective, -i))
+    r = runs[best]
+    reason = f"no data: {name} matching, best objective of {len(runs)} run(s)"
+    options = {**r.options, "restarts": len(runs), "auto": reason, "chosen": name}
+    traces = [t for run in runs for t in run.restarts]
+    return dataclasses.replace(
+        r,
+        options=options,
+        seconds=seconds,
+        restarts=traces,
+        best_restart=best if len(traces) == len(runs) else 0,
+    )
 
 
 def _with_data(
@@ -63,7 +71,7 @@ def _with_data(
     t0: float,
     progress: Progress | None,
 ) -> MatchResult:
-    from rebasin.matching.methods import ActivationMatching, SinkhornRebasin, StraightThrough
+    from rebasin.matching.registry import MATCHERS
 
     spec, dev = problem.spec, torch.device(problem.device)
     fa, fb = float32_state(problem.a, dev), float32_state(problem.b, dev)
@@ -87,21 +95,26 @@ def _with_data(
     consider("none", identity(spec), 0.0)
     for i, r in enumerate(runs):  # each run on its own: the highest objective is not the lowest loss
         consider("weight" if i == 0 else f"weight (random start {i})", r.perm, r.seconds, r)
-    act = ActivationMatching(backend=opts.backend).match(problem)
-    consider("activation", act.perm, act.seconds, act)
-    loss, sweep = _loss_flops(data, fa), _sweep_flops(problem)
-    ste, mid = StraightThrough(backend=opts.backend), SinkhornRebasin(cost="mid", backend=opts.backend)
-    data_costs: list[tuple[str, Matcher, float]] = [  # steps x (task loss + projection)
-        ("ste", ste, _seconds(ste.steps * (loss + 3 * sweep), problem.device)),
-        ("sinkhorn (mid)", mid, _seconds(mid.step_count * (loss + 2.5 * sweep), problem.device)),
+    candidates: list[Matcher] = [
+        cls(backend=opts.backend, **variant) for cls in MATCHERS.values() for variant in cls.auto_variants
     ]
+    costs: dict[int, float] = {}
+    if any(m.auto_flops(1.0, 1.0) is not None for m in candidates):  # counted only when asked
+        loss, sweep = _loss_flops(data, fa), sweep_flops(problem)
+        costs = {
+            i: _seconds(f, problem.device)
+            for i, m in enumerate(candidates)
+            if (f := m.auto_flops(sweep, loss)) is not None
+        }
     slow: list[str] = []
     spent = 0.0
-    for name, matcher, estimate in data_costs:
-        if spent + estimate > opts.budget:
-            slow.append(f"{name} (estimated {estimate:.0f} s)")
-            continue
-        spent += estimate
+    for i, matcher in enumerate(candidates):  # the cheap ones always; the rest while they fit
+        name = matcher.describe()
+        if i in costs:
+            if spent + costs[i] > opts.budget:
+                slow.append(f"{name} (estimated {costs[i]:.0f} s)")
+                continue
+            spent += costs[i]
         r = matcher.match(problem)
         consider(name, r.perm, r.seconds, r)
     best = min(range(len(rows)), key=lambda i: (rows[i]["score"], i))
@@ -116,7 +129,6 @@ def _with_data(
         }
     )
     return MatchResult(
-        method="auto",
         perm=perm,
         objective_identity=rows[0]["score"],
         objective=rows[best]["score"],
@@ -142,30 +154,18 @@ NOMINAL_FLOPS = {"cpu": 2e10, "cuda": 2e12}
 come from operation counts, never from clocks, so the candidates run (and the result) are the
 same on every run and machine for a given seed and budget."""
 
-SWEEPS = 10
-"""Sweeps assumed for one run of weight matching."""
-
 
 def _seconds(flops: float, device: str) -> float:
     return flops / NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def _sweep_flops(problem: MatchProblem) -> float:
+def sweep_flops(problem: MatchProblem) -> float:
     """Operations of one weight-matching sweep: every member's cost-matrix product."""
-    spec = problem.spec
-    weighed = set(problem.cost_params)
-    return float(
-        sum(
-            2 * spec.sizes[g] * problem.a[m.param].numel()
-            for g, ms in spec.groups.items()
-            for m in ms
-            if m.param in weighed
-        )
-    )
+    from rebasin.checkpoint.state import shape_of
+    from rebasin.matching.costs import sweep_products
 
-
-def _weight_run_seconds(problem: MatchProblem) -> float:
-    return _seconds(SWEEPS * _sweep_flops(problem), problem.device)
+    weighed = problem.cost_params
+    return sweep_products(problem.spec, {k: shape_of(problem.a, k) for k in weighed}, weighed)
 
 
 def _loss_flops(data: DataSide, fa: dict[str, torch.Tensor]) -> float:

@@ -22,7 +22,7 @@ import torch
 
 from rebasin.checkpoint.state import shape_of
 from rebasin.core.errors import MatchError
-from rebasin.matching.result import Permutation
+from rebasin.core.types import Permutation
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import Member, PermutationSpec
 
@@ -171,3 +171,19 @@ def _unit_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:
     if m.inner > 1:
         t = t.reshape(n, m.inner, *t.shape[1:])
     return t.reshape(n, -1)
+
+
+def sweep_products(
+    spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], weighed: Collection[str]
+) -> float:
+    """Floating-point operations of one weight-matching sweep: every weighed member's cost-matrix
+    product (2 n x numel for a group of n units), from shapes alone."""
+    keep = set(weighed)
+    return float(
+        sum(
+            2 * spec.sizes[g] * math.prod(shapes[m.param])
+            for g, ms in spec.groups.items()
+            for m in ms
+            if m.param in keep
+        )
+    )

@@ -17,7 +17,7 @@ import torch
 from rebasin.checkpoint import LazyStateDict
 from rebasin.checkpoint.state import tensor_info
 from rebasin.core.errors import MatchError
-from rebasin.matching.result import Permutation, Progress
+from rebasin.core.types import Permutation, Progress
 from rebasin.matching.weight import weight_matching
 from rebasin.permutation import permute
 from rebasin.spec.core import PermutationSpec
@@ -67,6 +67,10 @@ def _distance(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str])
             squares[i] += float(((stack[i] - mean) ** 2).sum())
         del stack, mean
     return sum(math.sqrt(x) for x in squares)
+
+
+NAME = "merge-many"
+"""How reports, outputs and the command name the method."""
 
 
 @dataclass(frozen=True)

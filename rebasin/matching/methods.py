@@ -1,25 +1,30 @@
 """The built-in matchers, registered by name. Each class is the method's options (its fields);
-``match`` runs the solver module, imported only then (this module imports no torch)."""
+``solve`` runs the solver module, imported only then (this module imports no torch). Each says
+whether and how ``--method auto`` tries it (``auto_variants``, ``auto_flops``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rebasin.core.errors import ConfigError
+from rebasin.core.fields import EPOCHS_HELP, LR_HELP, option
 from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
-from rebasin.options import option
 
 if TYPE_CHECKING:
-    from rebasin.matching.result import MatchResult, Permutation, Progress
+    from rebasin.core.types import Permutation, Progress
+    from rebasin.matching.result import MatchResult
 
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
+STEPS_HELP = "Optimizer steps."
+EPOCHS_TEXT = "steps (sets them when given)"
 
 
 @register_matcher("weight")
 @dataclass(frozen=True)
 class WeightMatching(Matcher):
-    """Weight matching (Git Re-Basin): coordinate descent maximizing sum <A, pi(B)>."""
+    """Weight matching (Git Re-Basin): coordinate descent maximizing sum <A, pi(B)>. It is also
+    ``auto``'s base: without data, ``auto`` is weight matching with restarts."""
 
     objective = "<A, pi(B)> (higher is better)"
 
@@ -40,13 +45,19 @@ class WeightMatching(Matcher):
     tol: float = 1e-12
     """Relative improvement below which a group counts as unchanged."""
 
-    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+    SWEEPS: ClassVar[int] = 10
+    """Sweeps assumed for one run when estimating its time."""
+
+    def auto_flops(self, sweep: float, loss: float) -> float:
+        return self.SWEEPS * sweep
+
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         return self.run(problem, progress=progress)
 
     def run(
         self, problem: MatchProblem, init: Permutation | None = None, progress: Progress | None = None
     ) -> MatchResult:
-        """:meth:`match`, with run 0 starting at ``init`` instead of the identity when given."""
+        """:meth:`solve`, with run 0 starting at ``init`` instead of the identity when given."""
         from rebasin.matching.weight import weight_matching
 
         return weight_matching(
@@ -73,21 +84,62 @@ class ActivationMatching(Matcher):
     """Activation matching (Git Re-Basin): correlate hidden units on data, one assignment per group."""
 
     objective = "summed correlation of matched units (higher is better)"
+    auto_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def needs_data(self) -> bool:
         return True
 
-    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.activation import activation_matching
 
-        data = problem.need_data("method 'activation'")
+        data = problem.need_data(self.label())
         return activation_matching(
             problem.a, problem.b, problem.spec, data.features(), self.backend, progress
         )
 
 
-STEPS_HELP = "Optimizer steps."
-EPOCHS_HELP = "Passes over the training data in mini-batches (sets the steps)."
+@register_matcher("ste")
+@dataclass(frozen=True)
+class StraightThrough(Matcher):
+    """Straight-through estimator (Git Re-Basin), or ReinMax: learn pi on the midpoint's task loss."""
+
+    objective = "midpoint loss on training data (lower is better)"
+    auto_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+
+    estimator: str = option(
+        "st",
+        "Gradient: st (straight-through on weights) or reinmax (second order, on logits).",
+        choices=("st", "reinmax"),
+        commands=ALIGN,
+    )
+    steps: int = option(200, STEPS_HELP, ge=1, commands=ALIGN)
+    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN, default_text=EPOCHS_TEXT)
+    lr: float | None = option(None, LR_HELP, gt=0.0, commands=ALIGN, default_text="1e-3, 0.1 with reinmax")
+    restarts: int = option(1, RESTARTS_HELP, ge=1, commands=ALIGN)
+    eval_every: int = option(25, "Steps between evaluations of the midpoint.", ge=1, plan=False)
+    tau: float = option(1.0, "ReinMax's Sinkhorn temperature.", gt=0.0, plan=False)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate used: ``lr``, else the estimator's default."""
+        if self.lr is not None:
+            return self.lr
+        return 0.1 if self.estimator == "reinmax" else 1e-3
+
+    def needs_data(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "ste (reinmax)" if self.estimator == "reinmax" else "ste"
+
+    def auto_flops(self, sweep: float, loss: float) -> float:
+        return self.steps * (loss + 3 * sweep)  # steps x (task loss + projection)
+
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        from rebasin.matching.ste import straight_through
+
+        data = problem.need_data(self.label())
+        return straight_through(self, problem, data, progress)
 
 
 @register_matcher("sinkhorn")
@@ -96,6 +148,7 @@ class SinkhornRebasin(Matcher):
     """Sinkhorn re-basin: soft permutations by implicit Sinkhorn differentiation."""
 
     objective = "||A - pi(B)|| for cost l2, midpoint loss on training data for mid/rnd (lower is better)"
+    auto_variants: ClassVar[tuple[dict[str, Any], ...]] = ({"cost": "mid"},)
 
     cost: str = option(
         "l2",
@@ -106,8 +159,8 @@ class SinkhornRebasin(Matcher):
     steps: int | None = option(
         None, STEPS_HELP, ge=1, commands=ALIGN, default_text="100 for l2, 300 for mid and rnd"
     )
-    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN)
-    lr: float = option(0.1, "Adam learning rate.", gt=0.0, commands=ALIGN)
+    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN, default_text=EPOCHS_TEXT)
+    lr: float = option(0.1, LR_HELP, gt=0.0, commands=ALIGN)
     tau_start: float = option(1.0, "Sinkhorn temperature at the start.", gt=0.0, plan=False)
     tau_end: float = option(0.05, "Sinkhorn temperature at the end.", gt=0.0, plan=False)
     sinkhorn_iters: int = option(200, "Most Sinkhorn iterations per projection.", ge=1, plan=False)
@@ -129,62 +182,27 @@ class SinkhornRebasin(Matcher):
         return self.cost != "l2"
 
     def describe(self) -> str:
-        return f"sinkhorn ({self.cost})"
+        return f"{self.name} ({self.cost})"
 
-    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+    def label(self) -> str:
+        return f"method '{self.name}' with cost '{self.cost}'"
+
+    def auto_flops(self, sweep: float, loss: float) -> float:
+        return self.step_count * (loss + 2.5 * sweep)  # steps x (task loss + projection)
+
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.sinkhorn import sinkhorn_rebasin
 
-        data = problem.need_data(f"Sinkhorn cost '{self.cost}'") if self.needs_data() else None
+        data = problem.need_data(self.label()) if self.needs_data() else None
         return sinkhorn_rebasin(self, problem, data, progress)
-
-
-@register_matcher("ste")
-@dataclass(frozen=True)
-class StraightThrough(Matcher):
-    """Straight-through estimator (Git Re-Basin), or ReinMax: learn pi on the midpoint's task loss."""
-
-    objective = "midpoint loss on training data (lower is better)"
-
-    estimator: str = option(
-        "st",
-        "Gradient: st (straight-through on weights) or reinmax (second order, on logits).",
-        choices=("st", "reinmax"),
-        commands=ALIGN,
-    )
-    steps: int = option(200, STEPS_HELP, ge=1, commands=ALIGN)
-    epochs: int | None = option(None, EPOCHS_HELP, ge=1, commands=ALIGN)
-    lr: float | None = option(
-        None, "Adam learning rate.", gt=0.0, commands=ALIGN, default_text="1e-3, 0.1 with reinmax"
-    )
-    restarts: int = option(1, RESTARTS_HELP, ge=1, commands=ALIGN)
-    eval_every: int = option(25, "Steps between evaluations of the midpoint.", ge=1, plan=False)
-    tau: float = option(1.0, "ReinMax's Sinkhorn temperature.", gt=0.0, plan=False)
-
-    @property
-    def learning_rate(self) -> float:
-        """The learning rate used: ``lr``, else the estimator's default."""
-        if self.lr is not None:
-            return self.lr
-        return 0.1 if self.estimator == "reinmax" else 1e-3
-
-    def needs_data(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "ste (reinmax)" if self.estimator == "reinmax" else "ste"
-
-    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
-        from rebasin.matching.ste import straight_through
-
-        data = problem.need_data("method 'ste'")
-        return straight_through(self, problem, data, progress)
 
 
 @register_matcher("auto")
 @dataclass(frozen=True)
 class AutoMatch(Matcher):
     """Run the methods that fit a time budget and keep the one with the lowest midpoint loss on
-    training data (without data: weight matching with restarts)."""
+    training data (without data: weight matching with restarts). Its candidates are the
+    registered methods' ``auto_variants``."""
 
     objective = "midpoint loss on training data, judged as the barrier is (lower is better)"
 
@@ -193,13 +211,13 @@ class AutoMatch(Matcher):
         "Seconds auto may spend on its data-cost candidates (STE, Sinkhorn mid), estimated from "
         "operation counts so the choice is the same on every machine; those that do not fit are skipped.",
         gt=0.0,
-        commands=ALIGN,
+        commands=(*ALIGN, "demo"),
     )
 
     def wants_data(self) -> bool:
         return True
 
-    def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.auto import auto_match
 
-        return auto_match(self, problem, progress)
+        return auto_match(self, WeightMatching(backend=self.backend), problem, progress)

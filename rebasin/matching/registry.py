@@ -1,9 +1,11 @@
 """The matcher contract and registry (torch-free: the command line reads it for its options).
 
 A matcher is a frozen options class registered by name with :func:`register_matcher`; it says
-whether it needs data (:meth:`Matcher.needs_data`) and solves a :class:`MatchProblem` with
-``match(problem, progress) -> MatchResult``. Its fields declared with
-:func:`rebasin.options.option` become command-line flags and batch plan keys for that method.
+whether it needs data (:meth:`Matcher.needs_data`), whether and how ``auto`` tries it
+(:attr:`Matcher.auto_variants`, :meth:`Matcher.auto_flops`) and solves a :class:`MatchProblem`
+with ``solve(problem, progress) -> MatchResult``; :meth:`Matcher.match` names the result after
+the method as registered. Its fields declared with :func:`rebasin.core.fields.option` become
+command-line flags and batch plan keys for that method.
 """
 
 from __future__ import annotations
@@ -14,28 +16,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from rebasin.core.errors import ConfigError
+from rebasin.core.fields import Checked, OptionInfo, check_value, construct, option, options_of
 from rebasin.core.registry import Registry
-from rebasin.options import Checked, option
 
 if TYPE_CHECKING:
     import torch
 
-    from rebasin.matching.result import MatchResult, Progress
+    from rebasin.core.types import Progress
+    from rebasin.matching.result import MatchResult
     from rebasin.spec.core import PermutationSpec
 
 
-def _load_builtin() -> None:
-    import rebasin.matching.methods  # noqa: F401  (registers the built-in matchers)
-
-
-MATCHERS: Registry[type[Matcher]] = Registry("matching method", _load_builtin)
+MATCHERS: Registry[type[Matcher]] = Registry("matching method", builtins=("rebasin.matching.methods",))
 
 M = TypeVar("M", bound="type[Matcher]")
 
 ALIGN = ("merge", "barrier")
 
 DEFAULT_METHOD = "auto"
-"""The method used when none is named (command line, plans and API)."""
+"""The method commands, batch plans and :func:`rebasin.build_options` use when none is named.
+:func:`rebasin.match`, which gets no model or data, defaults to ``weight`` instead."""
 
 
 class DataSide(Protocol):
@@ -119,6 +119,8 @@ class Matcher(Checked):
     name: ClassVar[str] = ""
     objective: ClassVar[str] = ""
     """What ``MatchResult.objective`` measures for this method, in words."""
+    auto_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
+    """The configurations ``--method auto`` tries when it has data (none: not a candidate)."""
 
     backend: str = option(
         "auto",
@@ -135,13 +137,27 @@ class Matcher(Checked):
         """Whether this configuration uses data when there is some (it may also run without)."""
         return self.needs_data()
 
+    def auto_flops(self, sweep: float, loss: float) -> float | None:
+        """Operations ``auto`` expects this configuration to take, from those of one weight-matching
+        sweep and of one task-loss step (forward and backward); None: cheap, always tried."""
+        return None
+
     def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
-        """Find the permutation of ``problem.b`` that aligns it with ``problem.a``."""
+        """Find the permutation of ``problem.b`` that aligns it with ``problem.a``; the result
+        carries the method's registered name."""
+        return dataclasses.replace(self.solve(problem, progress), method=self.name)
+
+    def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
+        """The method itself (see :meth:`match`)."""
         raise NotImplementedError
 
     def describe(self) -> str:
         """The method as people name it (with the variant, where it has one)."""
         return self.name
+
+    def label(self) -> str:
+        """How messages name this configuration (``method 'ste'``)."""
+        return f"method '{self.name}'"
 
     def to_dict(self) -> dict[str, Any]:
         """The options, for reports."""
@@ -166,7 +182,41 @@ def list_matchers() -> list[str]:
 
 def get_matcher(name: str, **options: Any) -> Matcher:
     """The registered matcher ``name`` configured with ``options`` (checked)."""
-    from rebasin.options import make_matcher
+    return make_matcher(name, options, "api")
 
-    m: Matcher = make_matcher(name, options, "api")
-    return m
+
+def matcher_options() -> list[OptionInfo]:
+    """Every matcher's own options, one entry per name (with the methods that use it)."""
+    base = {i.name: i for i in options_of(Matcher, "method")}
+    by_name: dict[str, OptionInfo] = dict(base)
+    users: dict[str, list[str]] = {}
+    for name, cls in MATCHERS.items():
+        for info in options_of(cls, "method"):
+            if info.name in base:
+                continue
+            users.setdefault(info.name, []).append(name)
+            by_name.setdefault(info.name, info)
+    return [
+        dataclasses.replace(info, methods=tuple(users[name]), default=None) if name in users else info
+        for name, info in by_name.items()
+    ]
+
+
+def make_matcher(method: str, values: Mapping[str, Any], style: str = "cli") -> Matcher:
+    """The registered matcher ``method`` configured with ``values``; an option of another method
+    is an error naming the methods that use it."""
+    cls = MATCHERS.get(method)
+    own = {i.name: i for i in options_of(cls, "method")}
+    kw = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if k not in own:
+            users = [n for n, c in MATCHERS.items() if k in {i.name for i in options_of(c, "method")}]
+            label = next((o.label(style) for o in matcher_options() if o.name == k), repr(k))
+            if not users:
+                raise ConfigError(f"unknown option {label} for method '{method}'")
+            raise ConfigError(f"{label} does not apply to method '{method}' (used by: {', '.join(users)})")
+        kw[k] = check_value(own[k], v, style)
+    matcher: Matcher = construct(cls, kw, style)
+    return matcher

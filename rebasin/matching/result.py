@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-Permutation = dict[str, torch.Tensor]
-
-Progress = Callable[[str, float, float], None]
-"""Progress callback: (description, completed, total)."""
+from rebasin.core.types import Permutation
 
 
 def float32_state(
@@ -54,7 +51,6 @@ class MatchResult:
     its values as the run went on (sweeps, steps or evaluations). ``converged`` is None for
     methods where convergence means nothing (a fixed number of steps, a single exact solve)."""
 
-    method: str
     perm: Permutation
     objective_identity: float
     objective: float
@@ -67,6 +63,8 @@ class MatchResult:
     best_restart: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    method: str = ""
+    """The method's registered name (set by :meth:`rebasin.matching.registry.Matcher.match`)."""
     stopped: str | None = None
     """Why the search ended before converging (a time budget), or None."""
 

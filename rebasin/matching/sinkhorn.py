@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from rebasin.core.errors import ConfigError
+from rebasin.core.types import Permutation, Progress
 from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.projection import ImplicitSinkhorn, soft_permute
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state, no_worse
+from rebasin.matching.result import GroupStats, MatchResult, float32_state, no_worse
 
 if TYPE_CHECKING:
     from rebasin.matching.methods import SinkhornRebasin
@@ -135,7 +136,6 @@ def sinkhorn_rebasin(
     at_identity, found = criterion(ident), criterion(perm)
     perm, found, kept_identity = no_worse(perm, found, ident, at_identity)
     return MatchResult(
-        method="sinkhorn",
         perm=perm,
         objective_identity=at_identity,
         objective=found,

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rebasin.core.types import Permutation, Progress
 from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.projection import ImplicitSinkhorn, soft_permute
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, float32_state, no_worse
+from rebasin.matching.result import GroupStats, MatchResult, float32_state, no_worse
 from rebasin.matching.weight import weight_matching
 from rebasin.permutation import identity, permute
 from rebasin.spec.core import PermutationSpec
@@ -90,7 +91,6 @@ def straight_through(
         moved = float((best_perm[g] != torch.arange(n)).float().mean())
         groups[g] = GroupStats(n, float("nan"), float("nan"), moved)
     return MatchResult(
-        method="ste",
         perm=best_perm,
         objective_identity=at_identity,
         objective=best_score,

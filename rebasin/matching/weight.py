@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from rebasin.core.errors import MatchError
+from rebasin.core.types import Permutation, Progress
 from rebasin.matching.assignment import resolve_backend, solve_unit
 from rebasin.matching.costs import CostModel
-from rebasin.matching.result import GroupStats, MatchResult, Permutation, Progress, RestartTrace
+from rebasin.matching.result import GroupStats, MatchResult, RestartTrace
 from rebasin.permutation import random_permutation
 from rebasin.spec.core import PermutationSpec
 
@@ -97,7 +98,6 @@ def weight_matching(
     else:
         at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
     return MatchResult(
-        method="weight",
         perm=perm,
         objective_identity=at_identity,
         objective=best.history[-1],

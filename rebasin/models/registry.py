@@ -12,7 +12,15 @@ from rebasin.core.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 
-MODELS: Registry[ModelFactory] = Registry("model")
+MODELS: Registry[ModelFactory] = Registry(
+    "model",
+    builtins=(
+        "rebasin.models.mlp",
+        "rebasin.models.resnet",
+        "rebasin.models.transformer",
+        "rebasin.models.vgg",
+    ),
+)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:

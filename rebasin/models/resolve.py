@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin.core.errors import ConfigError
+from rebasin.core.errors import ConfigError, RebasinError
 from rebasin.core.usercode import brief, call_user, import_object, is_code_ref
 from rebasin.models.registry import build_model, list_models
 
@@ -116,7 +116,7 @@ def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
     """``--model-args`` JSON object -> dict (checked by the options model's rule)."""
-    from rebasin.options import parse_json_object
+    from rebasin.core.fields import parse_json_object
 
     return parse_json_object(text, "--model-args") if text else {}
 
@@ -147,6 +147,44 @@ def resolve_model(
         )
     _factory(ref.name)  # fail early on unknown names
     return ref
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a run builds (``ref``) and where it comes from (``--model``, ``rebasin.arch``,
+    ``config.json``), or the error that says why there is none, raised where one is needed."""
+
+    ref: ModelRef | None
+    source: str = ""
+    error: RebasinError | None = None
+    refused: bool = False
+    """Whether the checkpoint records an architecture that is refused (it names code)."""
+
+    def need(self) -> ModelRef:
+        """The model, or the error saying why there is none."""
+        if self.ref is None:
+            assert self.error is not None
+            raise self.error
+        return self.ref
+
+
+def choose_model(
+    model: str | None,
+    model_args: str | Mapping[str, Any] | None,
+    metadata: Mapping[str, str],
+    source: str,
+    config: Mapping[str, Any] | None = None,
+) -> ModelChoice:
+    """The model for a checkpoint (see :func:`resolve_model`). A model the user names must
+    resolve (its errors are raised now); one from the checkpoint's record or config may be
+    missing or refused (the error is kept for where a model is needed)."""
+    if model:
+        return ModelChoice(resolve_model(model, model_args, metadata, source, config), "--model")
+    try:
+        ref = resolve_model(None, model_args, metadata, source, config)
+    except ConfigError as e:
+        return ModelChoice(None, "", e, refused=ARCH_KEY in metadata)
+    return ModelChoice(ref, "config.json" if ref.config is not None else ARCH_KEY)
 
 
 def _factory(name: str) -> Callable[..., nn.Module]:

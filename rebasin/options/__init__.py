@@ -20,8 +20,8 @@ from rebasin.core.fields import (
     option,
     options_of,
     parse_json_object,
-    parse_size,
 )
+from rebasin.core.sizes import parse_size
 from rebasin.options.build import (
     Options,
     all_options,

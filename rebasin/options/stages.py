@@ -1,27 +1,34 @@
-"""The option stages of a run: seed and device, model, spec, merge, evaluation, outputs."""
+"""The option stages of a run: seed and device, model, spec, method, merge, evaluation, training,
+outputs and the console. Every option of every command is declared here once (a matching
+method's own options on its registered class, ``rebasin.matching.methods``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from rebasin.core.fields import Checked, option, parse_size
+from rebasin.core.fields import EPOCHS_HELP, LR_HELP, SEED_HELP, Checked, option
+from rebasin.core.sizes import parse_size
 
 MODEL_COMMANDS = ("merge", "barrier", "permute", "spec")
 ALIGN_COMMANDS = ("merge", "barrier")
 SPEC_COMMANDS = ("merge", "barrier", "permute", "merge-many", "spec")
+DRY_RUN_COMMANDS = ("merge", "barrier", "permute", "merge-many", "batch")
+REPORT_COMMANDS = ("merge", "barrier", "permute", "merge-many", "spec", "inspect", "train", "demo", "batch")
+
+
+def _methods() -> list[str]:
+    from rebasin.matching.registry import list_matchers
+
+    return list_matchers()
 
 
 @dataclass(frozen=True)
 class RunOptions(Checked):
-    """Seed and device: shared by every stage that draws random numbers or computes."""
+    """Seed, device and where the work runs: shared by every stage that draws random numbers or
+    computes."""
 
-    seed: int = option(
-        0,
-        "Seed of group orders, restarts, random permutations and data order.",
-        ge=0,
-        commands=("merge", "barrier", "permute", "merge-many"),
-    )
+    seed: int = option(0, SEED_HELP, ge=0, commands=("merge", "barrier", "permute", "merge-many", "train"))
     device: str = option(
         "cpu",
         "Torch device for cost matrices and model evaluation (cpu, cuda, cuda:1, mps).",
@@ -29,30 +36,39 @@ class RunOptions(Checked):
     )
     ray: str | None = option(
         None,
-        "Evaluate the alpha points as Ray tasks: local (a private instance on this machine), "
-        "auto (the cluster this machine belongs to) or a cluster ADDRESS. Needs the [ray] extra.",
+        "Run on a Ray cluster: a barrier's alpha points or a plan's items as Ray tasks. local (a "
+        "private instance on this machine), auto (the cluster this machine belongs to) or a cluster "
+        "ADDRESS. Needs the [ray] extra.",
         metavar="local|auto|ADDRESS",
-        commands=("barrier",),
+        commands=("barrier", "batch"),
+        plan=False,
+    )
+    allow_code: bool = option(
+        False,
+        "Let a plan's model and data keys import and run the code they name (MODULE:NAME, file.py:NAME).",
+        commands=("batch",),
         plan=False,
     )
 
 
 @dataclass(frozen=True)
 class ModelOptions(Checked):
-    """Which model to build: traced for a spec, run on data. Both options import user code."""
+    """Which model to build: traced for a spec, run on data, trained. Both options may import user
+    code."""
 
     model: str | None = option(
         None,
         "Built-in model (mlp, vgg, resnet20, resnet, transformer), MODULE:FACTORY or "
         "file.py:FACTORY (imports and runs that code).",
-        commands=MODEL_COMMANDS,
-        default_text="A's rebasin.arch, else config.json",
+        commands=(*MODEL_COMMANDS, "train"),
+        default_text="A's rebasin.arch, else config.json; train: mlp",
+        command_defaults={"train": "mlp"},
     )
     model_args: dict[str, Any] | None = option(
         None,
         "JSON object of the model factory's keyword arguments.",
         metavar="JSON",
-        commands=MODEL_COMMANDS,
+        commands=(*MODEL_COMMANDS, "train"),
         default_text="A's rebasin.arch_args",
     )
 
@@ -76,6 +92,21 @@ class SpecOptions(Checked):
 
 
 @dataclass(frozen=True)
+class MethodOptions(Checked):
+    """How the permutation is found: a registered matching method (its own options are declared
+    on its class). ``auto`` is the default of commands and plans; ``rebasin.match()``, which gets
+    no model or data, defaults to ``weight``."""
+
+    method: str = option(
+        "auto",
+        "How to find the permutation (docs/algorithms.md); barrier: none draws the naive path only.",
+        choices=_methods,
+        commands=("merge", "barrier"),
+        extra_choices={"barrier": ("none",), "batch": ("none",)},
+    )
+
+
+@dataclass(frozen=True)
 class MergeOptions(Checked):
     """How the aligned models are combined."""
 
@@ -89,16 +120,17 @@ class MergeOptions(Checked):
 
 @dataclass(frozen=True)
 class EvalOptions(Checked):
-    """What the models are evaluated on, and how (``barrier``, ``merge --data``)."""
+    """The data the models run on, and how they are evaluated (``barrier``, ``merge --data``)."""
 
     data: str | None = option(
         None,
         "mnist1d, digits, synthetic, a .safetensors/.npz file (x, y or input_ids), or "
         "MODULE:FUNCTION (imports and runs that code).",
-        commands=ALIGN_COMMANDS,
-        default_text="A's rebasin.data",
+        commands=(*ALIGN_COMMANDS, "train"),
+        default_text="A's rebasin.data; train: mnist1d",
+        command_defaults={"train": "mnist1d"},
     )
-    alphas: int = option(25, "Points on the interpolation grid.", ge=2, commands=ALIGN_COMMANDS)
+    alphas: int = option(25, "Points on the interpolation grid.", ge=2, commands=(*ALIGN_COMMANDS, "demo"))
     bn: str = option(
         "auto",
         "BatchNorm handling: auto (reset where the model has BatchNorm), none, reset, repair.",
@@ -109,9 +141,21 @@ class EvalOptions(Checked):
         None, "Use at most N training examples.", ge=1, metavar="N", commands=("barrier",)
     )
     max_barrier: float | None = option(
-        None, "Exit 1 if the aligned test loss barrier exceeds this.", commands=ALIGN_COMMANDS
+        None,
+        "Exit 1 if the aligned test loss barrier exceeds this (batch: for the items that set none).",
+        commands=(*ALIGN_COMMANDS, "batch"),
     )
-    batch_size: int = option(1000, "Evaluation batch size.", ge=1, plan=False)
+    eval_batch_size: int = option(1000, "Examples per evaluation batch.", ge=1, plan=False)
+
+
+@dataclass(frozen=True)
+class TrainOptions(Checked):
+    """How ``train`` (and ``demo``) train a model: AdamW with a one-cycle schedule."""
+
+    epochs: int = option(20, EPOCHS_HELP, ge=1, commands=("train", "demo"), plan=False)
+    lr: float = option(1e-3, LR_HELP, gt=0.0, commands=("train",), plan=False)
+    batch_size: int = option(128, "Training mini-batch size.", ge=1, commands=("train",), plan=False)
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0.0, commands=("train",), plan=False)
 
 
 @dataclass(frozen=True)
@@ -120,10 +164,11 @@ class OutputOptions(Checked):
 
     output: str | None = option(
         None,
-        "Output checkpoint (.safetensors, or a directory).",
+        "Output: a checkpoint (.safetensors, or a directory); demo: the folder for all it writes.",
         short="-o",
         metavar="PATH",
-        commands=("merge", "permute", "merge-many", "spec"),
+        commands=("merge", "permute", "merge-many", "spec", "train", "demo"),
+        command_defaults={"demo": "rebasin-demo"},
     )
     save_permuted: str | None = option(None, "Also write pi(B) alone.", metavar="PATH", commands=("merge",))
     report: str | None = option(
@@ -144,8 +189,8 @@ class OutputOptions(Checked):
     )
     force: bool = option(
         False,
-        "Overwrite existing output files.",
-        commands=("merge", "barrier", "permute", "merge-many", "spec"),
+        "Replace existing outputs (never an input).",
+        commands=("merge", "barrier", "permute", "merge-many", "spec", "train", "demo"),
     )
     no_verify: bool = option(
         False,
@@ -153,17 +198,46 @@ class OutputOptions(Checked):
         "(run on a probe batch whenever a model can be built).",
         commands=("merge", "barrier", "permute", "merge-many"),
     )
+    dry_run: bool = option(
+        False,
+        "Read headers only, resolve and print the run (what is matched, evaluated and verified, "
+        "every output, the estimated time and memory), check every output; write nothing.",
+        commands=DRY_RUN_COMMANDS,
+        plan=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_size(self.shard_size)
 
 
+@dataclass(frozen=True)
+class ConsoleOptions(Checked):
+    """What the command prints: results on stdout, messages for people on stderr."""
+
+    json: bool = option(
+        False, "Print the report as JSON on stdout, nothing else.", commands=REPORT_COMMANDS, plan=False
+    )
+    jsonl: bool = option(
+        False, "Print one JSON line per item as it finishes.", commands=("batch",), plan=False
+    )
+    quiet: bool = option(
+        False,
+        "No tables or progress on stderr.",
+        short="-q",
+        commands=tuple(c for c in REPORT_COMMANDS if c != "inspect"),
+        plan=False,
+    )
+
+
 STAGES: dict[str, type] = {
     "run": RunOptions,
     "model": ModelOptions,
     "spec": SpecOptions,
+    "method": MethodOptions,
     "merge": MergeOptions,
     "evaluate": EvalOptions,
+    "train": TrainOptions,
     "output": OutputOptions,
+    "console": ConsoleOptions,
 }

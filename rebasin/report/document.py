@@ -70,3 +70,52 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Non
     from rebasin.checkpoint.atomic import write_bytes
 
     write_bytes(path, to_json(report).encode())
+
+
+def evaluation_report(ev: Any, curves: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's ``evaluation`` section: model, data, BatchNorm mode, curves, endpoints."""
+    out: dict[str, Any] = {
+        "model": {"name": ev.model_name, "args": ev.model_args},
+        "data": ev.data.describe() | ({"max_train": ev.max_train} if ev.max_train else {}),
+        "bn": ev.bn,
+        "paths": {name: c.to_dict() for name, c in curves.items()},
+    }
+    first = next(iter(curves.values()))
+    out["endpoints"] = {
+        "a": {s: {"loss": first.loss[s][0], "acc": first.acc[s][0]} for s in first.loss},
+        "b": {s: {"loss": first.loss[s][-1], "acc": first.acc[s][-1]} for s in first.loss},
+    }
+    if "naive" in out["paths"] and "aligned" in out["paths"]:
+        out["aligned_worse_than_naive"] = worse_splits(out["paths"])
+    return out
+
+
+def worse_splits(paths: Mapping[str, Any]) -> list[str]:
+    """The splits on which the aligned path's loss barrier (linear definition) is above the
+    naive path's: alignment made things worse there."""
+    naive, aligned = paths["naive"]["barriers"], paths["aligned"]["barriers"]
+    return [s for s in aligned if aligned[s]["loss"]["linear"] > naive[s]["loss"]["linear"]]
+
+
+def gate_value(report: Mapping[str, Any]) -> float | None:
+    """The number ``--max-barrier`` is compared with: the test loss barrier (linear definition)
+    of the aligned path (of the naive path when nothing was aligned)."""
+    ev = report.get("evaluation")
+    if not ev:
+        return None
+    path = "aligned" if "aligned" in ev["paths"] else "naive"
+    return float(ev["paths"][path]["barriers"]["test"]["loss"]["linear"])
+
+
+def gate(value: float | None, limit: float | None) -> str | None:
+    """Why ``value`` fails the ``--max-barrier`` gate ``limit`` (None when it passes or no gate
+    is set). A barrier that is not a finite number always fails a gate."""
+    if limit is None:
+        return None
+    if value is None:
+        return "no barrier was measured"
+    if not math.isfinite(value):
+        return f"test loss barrier is {value} (the path's loss is not finite)"
+    if value > limit:
+        return f"test loss barrier {value:.4f} > --max-barrier {limit}"
+    return None

@@ -204,7 +204,9 @@ def auto_choice(match: Mapping[str, Any]) -> None:
 
 def evaluation_summary(report: Mapping[str, Any]) -> None:
     """The barrier table: per path and split, both loss-barrier definitions, error barrier,
-    midpoint accuracy; then the endpoints."""
+    midpoint accuracy; then the endpoints (nothing when the run measured no curves)."""
+    if "evaluation" not in report:
+        return
     ev = report["evaluation"]
     data = ev["data"]
     t = Table(
@@ -298,3 +300,69 @@ def batch_summary(summary: Mapping[str, Any]) -> None:
         )
     err.print(t)
     err.print(f"{summary['passed']} passed, {summary['failed']} failed", soft_wrap=True)
+
+
+def barrier_summary(report: Mapping[str, Any]) -> None:
+    """The barrier table, what auto chose, the verification, the files written."""
+    evaluation_summary(report)
+    if "match" in report:
+        auto_choice(report["match"])
+    checked(report)
+    written = [f for fs in report.get("output", {}).get("files", {}).values() for f in fs]
+    if written:
+        wrote(written)
+
+
+def train_summary(report: Mapping[str, Any]) -> None:
+    """One line: what was trained, how well, where it went."""
+    m, t = report["metrics"], report["train"]
+    err.print(
+        f"trained {report['model']['name']} on {report['data']['name']} (seed {report['seed']}, "
+        f"{t['epochs']} epochs): train acc {100 * m['train']['acc']:.1f}%, "
+        f"test acc {100 * m['test']['acc']:.1f}%; wrote {', '.join(report['output']['files'])}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+def dry_run_summary(plan: Mapping[str, Any]) -> None:
+    """The resolved run, one line per decision, then the estimates; nothing was written."""
+    runs = plan["items"] if plan.get("command") == "batch" else [plan]
+    for run in runs:
+        if "name" in run:
+            err.print(f"item '{run['name']}':", markup=False)
+        for key, label in DRY_RUN_LINES:
+            value = run.get(key)
+            if value:
+                err.print(f"  {label}: {value}", soft_wrap=True, markup=False)
+        est = run.get("estimate")
+        if est:
+            err.print(
+                f"  estimate: about {_seconds(est['seconds'])}, "
+                f"peak memory about {_bytes(est['peak_bytes'])} ({est['basis']})",
+                soft_wrap=True,
+                markup=False,
+            )
+        for o in run.get("outputs", []):
+            err.print(f"  output ({o['role']}): {o['path']}", soft_wrap=True, markup=False)
+    err.print("dry run: every check before matching passed; nothing was written", markup=False)
+
+
+DRY_RUN_LINES = (
+    ("inputs_text", "inputs"),
+    ("model_text", "model"),
+    ("spec_text", "spec"),
+    ("method_text", "method"),
+    ("data", "data"),
+    ("evaluation", "evaluation"),
+    ("verification", "verification"),
+    ("not_checked", "not checked in a dry run"),
+)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"

@@ -6,18 +6,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rebasin.checkpoint import Checkpoint
 from rebasin.core.errors import ConfigError, SpecError
-from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, recorded_data
+from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, ModelChoice
 from rebasin.spec.core import PermutationSpec, load_spec
 from rebasin.spec.names import infer_spec
 from rebasin.spec.registry import list_specs
-
-ModelArgs = str | Mapping[str, Any] | None
 
 
 def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[PermutationSpec, list[str]]:
@@ -38,21 +36,17 @@ def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[Permu
     return out, frozen
 
 
-def traced_spec(
-    ck: Checkpoint, model: str | None, model_args: ModelArgs, data: str | None = None
-) -> tuple[PermutationSpec, str]:
-    """Build the model (``--model``, else the architecture ``ck`` records), check that it fits
-    the checkpoint, and trace it for its spec."""
+def traced_spec(ck: Checkpoint, model: ModelChoice, data: str | None = None) -> tuple[PermutationSpec, str]:
+    """Build the run's model, check that it fits the checkpoint, and trace it for its spec (on
+    ``data`` where the model has no example input)."""
     from rebasin.models.fit import check_fits, renamed
-    from rebasin.models.resolve import resolve_model
     from rebasin.spec.trace import trace_spec
 
-    ref = resolve_model(model, model_args, ck.metadata, ck.name, ck.config)
+    ref = model.need()
     m = ref.factory()()
     # checkpoint names -> the model's own, where they differ
     check_fits(m, renamed(m, ck.shapes), ck.name, ref.name, made="made")
     inputs = None
-    data = data or recorded_data(ck.metadata, ck.name)
     if getattr(m, "example_input", None) is None and data:
         from rebasin.data import load_data
 
@@ -85,20 +79,15 @@ def spec_config(ck: Checkpoint) -> dict[str, Any] | None:
     return None
 
 
-def resolve_spec(
-    spec: str | PermutationSpec,
-    ck: Checkpoint,
-    model: str | None = None,
-    model_args: ModelArgs = None,
-    data: str | None = None,
+def choose_spec(
+    spec: str | PermutationSpec, ck: Checkpoint, model: ModelChoice, data: str | None = None
 ) -> tuple[PermutationSpec, str]:
-    """A spec from ``auto`` (traced from ``model`` when one is given, else inferred from names),
-    ``trace`` (the model, or the architecture the checkpoint records), a family name, a spec
-    file, or a PermutationSpec."""
+    """A spec from ``auto`` (traced from a model the user named, else inferred from names),
+    ``trace`` (the run's model), a family name, a spec file, or a PermutationSpec."""
     if isinstance(spec, PermutationSpec):
         s, source = spec, "given"
-    elif spec == "trace" or (spec == "auto" and model):
-        s, source = traced_spec(ck, model, model_args, data)
+    elif spec == "trace" or (spec == "auto" and model.source == "--model"):
+        s, source = traced_spec(ck, model, data)
     elif spec == "auto":
         s = infer_spec(ck.shapes, order=ck.order, source=ck.name, config=spec_config(ck))
         source = f"inferred:{s.family}"

@@ -498,6 +498,3 @@ def _transformer_attention(
     sizes[qk] = sizes[vo] = d
     heads[qk] = heads[vo] = Heads(n_heads, tie)
     return (Axis(qk, 1, 0), Axis(qk, 1, d), Axis(vo, 1, 2 * d)), Axis(vo)
-
-
-from rebasin.spec import hf as _hf  # noqa: E402, F401  (registers the Hugging Face families)

@@ -38,7 +38,9 @@ class SpecFamily:
         return self.builder(shapes, order)
 
 
-FAMILIES: Registry[SpecFamily] = Registry("spec family", more=", or a spec file")
+FAMILIES: Registry[SpecFamily] = Registry(
+    "spec family", builtins=("rebasin.spec.names", "rebasin.spec.hf"), more=", or a spec file"
+)
 
 
 def register_spec(

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin.checkpoint import LazyStateDict
+from rebasin.checkpoint import Checkpoint, LazyStateDict
 from rebasin.checkpoint.state import info_of
-from rebasin.matching.result import Permutation
+from rebasin.core.errors import CheckpointError, ConfigError
+from rebasin.core.types import Permutation
 from rebasin.models.fit import load_into
 from rebasin.permutation import permute
 from rebasin.spec.core import PermutationSpec
@@ -161,3 +162,41 @@ def _diff(before: torch.Tensor, after: torch.Tensor, probe: str) -> Equivalence:
     rel = max_abs / scale if scale > 0 else max_abs
     ok = bool(torch.isfinite(d).all()) and rel <= RELATIVE_TOL
     return Equivalence(ok, max_abs, rel, probe)
+
+
+NOT_VERIFIED: dict[str, Any] = {"ok": None}
+
+
+def verify(
+    verifier: Verifier | None,
+    why_not: str,
+    ck: Checkpoint,
+    spec: PermutationSpec,
+    perm: Permutation,
+    what: str = "pi(B)",
+    of: str = "B",
+) -> dict[str, Any]:
+    """Check that ``perm`` preserves ``ck``'s function; the report's ``equivalence`` section.
+    Raises CheckpointError naming the first group that breaks it."""
+    if verifier is None:
+        return {**NOT_VERIFIED, "reason": why_not}
+    try:
+        eq = verifier.check(ck.state, spec, perm)
+    except ConfigError as e:
+        if verifier.strict:
+            raise
+        return {
+            **NOT_VERIFIED,
+            "reason": f"not verified: the model built from the checkpoint does not fit it ({e.message})",
+        }
+    if not eq.ok:
+        group = verifier.first_breaking_group(ck.state, spec, perm)
+        where = f"; the first group that breaks it: '{group}'" if group else ""
+        raise CheckpointError(
+            f"{what} does not compute what {of} computes (max abs diff {eq.max_abs_diff:.3g}, "
+            f"relative {eq.relative:.2g} on {eq.probe}){where}",
+            f"check the spec (rebasin spec), freeze the group (--freeze {group or 'GROUP'}), "
+            "or pass --no-verify to write it anyway",
+            source=ck.name,
+        )
+    return eq.to_dict()

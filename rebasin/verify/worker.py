@@ -11,6 +11,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
@@ -20,11 +21,10 @@ from typing import Any
 import torch
 
 from rebasin.checkpoint import Checkpoint
-from rebasin.matching.result import Permutation
-from rebasin.options import Options
+from rebasin.core.types import Permutation
 from rebasin.spec.core import PermutationSpec
-from rebasin.verify.equivalence import Verifier
-from rebasin.verify.plan import verifier_for, verify
+from rebasin.verify.equivalence import Verifier, verify
+from rebasin.verify.plan import VerifyPlan, build_verifier
 
 Target = tuple[Checkpoint, str, str]
 """A checkpoint whose permutations are checked, with the words for the error: ``(ck, what, of)``,
@@ -42,8 +42,8 @@ class Check:
     ``equivalence``, or the CheckpointError naming the group that breaks it. Should the worker stop
     or fail unexpectedly, the check runs again in this process."""
 
-    def __init__(self, opts: Options, model_ck: Checkpoint, spec: PermutationSpec, targets: list[Target]):
-        self._args = (opts, model_ck, spec, targets)
+    def __init__(self, plan: VerifyPlan, seed: int, spec: PermutationSpec, targets: list[Target]):
+        self._args = (plan, seed, spec, targets)
         self._numbers = itertools.count()
         self._asked: dict[int, tuple[int, Permutation]] = {}  # target: (request number, perm)
         self._answers: dict[int, tuple[str, Any]] = {}  # request number: (kind, value)
@@ -51,7 +51,9 @@ class Check:
         self._recv: Callable[[], Answer] | None = None
         self._stop: Callable[[], None] = lambda: None
         self._local: tuple[Verifier | None, str] | None = None
-        if not opts.output.no_verify:
+        self.waited = 0.0
+        """Seconds spent waiting for verdicts, beyond the work done beside the command."""
+        if plan.model is not None:
             self._start(forking())
 
     def _start(self, fork: bool) -> None:
@@ -103,6 +105,13 @@ class Check:
     def result(self, i: int = 0) -> dict[str, Any]:
         """The verdict on target ``i``'s last permutation submitted (waits for it)."""
         n, perm = self._asked[i]
+        t0 = time.perf_counter()
+        try:
+            return self._verdict(n, i, perm)
+        finally:
+            self.waited += time.perf_counter() - t0
+
+    def _verdict(self, n: int, i: int, perm: Permutation) -> dict[str, Any]:
         while n not in self._answers:
             got = self._receive()
             if got is None:  # no worker (any more): the check runs here
@@ -130,10 +139,10 @@ class Check:
         return None
 
     def _here(self, i: int, perm: Permutation) -> dict[str, Any]:
-        opts, model_ck, spec, targets = self._args
+        plan, seed, spec, targets = self._args
         ck, what, of = targets[i]
-        if self._local is None:  # (None, the reason) with --no-verify
-            self._local = verifier_for(opts, model_ck)
+        if self._local is None:  # (None, the reason) when nothing is verified
+            self._local = build_verifier(plan, seed)
         return verify(*self._local, ck, spec, perm, what, of)
 
     def close(self) -> None:
@@ -184,9 +193,9 @@ def _serve(recv: Callable[[], Ask | None], send: Callable[[Answer], None], args:
     answer each request received, in order, until None."""
     from rebasin.core.errors import RebasinError, error_line
 
-    opts, model_ck, spec, targets = args
+    plan, seed, spec, targets = args
     try:
-        verifier, why = verifier_for(opts, model_ck)
+        verifier, why = build_verifier(plan, seed)
         failure: BaseException | None = None
     except BaseException as e:  # whatever it is, it is answered, never left for a waiter to miss
         verifier, why, failure = None, "", e

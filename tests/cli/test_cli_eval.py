@@ -92,7 +92,7 @@ def test_train_is_deterministic_and_records_metadata(tmp_path: Path) -> None:
         out = tmp_path / f"t{i}.safetensors"
         code, _, err = run(
             "train",
-            "--arch",
+            "--model",
             "mlp",
             "--data",
             "synthetic",
@@ -100,7 +100,7 @@ def test_train_is_deterministic_and_records_metadata(tmp_path: Path) -> None:
             "3",
             "--lr",
             "0.01",
-            "--arch-args",
+            "--model-args",
             '{"hidden": 16, "depth": 1}',
             "--seed",
             "3",
@@ -134,7 +134,7 @@ def test_train_is_deterministic_and_records_metadata(tmp_path: Path) -> None:
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    code, _, err = run("demo", "--out", out, "--epochs", "2", "--alphas", "5", "--budget", "1")
+    code, _, err = run("demo", "-o", out, "--epochs", "2", "--alphas", "5", "--budget", "1")
     assert code == 0, err
     for name in (
         "a.safetensors",
@@ -148,7 +148,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == "demo"
     assert "aligned test loss barrier is" in err
-    expect_error(["demo", "--out", out], f"{out}: folder exists and is not empty", "pass --force to reuse it")
+    expect_error(["demo", "-o", out], f"{out}: folder exists and is not empty", "pass --force to reuse it")
 
 
 # ------------------------------------------------------------------------------ batch
@@ -170,7 +170,7 @@ defaults: {{alphas: 3, method: weight}}
 items:
   - {{name: merge-it, a: {a}, b: {b}, output: merged.safetensors, data: mnist1d}}
   - {{name: strict, a: {a}, b: {b}, data: mnist1d, max_barrier: -1}}  # barriers are never negative
-  - {{name: naive, a: {a}, b: {b}, data: mnist1d, align: false}}
+  - {{name: naive, a: {a}, b: {b}, data: mnist1d, method: none}}
 """,
     )
     code, stdout, _ = run("batch", plan, "--json")

@@ -21,7 +21,7 @@ ARGS = {"in_features": 40, "hidden": 128, "depth": 2, "num_classes": 10}
 
 @pytest.fixture(scope="session")
 def trained_trio(trained_mlp_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from rebasin.commands.demo import train_checkpoint
+    from rebasin.commands.train import train_checkpoint
 
     p = tmp_path_factory.mktemp("trio") / "mlp2.safetensors"
     train_checkpoint("mlp", ARGS, "mnist1d", p, seed=train_seed(2), epochs=8)

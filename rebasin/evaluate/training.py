@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rebasin.core.types import Progress
 from rebasin.data.core import Dataset, batches
 from rebasin.evaluate.metrics import Metrics, evaluate
-from rebasin.matching.result import Progress
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""``--dry-run``: resolve a run from headers only, make every check the real run makes before
+matching that needs no tensor data, and say what would happen: what is matched with which method
+and options, which groups, what is evaluated on which data, how the writes are verified, every
+output path, and the estimated time and peak memory. Nothing is written.
+
+The estimates come from the shapes and a few measurements taken here (matmul and assignment
+rates, measured in a fraction of a second): reading the pair, the products of the expected
+sweeps of weight matching (or the operations a data-driven method's own estimate counts), the
+assignments, the evaluation's forward passes and the write; peak memory from the largest tensors
+held at once, the largest cost matrix and the models built for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+from rebasin.commands.resolve import Run, describe, resolve_run
+from rebasin.commands.stages import check_unaligned, run_spec
+from rebasin.core.errors import ConfigError, RebasinError
+from rebasin.core.types import PathLike
+from rebasin.options import Options
+from rebasin.spec.core import PermutationSpec
+
+NOT_CHECKED = "that every weight is finite (it needs the tensor data; the real run reads it first)"
+
+BASE_BYTES = 400 << 20
+"""Resident memory of the process before any checkpoint is read (Python, torch, numpy)."""
+HF_BYTES = 500 << 20
+"""More when transformers is imported (Hugging Face models)."""
+READ_BYTES_PER_S = 500e6
+"""Assumed rate of reading checkpoints (a cold disk is slower, the page cache faster)."""
+WRITE_BYTES_PER_S = 300e6
+EXPECTED_SWEEPS = 4
+"""Sweeps a weight-matching run takes, for the estimate (planted pairs: 3; trained pairs 3-8)."""
+START_S = 3.0
+"""Process start, imports, spec inference."""
+
+
+def dry_run(command: str, opts: Options, paths: Sequence[PathLike]) -> dict[str, Any]:
+    """The dry run of ``command`` (``batch``: of every item of the plan ``paths[0]``)."""
+    if command == "batch":
+        return _batch(paths[0], opts)
+    out = opts.output.output
+    return plan_run(resolve_run(command, opts, paths, out))
+
+
+def plan_run(run: Run) -> dict[str, Any]:
+    """The resolved run with its spec, its pre-matching checks made, and its estimates."""
+    a = run.checkpoints[0]
+    spec = None
+    if run.command in ("merge", "permute", "merge-many") or run.matcher is not None:
+        spec, source, frozen = run_spec(run, check_data=False)
+    else:
+        check_unaligned(run, check_data=False)
+        source, frozen = "", []
+    if run.data is not None:
+        from rebasin.evaluate.setup import check_evaluation
+
+        check_evaluation(a, run.model.need(), run.data, run.seed)
+    out = describe(run)
+    out["inputs_text"] = ", ".join(f"{c.path} ({_size(c)})" for c in run.checkpoints)
+    out["model_text"] = f"{run.model.ref.name} (from {run.model.source})" if run.model.ref else "none"
+    if spec is not None:
+        moved = ", ".join(list(spec.sizes)[:6]) + (
+            f" ... ({len(spec.sizes)} in all)" if len(spec.sizes) > 6 else ""
+        )
+        out["spec"] = {"source": source, "groups": dict(spec.sizes), "frozen": frozen}
+        out["spec_text"] = f"{source}, {len(spec.sizes)} groups ({moved})" + (
+            f"; frozen: {', '.join(frozen)}" if frozen else ""
+        )
+    if run.matcher is not None:
+        data = " with the models run on the training data" if run.matcher_data else ""
+        shown = {k: v for k, v in run.matcher.to_dict().items() if v is not None}
+        out["method_text"] = f"{run.matcher.describe()}{data}; options {shown}"
+    elif run.command == "barrier":
+        out["method_text"] = "none: the naive path only"
+    out["not_checked"] = NOT_CHECKED
+    out["estimate"] = estimate(run, spec)
+    return out
+
+
+def _batch(plan_path: PathLike, opts: Options) -> dict[str, Any]:
+    """Every item resolved and checked as its own dry run; one error naming each item that
+    would fail before matching."""
+    from rebasin.commands.batch import item_options, load_plan
+
+    plan = load_plan(plan_path, opts.run.allow_code)
+    items, problems = [], []
+    for item in plan.items:
+        try:
+            o = item_options(item)
+            command = "merge" if "output" in item else "barrier"
+            run = resolve_run(command, o, [item["a"], item["b"]], item.get("output"))
+            items.append({"name": item["name"], **plan_run(run)})
+        except RebasinError as e:
+            problems.append(f"item '{item['name']}': {e.line()}")
+    if problems:
+        raise ConfigError("; ".join(problems), source=str(plan_path))
+    return {"command": "batch", "plan": str(plan_path), "items": items}
+
+
+def _size(ck: Any) -> str:
+    n = sum(math.prod(s) * _itemsize(ck.dtypes[k]) for k, s in ck.shapes.items())
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _itemsize(dtype: Any) -> int:
+    import torch
+
+    return int(torch.empty((), dtype=dtype).element_size())
+
+
+def _bytes(ck: Any) -> int:
+    return sum(math.prod(s) * _itemsize(ck.dtypes[k]) for k, s in ck.shapes.items())
+
+
+@cache
+def matmul_rate() -> float:
+    """Floating-point operations per second of a float32 matmul here (measured once)."""
+    import torch
+
+    x = torch.randn(768, 768)
+    torch.mm(x, x)
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < 0.15:
+        torch.mm(x, x)
+        n += 1
+    return 2 * 768**3 * n / (time.perf_counter() - t)
+
+
+@cache
+def assignment_seconds(n: int) -> float:
+    """Seconds of one n x n linear assignment on weakly structured costs (measured at 256, scaled
+    as n^2.5)."""
+    import numpy as np
+
+    from rebasin.matching.assignment import solve_assignment
+
+    c = np.random.default_rng(0).standard_normal((256, 256))
+    t = time.perf_counter()
+    solve_assignment(c)
+    return (time.perf_counter() - t) * (n / 256) ** 2.5
+
+
+def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
+    """Estimated wall time (seconds) and peak resident memory (bytes) of the real run."""
+    from rebasin.checkpoint.state import shape_of
+    from rebasin.matching.costs import sweep_products
+
+    cks = run.checkpoints
+    pair_bytes = sum(_bytes(c) for c in cks)
+    largest = max((math.prod(s) for c in cks for s in c.shapes.values()), default=0)
+    hf = run.model.ref is not None and run.model.ref.config is not None
+    seconds = START_S + (3.0 if hf and run.verification.model is not None else 0.0)
+    seconds += 2 * pair_bytes / READ_BYTES_PER_S  # the scan, and the reads of the write pass
+    peak = BASE_BYTES + (HF_BYTES if hf else 0) + 4 * 4 * largest  # float32 copies of a few tensors
+    if spec is not None and run.command != "permute":
+        weighed = spec.cost_params()
+        sweep = sweep_products(spec, {k: shape_of(cks[0].state, k) for k in weighed}, weighed)
+        laps = sum(assignment_seconds(n) for n in spec.sizes.values())
+        n_max = max(spec.sizes.values())
+        peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
+        sweeps = EXPECTED_SWEEPS * (len(cks) if run.command == "merge-many" else 1)
+        runs = _runs(run)
+        seconds += runs * sweeps * (sweep / matmul_rate() + laps) + _data_cost_seconds(run, sweep)
+    if run.data is not None:
+        params = cks[0].num_parameters()
+        peak += 3 * 4 * params  # the evaluation's models (float32)
+        if run.evaluation is not None:
+            from rebasin.data import load_data
+
+            d = load_data(run.data.name, run.seed)
+            n = min(len(d.y_train), run.data.max_train or len(d.y_train)) + len(d.y_test)
+            tokens = math.prod(d.x_train.shape[1:]) if not d.x_train.is_floating_point() else 1
+            passes = 2 * run.evaluation.alphas * (2 if run.data.bn != "none" else 1)
+            seconds += passes * n * tokens * 2 * params / matmul_rate()
+            peak += d.x_train.element_size() * d.x_train.numel() + d.x_test.element_size() * d.x_test.numel()
+    if run.command != "barrier":
+        seconds += pair_bytes / 2 / WRITE_BYTES_PER_S
+    return {
+        "seconds": round(seconds, 1),
+        "peak_bytes": int(peak),
+        "basis": f"float32 matmul at {matmul_rate() / 1e9:.0f} GFLOP/s measured here, "
+        f"{EXPECTED_SWEEPS} sweeps per run, reads at {READ_BYTES_PER_S / 1e6:.0f} MB/s",
+    }
+
+
+def _runs(run: Run) -> int:
+    """Runs of weight matching: restarts, or auto's (up to three, as its budget allows)."""
+    from rebasin.matching.auto import RESTARTS
+
+    m = run.matcher
+    if m is None:
+        return 1
+    if m.name == "auto":
+        return RESTARTS
+    return int(getattr(m, "restarts", 1))
+
+
+def _data_cost_seconds(run: Run, sweep: float) -> float:
+    """What a data-driven method (or auto's data candidates within its budget) adds, from the
+    methods' own operation counts (the task loss taken as three forward passes of the model)."""
+    m = run.matcher
+    if m is None or not run.matcher_data:
+        return 0.0
+    from rebasin.matching.auto import NOMINAL_FLOPS
+    from rebasin.matching.registry import MATCHERS
+
+    nominal = NOMINAL_FLOPS["cuda" if run.device.startswith("cuda") else "cpu"]
+    loss = 6.0 * run.checkpoints[0].num_parameters() * 256  # a batch of 256, forward and backward
+    if m.name != "auto":
+        flops = m.auto_flops(sweep, loss)
+        return (flops or 0.0) / matmul_rate()
+    spent = 0.0
+    budget = float(getattr(m, "budget", 0.0))
+    for cls in MATCHERS.values():
+        for variant in cls.auto_variants:
+            f = cls(**variant).auto_flops(sweep, loss)
+            if f is not None and spent + f / nominal <= budget:  # auto's own nominal rate decides
+                spent += f / nominal
+    return spent * nominal / matmul_rate()

@@ -1,0 +1,135 @@
+"""The stages every command story is made of, each taking the resolved :class:`Run`: the spec,
+the evaluator, the matching, the curves, the report's shared sections."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rebasin.commands.inputs import check_dtypes, check_finite
+from rebasin.commands.resolve import Run
+from rebasin.core.types import PathLike, Progress
+from rebasin.evaluate.setup import EvaluatorData, make_evaluator
+from rebasin.matching.registry import MatchProblem
+from rebasin.matching.result import MatchResult
+from rebasin.report.document import evaluation_report, input_info, new_report, spec_info, write_report
+from rebasin.spec.choose import choose_spec, freeze_groups
+from rebasin.spec.core import PermutationSpec
+
+
+class Timings(dict[str, float]):
+    """Seconds per phase, as the report's ``timings`` section gives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self[key] = round(time.perf_counter() - t, 4)
+
+    def total(self) -> dict[str, float]:
+        return {**self, "total_s": round(time.perf_counter() - self._t0, 4)}
+
+
+def run_spec(run: Run, check_data: bool = True) -> tuple[PermutationSpec, str, list[str]]:
+    """The run's spec (frozen groups held out), with the weights it touches checked: floating
+    point in every checkpoint (from headers) and, unless ``check_data`` is off (a dry run),
+    finite (one read of the files, which also gives their SHA-256)."""
+    a = run.checkpoints[0]
+    spec, source = choose_spec(run.options.spec.spec, a, run.model, run.known_data)
+    spec, frozen = freeze_groups(spec, run.options.spec.freeze)
+    for ck in run.checkpoints:
+        check_dtypes(ck, spec)
+        if check_data:
+            check_finite(ck)
+    return spec, source, frozen
+
+
+def check_unaligned(run: Run, check_data: bool = True) -> None:
+    """The checks of the weights when nothing is aligned (no spec): floating point and finite."""
+    for ck in run.checkpoints:
+        check_dtypes(ck)
+        if check_data:
+            check_finite(ck)
+
+
+def evaluator(run: Run) -> Any:
+    """The path evaluator of the run's model on its data (None when nothing runs on data)."""
+    if run.data is None:
+        return None
+    return make_evaluator(run.checkpoints[0], run.model.need(), run.data, run.seed, run.device)
+
+
+def align(run: Run, spec: PermutationSpec, ev: Any, progress: Progress | None) -> MatchResult:
+    """Run the matcher on A and B, with the data side where the run gives it one."""
+    assert run.matcher is not None
+    a, b = run.checkpoints[:2]
+    data = EvaluatorData(ev, a, spec, run.seed) if run.matcher_data else None
+    return run.matcher.match(MatchProblem(a.state, b.state, spec, data, run.seed, run.device), progress)
+
+
+def curves(
+    run: Run, ev: Any, a: Any, b: Any, b_aligned: Any | None, progress: Progress | None
+) -> dict[str, Any]:
+    """The naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation
+    section; with ``--ray``, the alpha points run as Ray tasks."""
+    from rebasin.evaluate.paths import alpha_grid
+
+    assert run.evaluation is not None
+    pool = None
+    if run.options.run.ray is not None:
+        from rebasin.commands.cluster import RayMap, connect
+
+        pool = RayMap(connect(run.options.run.ray))
+    grid = alpha_grid(run.evaluation.alphas)
+    paths = {"naive": ev.curve(a, b, grid, progress, "naive", pool)}
+    if b_aligned is not None:
+        paths["aligned"] = ev.curve(a, b_aligned, grid, progress, "aligned", pool)
+    return evaluation_report(ev, paths)
+
+
+def pair_report(
+    run: Run, spec: PermutationSpec, source: str, frozen: list[str], r: MatchResult
+) -> dict[str, Any]:
+    """The report of a command that matched B to A: inputs, spec, method, matching."""
+    a, b = run.checkpoints[:2]
+    report = new_report(run.command)
+    report["inputs"] = {"a": input_info(a), "b": input_info(b)}
+    report["spec"] = spec_info(spec, source, list(a.state)) | {"frozen": frozen}
+    report["method"] = {"name": r.method, "options": r.options}
+    report["match"] = r.to_dict()
+    return report
+
+
+def provenance(run: Run, spec: PermutationSpec, source: str, method: str) -> dict[str, Any]:
+    """What an output's metadata records of the run that made it."""
+    out: dict[str, Any] = {"method": method, "seed": run.seed, "spec": source, "spec_digest": spec.digest()}
+    for key, ck in zip(("input_a", "input_b"), run.checkpoints, strict=False):
+        out[f"{key}.sha256"] = ck.sha256()
+    return out
+
+
+def output_group_note(equivalence: dict[str, Any]) -> list[str]:
+    """The report's note when the model's output axis follows a permuted group."""
+    g = equivalence.get("output_group")
+    if not g:
+        return []
+    return [f"the model's output axis follows group '{g}': the aligned model answers in A's coordinates"]
+
+
+def finish(report: dict[str, Any], run: Run) -> dict[str, Any]:
+    """Write the JSON report (when asked), listing itself among the outputs."""
+    path: PathLike | None = run.options.output.report
+    if path is not None:
+        files = report.setdefault("output", {}).setdefault("files", {})
+        if isinstance(files, list):
+            files.append(str(path))
+        else:
+            files["report"] = [str(path)]
+        write_report(report, path)
+    return report
