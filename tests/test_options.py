@@ -111,7 +111,12 @@ def test_a_name_has_one_meaning() -> None:
         first = infos[0]
         for o in infos[1:]:
             assert (o.help, o.kind, o.ge, o.gt, o.le, o.flag) == (
-                first.help, first.kind, first.ge, first.gt, first.le, first.flag
+                first.help,
+                first.kind,
+                first.ge,
+                first.gt,
+                first.le,
+                first.flag,
             ), name
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, Case
+from cases import CASES, Case
 
 from rebasin.matching import CallableData, match
 from rebasin.merge import interpolate

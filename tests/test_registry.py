@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CASES, Case
+from cases import CASES, Case
 
 from rebasin.core.errors import ConfigError
 from rebasin.core.registry import Registry

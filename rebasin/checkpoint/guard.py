@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rebasin.checkpoint.save import shard_pattern
 from rebasin.core.errors import CheckpointError
 
 PathLike = str | os.PathLike[str]
@@ -39,8 +40,6 @@ class Output:
         if self.is_folder:
             return [self.path]
         if self.kind == "checkpoint":
-            from rebasin.checkpoint.save import shard_pattern
-
             stem = self.path.name.removesuffix(".safetensors")
             index = self.path.with_name(f"{stem}.safetensors.index.json")
             shards = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from rebasin.checkpoint.reader import Location, header_locations, read_tensor
 from rebasin.checkpoint.state import Checkpoint, LazyStateDict, TensorInfo, _st_dtype, natural_key
@@ -167,7 +168,6 @@ def _load_index(p: Path, name: str, root: Path | None = None) -> Checkpoint:
 
 
 def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: dict[str, str]) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
 
     owner: dict[str, Location] = {}
     shapes: dict[str, tuple[int, ...]] = {}

@@ -7,6 +7,8 @@ Exit codes: 0 success, 1 a gate failed, 2 bad usage or bad input.
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,8 +17,12 @@ from typing import Annotated, Any
 
 import typer
 
+from rebasin._memory import return_freed_tensors
+from rebasin._version import __version__
 from rebasin.cli.failures import OneLineErrors, handled, on_sigterm
 from rebasin.cli.params import with_options
+from rebasin.options import build_options
+from rebasin.report import render
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -30,8 +36,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from rebasin._version import __version__
-
         print(f"rebasin {__version__} (distribution: basinmerge)")
         raise typer.Exit()
 
@@ -43,13 +47,11 @@ def _root(
     ] = False,
 ) -> None:
     """Merge neural networks modulo permutation symmetry."""
-    from rebasin._memory import return_freed_tensors
 
     return_freed_tensors()  # streamed runs: memory follows the tensors alive, not glibc's heap
 
 
 def _options(command: str, values: dict[str, Any] | None) -> Any:
-    from rebasin.options import build_options
 
     return build_options(values or {}, command)
 
@@ -61,7 +63,6 @@ def _talks(opts: Any) -> bool:
 
 @contextmanager
 def _progress(opts: Any) -> Iterator[Callable[[str, float, float], None] | None]:
-    from rebasin.report import render
 
     with render.progress_bar(_talks(opts) and render.interactive()) as progress:
         yield progress
@@ -84,9 +85,7 @@ def _gate(opts: Any, report: Any) -> None:
     reason = gate(gate_value(report), opts.evaluate.max_barrier)
     if reason is not None:
         if _talks(opts):
-            from rebasin.report.render import err
-
-            err.print(f"gate failed: {reason}", soft_wrap=True, markup=False)
+            render.err.print(f"gate failed: {reason}", soft_wrap=True, markup=False)
         raise typer.Exit(1)
 
 
@@ -95,7 +94,6 @@ def _dry_run(command: str, opts: Any, paths: list[Path]) -> bool:
     if not opts.output.dry_run:
         return False
     from rebasin.commands.dry_run import dry_run
-    from rebasin.report import render
 
     _emit(opts, dry_run(command, opts, paths), render.dry_run_summary)
     return True
@@ -111,7 +109,6 @@ def merge(
 ) -> None:
     """Align B to A and write (1 - alpha) A + alpha pi(B); with --data, also measure the barrier."""
     from rebasin.commands.pair import merge_checkpoints
-    from rebasin.report import render
 
     opts = _options("merge", values)
     if _dry_run("merge", opts, [a, b]):
@@ -132,7 +129,6 @@ def barrier(
 ) -> None:
     """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
     from rebasin.commands.pair import barrier_checkpoints
-    from rebasin.report import render
 
     opts = _options("barrier", values)
     if _dry_run("barrier", opts, [a, b]):
@@ -152,7 +148,6 @@ def permute(
 ) -> None:
     """Write a random, function-preserving permutation of a checkpoint."""
     from rebasin.commands.single import permute_checkpoint
-    from rebasin.report import render
 
     opts = _options("permute", values)
     if _dry_run("permute", opts, [checkpoint]):
@@ -169,7 +164,6 @@ def merge_many(
 ) -> None:
     """MergeMany: align every model to the mean of the others, repeat, write the mean."""
     from rebasin.commands.many import merge_many_checkpoints
-    from rebasin.report import render
 
     opts = _options("merge-many", values)
     if _dry_run("merge-many", opts, checkpoints):
@@ -189,7 +183,6 @@ def spec_cmd(
     """Show the permutation groups (and the tensors left fixed); export them with -o (.yaml or .json)."""
     from rebasin.checkpoint.atomic import write_bytes
     from rebasin.commands.single import describe_spec
-    from rebasin.report import render
     from rebasin.report.document import spec_info
     from rebasin.spec.core import dump_spec
 
@@ -213,7 +206,6 @@ def inspect(
 ) -> None:
     """List tensors, shapes, dtypes, parameter count and metadata."""
     from rebasin.commands.single import inspect_checkpoint
-    from rebasin.report import render
 
     opts = _options("inspect", values)
     _emit(opts, inspect_checkpoint(checkpoint), render.inspect_summary)
@@ -225,7 +217,6 @@ def inspect(
 def train_cmd(values: dict[str, Any] | None = None) -> None:
     """Train a model on built-in or user data (seeded); the checkpoint records how to rebuild it."""
     from rebasin.commands.train import train_from_options
-    from rebasin.report import render
 
     opts = _options("train", values)
     with _progress(opts) as progress:
@@ -239,7 +230,6 @@ def train_cmd(values: dict[str, Any] | None = None) -> None:
 def demo(values: dict[str, Any] | None = None) -> None:
     """Train two MLPs on MNIST-1D, merge them, and show the barrier before and after alignment."""
     from rebasin.commands.demo import check_demo_folder, run_demo
-    from rebasin.report import render
 
     opts = _options("demo", values)
     out, force = Path(opts.output.output), opts.output.force
@@ -273,10 +263,8 @@ def batch(
     values: dict[str, Any] | None = None,
 ) -> None:
     """Run many merges/barriers from a plan; exit 1 if any item failed or any gate failed."""
-    import json as _json
 
     from rebasin.commands.batch import load_plan, plan_items, run_items, run_plan, summarize
-    from rebasin.report import render
     from rebasin.report.document import jsonable
 
     opts = _options("batch", values)
@@ -293,7 +281,7 @@ def batch(
     for row in results:
         rows.append(row)
         if opts.console.jsonl:
-            sys.stdout.write(_json.dumps(jsonable(row)) + "\n")
+            sys.stdout.write(json.dumps(jsonable(row)) + "\n")
             sys.stdout.flush()
     summary = summarize(p, rows)
     if not opts.console.jsonl:
@@ -304,7 +292,6 @@ def batch(
 
 def main() -> None:
     """Console-script entry point: SIGTERM, like Ctrl-C, removes temporary files on the way out."""
-    import signal
 
     signal.signal(signal.SIGTERM, on_sigterm)
     app()

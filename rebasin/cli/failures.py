@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
+from rebasin.core.errors import RebasinError, error_line
+from rebasin.report.render import error
+
 try:  # typer vendors its own click from 0.2x on
     from typer._click import exceptions as cx
 except ImportError:  # pragma: no cover
@@ -29,8 +32,6 @@ def handled(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rebasin.core.errors import RebasinError
-        from rebasin.report.render import error
 
         try:
             return fn(*args, **kwargs)
@@ -48,7 +49,6 @@ def handled(fn: F) -> F:
         except (OSError, MemoryError, Exception) as e:  # never a traceback for people
             if os.environ.get("REBASIN_TRACEBACK"):
                 raise
-            from rebasin.core.errors import error_line
 
             internal = not isinstance(e, OSError | MemoryError)
             line = error_line(e)

@@ -19,10 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rebasin.checkpoint.atomic import clean_stale
 from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs
+from rebasin.commands.cluster import cancel_running
+from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
 from rebasin.core.errors import ConfigError, RebasinError, error_line
+from rebasin.core.textfiles import read_data
 from rebasin.core.usercode import is_code_ref
 from rebasin.options import OptionInfo, Options, build_options, check_value, plan_options
+from rebasin.report.document import gate, gate_value
 
 ITEM_ONLY = {"name": str, "a": str, "b": str}
 """Keys of an item beyond the options model's plan options (``rebasin.options.plan_options``)."""
@@ -67,7 +72,6 @@ CODE_KEYS = ("model", "data")
 def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
     """Read and validate a plan; raise ConfigError listing every problem. Keys that name code to
     import are refused unless ``allow_code`` (``rebasin batch --allow-code``)."""
-    from rebasin.core.textfiles import read_data
 
     p = Path(path)
     src = str(path)
@@ -169,8 +173,6 @@ def item_options(item: dict[str, Any]) -> Options:
 
 def run_item(item: dict[str, Any]) -> dict[str, Any]:
     """Run one item (merge when it has an output, else barrier); return its summary row."""
-    from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
-    from rebasin.report.document import gate, gate_value
 
     opts = item_options(item)
     row: dict[str, Any] = {"name": item["name"], "a": item["a"], "b": item["b"]}
@@ -280,8 +282,6 @@ def run_items(ray: Any, items: Sequence[dict[str, Any]]) -> Iterator[dict[str, A
 
 def _cancel(ray: Any, pending: dict[Any, dict[str, Any]]) -> None:
     """Cancel tasks still running and remove the temporary files they leave behind."""
-    from rebasin.checkpoint.atomic import clean_stale
-    from rebasin.commands.cluster import cancel_running
 
     cancel_running(ray, list(pending))
     for ref in pending:

@@ -7,8 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
+from rebasin.commands import merge_checkpoints
 from rebasin.commands.train import train_checkpoint
+from rebasin.core.errors import CheckpointError
 from rebasin.core.types import Progress
+from rebasin.matching.methods import AutoMatch
+from rebasin.options import EvalOptions, Options, OutputOptions
+from rebasin.report.document import write_report
+from rebasin.report.plot import plot_curves
 
 DEMO_MODEL = {"in_features": 40, "hidden": 512, "depth": 2, "num_classes": 10}
 DEMO_DATA = "mnist1d"
@@ -16,7 +23,6 @@ DEMO_DATA = "mnist1d"
 
 def check_demo_folder(out_dir: str | os.PathLike[str], force: bool) -> None:
     """The demo writes into a new or empty folder unless ``force``."""
-    from rebasin.core.errors import CheckpointError
 
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
@@ -36,12 +42,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train A (seed 0) and B (seed 1), merge (method auto within ``budget`` seconds), evaluate;
     write everything into ``out_dir``."""
-    from rebasin.checkpoint.guard import checkpoint_output, file_output, guard_outputs, plot_output
-    from rebasin.commands import merge_checkpoints
-    from rebasin.matching.methods import AutoMatch
-    from rebasin.options import EvalOptions, Options, OutputOptions
-    from rebasin.report.document import write_report
-    from rebasin.report.plot import plot_curves
 
     d = Path(out_dir)
     check_demo_folder(d, force)

@@ -18,10 +18,21 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
+import numpy as np
+import torch
+
+from rebasin.checkpoint.state import shape_of
+from rebasin.commands.batch import item_options, load_plan
 from rebasin.commands.resolve import Run, describe, resolve_run
 from rebasin.commands.stages import check_unaligned, run_spec
 from rebasin.core.errors import ConfigError, RebasinError
 from rebasin.core.types import PathLike
+from rebasin.data import load_data
+from rebasin.evaluate.setup import check_evaluation
+from rebasin.matching.assignment import solve_assignment
+from rebasin.matching.auto import NOMINAL_FLOPS, RESTARTS
+from rebasin.matching.costs import sweep_products
+from rebasin.matching.registry import MATCHERS
 from rebasin.options import Options
 from rebasin.spec.core import PermutationSpec
 
@@ -58,8 +69,6 @@ def plan_run(run: Run) -> dict[str, Any]:
         check_unaligned(run, check_data=False)
         source, frozen = "", []
     if run.data is not None:
-        from rebasin.evaluate.setup import check_evaluation
-
         check_evaluation(a, run.model.need(), run.data, run.seed)
     out = describe(run)
     out["inputs_text"] = ", ".join(f"{c.path} ({_size(c)})" for c in run.checkpoints)
@@ -86,7 +95,6 @@ def plan_run(run: Run) -> dict[str, Any]:
 def _batch(plan_path: PathLike, opts: Options) -> dict[str, Any]:
     """Every item resolved and checked as its own dry run; one error naming each item that
     would fail before matching."""
-    from rebasin.commands.batch import item_options, load_plan
 
     plan = load_plan(plan_path, opts.run.allow_code)
     items, problems = [], []
@@ -109,7 +117,6 @@ def _size(ck: Any) -> str:
 
 
 def _itemsize(dtype: Any) -> int:
-    import torch
 
     return int(torch.empty((), dtype=dtype).element_size())
 
@@ -121,7 +128,6 @@ def _bytes(ck: Any) -> int:
 @cache
 def matmul_rate() -> float:
     """Floating-point operations per second of a float32 matmul here (measured once)."""
-    import torch
 
     x = torch.randn(768, 768)
     torch.mm(x, x)
@@ -136,9 +142,6 @@ def matmul_rate() -> float:
 def assignment_seconds(n: int) -> float:
     """Seconds of one n x n linear assignment on weakly structured costs (measured at 256, scaled
     as n^2.5)."""
-    import numpy as np
-
-    from rebasin.matching.assignment import solve_assignment
 
     c = np.random.default_rng(0).standard_normal((256, 256))
     t = time.perf_counter()
@@ -148,8 +151,6 @@ def assignment_seconds(n: int) -> float:
 
 def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
     """Estimated wall time (seconds) and peak resident memory (bytes) of the real run."""
-    from rebasin.checkpoint.state import shape_of
-    from rebasin.matching.costs import sweep_products
 
     cks = run.checkpoints
     pair_bytes = sum(_bytes(c) for c in cks)
@@ -171,8 +172,6 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         params = cks[0].num_parameters()
         peak += 3 * 4 * params  # the evaluation's models (float32)
         if run.evaluation is not None:
-            from rebasin.data import load_data
-
             d = load_data(run.data.name, run.seed)
             n = min(len(d.y_train), run.data.max_train or len(d.y_train)) + len(d.y_test)
             tokens = math.prod(d.x_train.shape[1:]) if not d.x_train.is_floating_point() else 1
@@ -191,7 +190,6 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
 
 def _runs(run: Run) -> int:
     """Runs of weight matching: restarts, or auto's (up to three, as its budget allows)."""
-    from rebasin.matching.auto import RESTARTS
 
     m = run.matcher
     if m is None:
@@ -207,8 +205,6 @@ def _data_cost_seconds(run: Run, sweep: float) -> float:
     m = run.matcher
     if m is None or not run.matcher_data:
         return 0.0
-    from rebasin.matching.auto import NOMINAL_FLOPS
-    from rebasin.matching.registry import MATCHERS
 
     nominal = NOMINAL_FLOPS["cuda" if run.device.startswith("cuda") else "cpu"]
     loss = 6.0 * run.checkpoints[0].num_parameters() * 256  # a batch of 256, forward and backward

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from rebasin.checkpoint import Checkpoint, natural_key
-from rebasin.core.errors import CheckpointError
+from rebasin.core.errors import CheckpointError, ConfigError
 from rebasin.spec.core import PermutationSpec
 
 
@@ -71,7 +71,6 @@ def check_finite(ck: Checkpoint) -> None:
 
 def check_device(name: str) -> None:
     """The device must exist on this machine and in this torch build."""
-    from rebasin.core.errors import ConfigError
 
     try:
         dev = torch.device(name)

@@ -12,6 +12,7 @@ from rebasin.commands.writing import output_metadata, write_checkpoint
 from rebasin.core.errors import ConfigError
 from rebasin.core.sizes import parse_size
 from rebasin.core.types import PathLike, Progress
+from rebasin.matching.mergemany import NAME, MergeMany
 from rebasin.merge import average
 from rebasin.options import Options
 from rebasin.permutation import permute
@@ -26,7 +27,6 @@ def merge_many_checkpoints(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align N checkpoints to a common reference (MergeMany) and write the mean of the aligned models."""
-    from rebasin.matching.mergemany import NAME, MergeMany
 
     opts = options or Options()
     if len(paths) < 2:

@@ -25,6 +25,7 @@ from rebasin.merge import Distances, LastRead, interpolate
 from rebasin.options import Options
 from rebasin.permutation import permute
 from rebasin.report.document import input_info, new_report
+from rebasin.report.plot import plot_curves
 from rebasin.verify.worker import Check
 
 
@@ -117,8 +118,6 @@ def barrier_checkpoints(
     report["evaluation"] = curves(run, ev, a.state, b.state, b_aligned, progress)
     report["timings"] = timings.total()
     if opts.output.plot:
-        from rebasin.report.plot import plot_curves
-
         files = plot_curves(report["evaluation"], opts.output.plot)
         report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
     return finish(report, run)

@@ -28,6 +28,7 @@ from typing import Any
 
 from rebasin.checkpoint import Checkpoint, load_checkpoint
 from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs, plot_output
+from rebasin.commands.cluster import connect
 from rebasin.commands.inputs import check_device, check_pair
 from rebasin.core.errors import ConfigError
 from rebasin.core.types import PathLike
@@ -99,8 +100,6 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     outputs = command_outputs(command, opts, out)
     guard_outputs(outputs, paths, opts.output.force)
     if command == "barrier" and opts.run.ray is not None:  # a missing package or cluster: one line now
-        from rebasin.commands.cluster import connect
-
         connect(opts.run.ray)
     cks = tuple(load_checkpoint(p) for p in paths)
     for ck in cks[1:]:

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rebasin.commands.cluster import RayMap, connect
 from rebasin.commands.inputs import check_dtypes, check_finite
 from rebasin.commands.resolve import Run
 from rebasin.core.types import PathLike, Progress
+from rebasin.evaluate.paths import alpha_grid
 from rebasin.evaluate.setup import EvaluatorData, make_evaluator
 from rebasin.matching.registry import MatchProblem
 from rebasin.matching.result import MatchResult
@@ -78,13 +80,10 @@ def curves(
 ) -> dict[str, Any]:
     """The naive and (when ``b_aligned`` is given) aligned curves, as the report's evaluation
     section; with ``--ray``, the alpha points run as Ray tasks."""
-    from rebasin.evaluate.paths import alpha_grid
 
     assert run.evaluation is not None
     pool = None
     if run.options.run.ray is not None:
-        from rebasin.commands.cluster import RayMap, connect
-
         pool = RayMap(connect(run.options.run.ray))
     grid = alpha_grid(run.evaluation.alphas)
     paths = {"naive": ev.curve(a, b, grid, progress, "naive", pool)}

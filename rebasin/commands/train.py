@@ -5,14 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from rebasin._version import __version__
+from rebasin.checkpoint import check_output_path, save_checkpoint
+from rebasin.core.errors import ConfigError
 from rebasin.core.types import PathLike, Progress
+from rebasin.data import list_data, load_data
+from rebasin.evaluate.metrics import check_data_fits
+from rebasin.evaluate.training import TrainConfig, train
+from rebasin.models.resolve import DATA_KEY, ModelRef
 from rebasin.options import Options
+from rebasin.report.document import new_report
 
 
 def train_from_options(opts: Options, progress: Progress | None = None) -> dict[str, Any]:
     """``rebasin train``: the model, data and optimizer settings of ``opts``; a built-in MLP
     takes its input and output sizes from the data unless ``--model-args`` gives them."""
-    from rebasin.core.errors import ConfigError
 
     if opts.output.output is None:
         raise ConfigError("train needs an output path (-o)")
@@ -22,8 +31,6 @@ def train_from_options(opts: Options, progress: Progress | None = None) -> dict[
         opts.evaluate.data or "mnist1d",
     )
     if arch == "mlp" and "in_features" not in args:
-        from rebasin.data import load_data
-
         d = load_data(data, opts.run.seed)
         args = {"in_features": int(d.x_train[0].numel()), "num_classes": d.num_classes, **args}
     t = opts.train
@@ -58,14 +65,6 @@ def train_checkpoint(
 ) -> dict[str, Any]:
     """Train a built-in (or importable) model and save it with its architecture, data and
     final metrics in the metadata; return a small report."""
-    import torch
-
-    from rebasin.checkpoint import check_output_path, save_checkpoint
-    from rebasin.data import list_data, load_data
-    from rebasin.evaluate.metrics import check_data_fits
-    from rebasin.models.resolve import DATA_KEY, ModelRef
-    from rebasin.evaluate.training import TrainConfig, train
-    from rebasin.report.document import new_report
 
     check_output_path(out, [], force)
     data = load_data(data_name, seed)
@@ -86,7 +85,6 @@ def train_checkpoint(
     for split, m in metrics.items():
         meta[f"rebasin.{split}_loss"] = f"{m.loss:.6f}"
         meta[f"rebasin.{split}_acc"] = f"{m.acc:.6f}"
-    from rebasin._version import __version__
 
     meta["rebasin.version"] = __version__
     files = save_checkpoint(model.state_dict(), out, meta)

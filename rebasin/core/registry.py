@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
@@ -19,7 +20,8 @@ class Registry(Generic[T]):
     """Entries of one ``kind`` (``"model"``, ``"data set"``, ...) by name, in registration order.
 
     ``builtins`` names the modules whose decorators register the built-in entries: they are
-    imported, in that order, before the first lookup (so importing a registry imports nothing)."""
+    imported, in that order, before the first lookup or registration (so importing a registry
+    imports nothing, and built-ins always come first, in their order)."""
 
     def __init__(self, kind: str, builtins: Sequence[str] = (), more: str = "", known: str = "known"):
         self.kind = kind
@@ -31,12 +33,19 @@ class Registry(Generic[T]):
         self._builtins = tuple(builtins)
 
     def _load(self) -> None:
-        modules, self._builtins = self._builtins, ()
-        for m in modules:
-            importlib.import_module(m)
+        """Import the built-in modules in order; one being imported right now (its first
+        registration got here) registers its own entries next, and the ones after it wait for
+        the next call, so the order is always the built-ins' order."""
+        while self._builtins:
+            running = sys.modules.get(self._builtins[0])
+            if running is not None and getattr(getattr(running, "__spec__", None), "_initializing", False):
+                return
+            importlib.import_module(self._builtins[0])
+            self._builtins = self._builtins[1:]
 
     def add(self, name: str, entry: T) -> T:
         """Register ``entry`` under ``name``; a second registration of a name is an error."""
+        self._load()
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is already registered")
         self._entries[name] = entry

@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rebasin.core.errors import ConfigError
 
 MAX_BYTES = 8 << 20
@@ -35,7 +37,6 @@ def read_text(path: str | Path, what: str) -> str:
 
 def parse(text: str, source: str, what: str, as_json: bool = False) -> Any:
     """YAML (safe, no aliases) or JSON text as Python data; ConfigError with the parser's first line."""
-    import yaml
 
     class NoAliases(yaml.SafeLoader):
         def compose_node(self, parent: Any, index: Any) -> Any:

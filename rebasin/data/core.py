@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from rebasin.core.errors import ConfigError
 from rebasin.core.registry import Registry
@@ -100,8 +101,6 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
         else:
-            from safetensors.torch import load_file
-
             arrays = load_file(str(p))
     except Exception as e:
         raise ConfigError(f"cannot read data ({str(e).splitlines()[0]})", source=name) from None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from rebasin.core.errors import ConfigError
 from rebasin.data.core import Dataset, batches
@@ -172,7 +173,6 @@ def task_loss_fns(
     (train mode for them alone; dropout stays off) instead of the stored running statistics:
     what a barrier measured after a BatchNorm reset sees. ``score`` then takes its examples as
     one batch, which equals resetting the statistics on them and evaluating."""
-    from torch.func import functional_call
 
     model = make_model().to(device).eval()
     if batch_stats:

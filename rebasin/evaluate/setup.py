@@ -11,6 +11,10 @@ import torch
 
 from rebasin.checkpoint import Checkpoint
 from rebasin.core.errors import ConfigError
+from rebasin.data import load_data
+from rebasin.evaluate.metrics import activation_features, check_data_fits, task_loss_fns
+from rebasin.evaluate.paths import PathEvaluator
+from rebasin.models.fit import check_fits, load_into, renamed
 from rebasin.models.resolve import ModelRef
 from rebasin.spec.core import PermutationSpec
 
@@ -53,9 +57,6 @@ def _prepared(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, weights: 
     """The data and the model factory, checked: the data fits the task the model answers, A fits
     the model (with ``weights``, A's tensors are loaded; else only their shapes are compared), and
     the data's inputs fit the model. Returns (factory, data)."""
-    from rebasin.data import load_data
-    from rebasin.evaluate.metrics import check_data_fits
-    from rebasin.models.fit import check_fits, load_into, renamed
 
     data = load_data(plan.name, seed)
     tokens = data.x_train.shape == data.y_train.shape and not data.x_train.is_floating_point()
@@ -82,7 +83,6 @@ def check_evaluation(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int) ->
 
 def make_evaluator(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, device: str) -> Any:
     """A PathEvaluator for A's model on the planned data, checked against A."""
-    from rebasin.evaluate.paths import PathEvaluator
 
     factory, data = _prepared(a, ref, plan, seed, weights=True)
     return PathEvaluator(
@@ -110,7 +110,6 @@ class EvaluatorData:
         self._fns: tuple[Any, Any] | None = None
 
     def features(self) -> Callable[[Mapping[str, torch.Tensor]], Iterator[dict[str, list[torch.Tensor]]]]:
-        from rebasin.evaluate.metrics import activation_features
 
         ev = self.ev
         return activation_features(
@@ -119,8 +118,6 @@ class EvaluatorData:
 
     def _task(self) -> tuple[Any, Any]:
         if self._fns is None:
-            from rebasin.evaluate.metrics import task_loss_fns
-
             self._fns = task_loss_fns(
                 self.ev.make_model,
                 self.a.state,

@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from rebasin.matching.registry import MatchProblem, get_matcher
+
 if TYPE_CHECKING:
     import torch
 
@@ -67,7 +69,6 @@ def match(
     """Align ``b`` to ``a`` under ``spec`` with the registered method ``method``, configured by
     ``options`` (an option the method does not use is an error naming the methods that do).
     Data-driven methods need ``data`` (see :class:`rebasin.matching.registry.DataSide`)."""
-    from rebasin.matching.registry import MatchProblem, get_matcher
 
     matcher = get_matcher(method, **options)
     return matcher.match(MatchProblem(a, b, spec, data, seed, device), progress)

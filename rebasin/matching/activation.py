@@ -20,6 +20,8 @@ from rebasin.core.errors import MatchError
 from rebasin.core.types import Progress
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.result import GroupStats, MatchResult
+from rebasin.matching.weight import weight_matching
+from rebasin.permutation import permute
 from rebasin.spec.core import PermutationSpec
 
 Features = Callable[[Mapping[str, torch.Tensor]], Iterable[dict[str, list[torch.Tensor]]]]
@@ -102,9 +104,6 @@ def activation_matching(
             moved_fraction=float((p != np.arange(n)).mean()),
         )
     if by_weights:  # groups no module outputs (attention heads): weight matching, the rest held
-        from rebasin.matching.weight import weight_matching
-        from rebasin.permutation import permute
-
         rest = spec.without(costs)
         wm = weight_matching(a, permute(b, spec, perm), rest, backend=backend)
         perm.update(wm.perm)

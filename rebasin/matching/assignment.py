@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from rebasin.core.errors import ConfigError
 from rebasin.spec.core import Heads, PermutationSpec
@@ -51,7 +52,6 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto") -> np.ndarray:
 
         _, x, _ = lap.lapjv(reduced, extend_cost=False)
         return np.asarray(x, dtype=np.int64)
-    from scipy.optimize import linear_sum_assignment
 
     _, cols = linear_sum_assignment(reduced)
     return np.asarray(cols, dtype=np.int64)

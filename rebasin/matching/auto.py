@@ -18,8 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from rebasin.checkpoint.state import shape_of
 from rebasin.core.types import Permutation, Progress
+from rebasin.matching.costs import sweep_products
+from rebasin.matching.registry import MATCHERS
 from rebasin.matching.result import GroupStats, MatchResult, float32_state
 from rebasin.permutation import identity, permute, random_permutation
 
@@ -71,7 +75,6 @@ def _with_data(
     t0: float,
     progress: Progress | None,
 ) -> MatchResult:
-    from rebasin.matching.registry import MATCHERS
 
     spec, dev = problem.spec, torch.device(problem.device)
     fa, fb = float32_state(problem.a, dev), float32_state(problem.b, dev)
@@ -161,8 +164,6 @@ def _seconds(flops: float, device: str) -> float:
 
 def sweep_flops(problem: MatchProblem) -> float:
     """Operations of one weight-matching sweep: every member's cost-matrix product."""
-    from rebasin.checkpoint.state import shape_of
-    from rebasin.matching.costs import sweep_products
 
     weighed = problem.cost_params
     return sweep_products(problem.spec, {k: shape_of(problem.a, k) for k in weighed}, weighed)
@@ -170,7 +171,6 @@ def sweep_flops(problem: MatchProblem) -> float:
 
 def _loss_flops(data: DataSide, fa: dict[str, torch.Tensor]) -> float:
     """Operations of one optimizer step's task loss (forward and backward), counted."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     task_loss: Callable[[dict[str, torch.Tensor], int], torch.Tensor] = data.task_loss()
     params = {k: v.detach().clone().requires_grad_(True) for k, v in fa.items()}

@@ -26,6 +26,7 @@ from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
 from rebasin.matching.projection import ImplicitSinkhorn, soft_permute
 from rebasin.matching.result import GroupStats, MatchResult, float32_state, no_worse
+from rebasin.permutation import identity, permute
 
 if TYPE_CHECKING:
     from rebasin.matching.methods import SinkhornRebasin
@@ -115,7 +116,6 @@ def sinkhorn_rebasin(
         groups[g] = GroupStats(
             n, float(np.trace(c)), float(c[np.arange(n), p].sum()), float((p != np.arange(n)).mean())
         )
-    from rebasin.permutation import identity, permute
 
     if opts.cost == "l2":
         name = "||A - pi(B)||"

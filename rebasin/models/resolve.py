@@ -3,16 +3,23 @@ metadata into a factory of fresh models."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from rebasin.core.errors import ConfigError, RebasinError
+from rebasin.core.fields import parse_json_object
 from rebasin.core.usercode import brief, call_user, import_object, is_code_ref
+from rebasin.data import list_data
 from rebasin.models.registry import build_model, list_models
 
 ARCH_KEY = "rebasin.arch"
@@ -66,7 +73,6 @@ CODE_HINT = "rebasin never imports code a file names; if you trust it, pass it y
 
 def _built_in(metadata: Mapping[str, str], key: str) -> bool:
     """The one rule for records in a file: only registered built-in names are trusted."""
-    from rebasin.data import list_data
 
     name = metadata.get(key)
     return name is not None and name in (list_models() if key == ARCH_KEY else list_data())
@@ -116,7 +122,6 @@ def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
     """``--model-args`` JSON object -> dict (checked by the options model's rule)."""
-    from rebasin.core.fields import parse_json_object
 
     return parse_json_object(text, "--model-args") if text else {}
 
@@ -241,7 +246,6 @@ def _narrow_build(cls: Any, cfg: Any, transformers: Any) -> nn.Module | None:
     """The same architecture with every width shrunk (same layers, so the same tensor names):
     enough to learn how ``save_pretrained`` names tensors, at a fraction of the cost. None when
     the config cannot be shrunk that way."""
-    import copy
 
     try:
         small = copy.deepcopy(cfg)
@@ -265,7 +269,6 @@ def _narrow_build(cls: Any, cfg: Any, transformers: Any) -> nn.Module | None:
 
 def _no_init(transformers: Any) -> Any:
     """Skip weight initialization while building (seconds on a 100M-parameter model)."""
-    import contextlib
 
     for where in ("initialization", "modeling_utils"):
         fn = getattr(getattr(transformers, where, None), "no_init_weights", None)
@@ -283,10 +286,6 @@ def _saved_names(model: nn.Module) -> dict[str, str]:
     """Checkpoint name -> module name, where ``save_pretrained`` writes other names than the
     module's state dict holds (transformers renames some layouts on save and load). Found by
     saving a fresh model and matching tensors by value; empty when the names agree."""
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.torch import load_file
 
     own = model.state_dict()
     gen = torch.Generator().manual_seed(0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rebasin.core.fields import OptionInfo, options_of
+from rebasin.matching.registry import MATCHERS
 from rebasin.options.build import all_options
 
 
@@ -20,7 +23,6 @@ def describe_defaults(info: OptionInfo) -> str:
 
 
 def _method_defaults(info: OptionInfo) -> str:
-    from rebasin.matching.registry import MATCHERS
 
     parts = []
     for name in info.methods or ():
@@ -54,7 +56,6 @@ def options_table() -> str:
 
 def write_options_doc(path: str) -> None:
     """Regenerate the table between the markers of ``docs/options.md``."""
-    from pathlib import Path
 
     p = Path(path)
     text = p.read_text()

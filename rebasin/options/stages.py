@@ -9,6 +9,7 @@ from typing import Any
 
 from rebasin.core.fields import EPOCHS_HELP, LR_HELP, SEED_HELP, Checked, option
 from rebasin.core.sizes import parse_size
+from rebasin.matching.registry import list_matchers
 
 MODEL_COMMANDS = ("merge", "barrier", "permute", "spec")
 ALIGN_COMMANDS = ("merge", "barrier")
@@ -18,7 +19,6 @@ REPORT_COMMANDS = ("merge", "barrier", "permute", "merge-many", "spec", "inspect
 
 
 def _methods() -> list[str]:
-    from rebasin.matching.registry import list_matchers
 
     return list_matchers()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from rebasin._version import __version__
 from rebasin.checkpoint import Checkpoint
+from rebasin.checkpoint.atomic import write_bytes
 from rebasin.spec.core import PermutationSpec
 
 SCHEMA = 1
@@ -67,7 +68,6 @@ def to_json(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a report as JSON, atomically."""
-    from rebasin.checkpoint.atomic import write_bytes
 
     write_bytes(path, to_json(report).encode())
 

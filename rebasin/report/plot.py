@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rebasin.checkpoint.atomic import write_with
+
 COLORS = {"naive": "#888888", "aligned": "#1f6fd1"}
 
 
@@ -51,7 +53,6 @@ def plot_curves(
     fig.suptitle(title or f"linear mode connectivity: {model} on {data} (BatchNorm: {bn})")
     png = Path(path)
     svg = png.with_suffix(".svg")
-    from rebasin.checkpoint.atomic import write_with
 
     try:
         write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))

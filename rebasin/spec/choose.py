@@ -4,6 +4,7 @@ and which of them are frozen."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -12,10 +13,14 @@ from typing import Any
 
 from rebasin.checkpoint import Checkpoint
 from rebasin.core.errors import ConfigError, SpecError
+from rebasin.data import load_data
+from rebasin.models.fit import check_fits, renamed
 from rebasin.models.resolve import ARCH_KEY, ARGS_KEY, ModelChoice
+from rebasin.models.transformer import Transformer
 from rebasin.spec.core import PermutationSpec, load_spec
 from rebasin.spec.names import infer_spec
 from rebasin.spec.registry import list_specs
+from rebasin.spec.trace import trace_spec
 
 
 def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[PermutationSpec, list[str]]:
@@ -39,8 +44,6 @@ def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[Permu
 def traced_spec(ck: Checkpoint, model: ModelChoice, data: str | None = None) -> tuple[PermutationSpec, str]:
     """Build the run's model, check that it fits the checkpoint, and trace it for its spec (on
     ``data`` where the model has no example input)."""
-    from rebasin.models.fit import check_fits, renamed
-    from rebasin.spec.trace import trace_spec
 
     ref = model.need()
     m = ref.factory()()
@@ -48,8 +51,6 @@ def traced_spec(ck: Checkpoint, model: ModelChoice, data: str | None = None) -> 
     check_fits(m, renamed(m, ck.shapes), ck.name, ref.name, made="made")
     inputs = None
     if getattr(m, "example_input", None) is None and data:
-        from rebasin.data import load_data
-
         inputs = (load_data(data).x_train[:2],)
     s = trace_spec(m, inputs, name=ref.name)
     back = {v: k for k, v in getattr(m, "rebasin_key_map", {}).items()}
@@ -66,10 +67,6 @@ def spec_config(ck: Checkpoint) -> dict[str, Any] | None:
     if ck.config is not None:
         return ck.config
     if ck.metadata.get(ARCH_KEY) == "transformer":
-        import inspect
-
-        from rebasin.models.transformer import Transformer
-
         try:
             args = json.loads(ck.metadata.get(ARGS_KEY, "{}"))
         except ValueError:

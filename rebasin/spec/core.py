@@ -14,7 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
 from rebasin.core.errors import ConfigError, SpecError
+from rebasin.core.textfiles import read_data
 
 FORMAT_VERSION = 1
 
@@ -417,7 +420,6 @@ def _canonical(e: str | AxisEntry) -> AxisEntry:
 
 def load_spec(path: str | Path) -> PermutationSpec:
     """Read a spec from YAML or JSON (strict)."""
-    from rebasin.core.textfiles import read_data
 
     try:
         data = read_data(path, "spec")
@@ -428,7 +430,6 @@ def load_spec(path: str | Path) -> PermutationSpec:
 
 def dump_spec(spec: PermutationSpec, fixed: Sequence[str] = (), as_json: bool = False) -> str:
     """Serialize a spec (YAML by default), listing ``fixed`` tensors for the reader."""
-    import yaml
 
     data = spec.to_dict()
     if fixed:

@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from rebasin.data import load_data
 from rebasin.models.resolve import ModelRef
+from rebasin.spec.trace import TraceError, example_input
 from rebasin.verify.equivalence import Verifier
 
 VERIFY_BYTES = 2 << 30
@@ -70,7 +72,6 @@ def cut_for(ref: ModelRef, float_bytes: int) -> tuple[str, int] | str | None:
 
 def build_verifier(plan: VerifyPlan, seed: int) -> tuple[Verifier | None, str]:
     """The verifier ``plan`` describes (built once), or None and why not."""
-    from rebasin.spec.trace import TraceError, example_input
 
     if plan.model is None:
         return None, plan.why_not
@@ -84,8 +85,6 @@ def build_verifier(plan: VerifyPlan, seed: int) -> tuple[Verifier | None, str]:
         return built
 
     if plan.probe_data:
-        from rebasin.data import load_data
-
         inputs: tuple[Any, ...] = (load_data(plan.probe_data, seed).x_train[:8],)
     else:
         try:

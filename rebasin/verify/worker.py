@@ -4,6 +4,7 @@ each permutation handed to it."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from rebasin.checkpoint import Checkpoint
+from rebasin.core.errors import RebasinError, error_line
 from rebasin.core.types import Permutation
 from rebasin.spec.core import PermutationSpec
 from rebasin.verify.equivalence import Verifier, verify
@@ -191,7 +193,6 @@ Answer = tuple[int, str, Any]
 def _serve(recv: Callable[[], Ask | None], send: Callable[[Answer], None], args: tuple[Any, ...]) -> None:
     """Build the verifier and run the unpermuted targets (when the model is small enough), then
     answer each request received, in order, until None."""
-    from rebasin.core.errors import RebasinError, error_line
 
     plan, seed, spec, targets = args
     try:
@@ -255,8 +256,6 @@ def _die_with_parent(parent: int) -> None:
     """Ask Linux to kill this process when its parent ends (prctl PR_SET_PDEATHSIG), so a killed
     command leaves no worker behind; where that is not possible, the closed pipe ends it later."""
     with suppress(OSError, AttributeError):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent ended before that took effect
         os._exit(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES
+from cases import CASES
 from helpers import run
 from safetensors.torch import save_file
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import user_models
-from conftest import CASES, Case
+from cases import CASES, Case
 from helpers import expect_error, run
 from safetensors.torch import load_file, save_file
 from torch import nn
