@@ -30,9 +30,9 @@ from rebasin.core.types import PathLike
 from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
 from rebasin.matching.assignment import solve_assignment
-from rebasin.matching.auto import NOMINAL_FLOPS, RESTARTS
+from rebasin.matching.auto import NOMINAL_FLOPS
 from rebasin.matching.costs import sweep_products
-from rebasin.matching.registry import MATCHERS
+from rebasin.matching.methods import EXPECTED_SWEEPS
 from rebasin.options import Options
 from rebasin.spec.core import PermutationSpec
 
@@ -45,8 +45,6 @@ HF_BYTES = 500 << 20
 READ_BYTES_PER_S = 500e6
 """Assumed rate of reading checkpoints (a cold disk is slower, the page cache faster)."""
 WRITE_BYTES_PER_S = 300e6
-EXPECTED_SWEEPS = 4
-"""Sweeps a weight-matching run takes, for the estimate (planted pairs: 3; trained pairs 3-8)."""
 START_S = 3.0
 """Process start, imports, spec inference."""
 
@@ -138,6 +136,12 @@ def matmul_rate() -> float:
     return 2 * 768**3 * n / (time.perf_counter() - t)
 
 
+def nominal_rate(device: str) -> float:
+    """The throughput data-driven methods reach (many small operations, far below a large
+    matmul's): the rate ``auto`` budgets them with."""
+    return NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+
+
 @cache
 def assignment_seconds(n: int) -> float:
     """Seconds of one n x n linear assignment on weakly structured costs (measured at 256, scaled
@@ -156,21 +160,24 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
     pair_bytes = sum(_bytes(c) for c in cks)
     largest = max((math.prod(s) for c in cks for s in c.shapes.values()), default=0)
     hf = run.model.ref is not None and run.model.ref.config is not None
-    seconds = START_S + (3.0 if hf and run.verification.model is not None else 0.0)
-    seconds += 2 * pair_bytes / READ_BYTES_PER_S  # the scan, and the reads of the write pass
-    peak = BASE_BYTES + (HF_BYTES if hf else 0) + 4 * 4 * largest  # float32 copies of a few tensors
+    seconds = START_S + 2 * pair_bytes / READ_BYTES_PER_S  # the scan, and the reads of the write pass
+    peak = BASE_BYTES + 4 * 4 * largest  # float32 copies of a few tensors (the check runs apart)
     if spec is not None and run.command != "permute":
         weighed = spec.cost_params()
         sweep = sweep_products(spec, {k: shape_of(cks[0].state, k) for k in weighed}, weighed)
         laps = sum(assignment_seconds(n) for n in spec.sizes.values())
         n_max = max(spec.sizes.values())
         peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
-        sweeps = EXPECTED_SWEEPS * (len(cks) if run.command == "merge-many" else 1)
-        runs = _runs(run)
-        seconds += runs * sweeps * (sweep / matmul_rate() + laps) + _data_cost_seconds(run, sweep)
+        if run.matcher is not None:
+            loss = 6.0 * cks[0].num_parameters() * 256  # a task-loss step: a batch of 256, both ways
+            sweeps = run.matcher.planned_sweeps(run.matcher_data)
+            extra = run.matcher.planned_flops(sweep, loss, run.matcher_data)
+        else:  # merge-many: every model against the mean, each round
+            sweeps, extra = EXPECTED_SWEEPS * len(cks), 0.0
+        seconds += sweeps * (sweep / matmul_rate() + laps) + extra / nominal_rate(run.device)
     if run.data is not None:
         params = cks[0].num_parameters()
-        peak += 3 * 4 * params  # the evaluation's models (float32)
+        peak += 3 * 4 * params + (HF_BYTES if hf else 0)  # the evaluation's models (float32)
         if run.evaluation is not None:
             d = load_data(run.data.name, run.seed)
             n = min(len(d.y_train), run.data.max_train or len(d.y_train)) + len(d.y_test)
@@ -186,36 +193,3 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         "basis": f"float32 matmul at {matmul_rate() / 1e9:.0f} GFLOP/s measured here, "
         f"{EXPECTED_SWEEPS} sweeps per run, reads at {READ_BYTES_PER_S / 1e6:.0f} MB/s",
     }
-
-
-def _runs(run: Run) -> int:
-    """Runs of weight matching: restarts, or auto's (up to three, as its budget allows)."""
-
-    m = run.matcher
-    if m is None:
-        return 1
-    if m.name == "auto":
-        return RESTARTS
-    return int(getattr(m, "restarts", 1))
-
-
-def _data_cost_seconds(run: Run, sweep: float) -> float:
-    """What a data-driven method (or auto's data candidates within its budget) adds, from the
-    methods' own operation counts (the task loss taken as three forward passes of the model)."""
-    m = run.matcher
-    if m is None or not run.matcher_data:
-        return 0.0
-
-    nominal = NOMINAL_FLOPS["cuda" if run.device.startswith("cuda") else "cpu"]
-    loss = 6.0 * run.checkpoints[0].num_parameters() * 256  # a batch of 256, forward and backward
-    if m.name != "auto":
-        flops = m.auto_flops(sweep, loss)
-        return (flops or 0.0) / matmul_rate()
-    spent = 0.0
-    budget = float(getattr(m, "budget", 0.0))
-    for cls in MATCHERS.values():
-        for variant in cls.auto_variants:
-            f = cls(**variant).auto_flops(sweep, loss)
-            if f is not None and spent + f / nominal <= budget:  # auto's own nominal rate decides
-                spent += f / nominal
-    return spent * nominal / matmul_rate()

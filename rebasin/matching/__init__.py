@@ -66,7 +66,8 @@ def match(
     device: str = "cpu",
     **options: Any,
 ) -> MatchResult:
-    """Align ``b`` to ``a`` under ``spec`` with the registered method ``method``, configured by
+    """Align ``b`` to ``a`` under ``spec`` with the registered method ``method`` (``weight`` here,
+    which needs no model or data; commands and plans default to ``auto``), configured by
     ``options`` (an option the method does not use is an error naming the methods that do).
     Data-driven methods need ``data`` (see :class:`rebasin.matching.registry.DataSide`)."""
 

@@ -158,6 +158,18 @@ come from operation counts, never from clocks, so the candidates run (and the re
 same on every run and machine for a given seed and budget."""
 
 
+def planned_candidates_flops(opts: AutoMatch, sweep: float, loss: float, device: str = "cpu") -> float:
+    """Operations of the data candidates ``opts`` would run, chosen as :func:`auto_match` chooses
+    them (by nominal seconds within the budget), for ``--dry-run``'s estimate."""
+    spent = 0.0
+    for cls in MATCHERS.values():
+        for variant in cls.auto_variants:
+            f = cls(backend=opts.backend, **variant).auto_flops(sweep, loss)
+            if f is not None and spent + _seconds(f, device) <= opts.budget:
+                spent += _seconds(f, device)
+    return spent * NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+
+
 def _seconds(flops: float, device: str) -> float:
     return flops / NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
 

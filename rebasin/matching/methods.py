@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from rebasin.core.types import Permutation, Progress
     from rebasin.matching.result import MatchResult
 
+EXPECTED_SWEEPS = 4
+"""Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3;
+trained pairs: 3-8)."""
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
 STEPS_HELP = "Optimizer steps."
 EPOCHS_TEXT = "steps (sets them when given)"
@@ -50,6 +53,12 @@ class WeightMatching(Matcher):
 
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.SWEEPS * sweep
+
+    def planned_sweeps(self, with_data: bool) -> float:
+        return self.restarts * EXPECTED_SWEEPS
+
+    def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
+        return 0.0
 
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         return self.run(problem, progress=progress)
@@ -135,6 +144,9 @@ class StraightThrough(Matcher):
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.steps * (loss + 3 * sweep)  # steps x (task loss + projection)
 
+    def planned_sweeps(self, with_data: bool) -> float:
+        return self.restarts * EXPECTED_SWEEPS  # each run starts from weight matching
+
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.ste import straight_through
 
@@ -216,6 +228,17 @@ class AutoMatch(Matcher):
 
     def wants_data(self) -> bool:
         return True
+
+    def planned_sweeps(self, with_data: bool) -> float:
+        from rebasin.matching.auto import RESTARTS
+
+        return RESTARTS * EXPECTED_SWEEPS
+
+    def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
+        """The data candidates that fit the budget (by auto's own nominal estimate)."""
+        from rebasin.matching.auto import planned_candidates_flops
+
+        return planned_candidates_flops(self, sweep, loss) if with_data else 0.0
 
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.auto import auto_match

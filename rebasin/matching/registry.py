@@ -142,6 +142,15 @@ class Matcher(Checked):
         sweep and of one task-loss step (forward and backward); None: cheap, always tried."""
         return None
 
+    def planned_sweeps(self, with_data: bool) -> float:
+        """Weight-matching sweeps this configuration is expected to run (for ``--dry-run``)."""
+        return 0.0
+
+    def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
+        """Operations it is expected to take beyond those sweeps (for ``--dry-run``), from those
+        of one sweep and of one task-loss step."""
+        return self.auto_flops(sweep, loss) or 0.0
+
     def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         """Find the permutation of ``problem.b`` that aligns it with ``problem.a``; the result
         carries the method's registered name."""

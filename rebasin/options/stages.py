@@ -9,7 +9,7 @@ from typing import Any
 
 from rebasin.core.fields import EPOCHS_HELP, LR_HELP, SEED_HELP, Checked, option
 from rebasin.core.sizes import parse_size
-from rebasin.matching.registry import list_matchers
+from rebasin.matching.registry import DEFAULT_METHOD, list_matchers
 
 MODEL_COMMANDS = ("merge", "barrier", "permute", "spec")
 ALIGN_COMMANDS = ("merge", "barrier")
@@ -98,7 +98,7 @@ class MethodOptions(Checked):
     no model or data, defaults to ``weight``."""
 
     method: str = option(
-        "auto",
+        DEFAULT_METHOD,
         "How to find the permutation (docs/algorithms.md); barrier: none draws the naive path only.",
         choices=_methods,
         commands=("merge", "barrier"),

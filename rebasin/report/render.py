@@ -191,13 +191,15 @@ def checked(report: Mapping[str, Any], what: str = "pi(B)", of: str = "B") -> No
 def auto_choice(match: Mapping[str, Any]) -> None:
     """What method auto tried and chose (nothing for other methods)."""
     o = match.get("options", {})
-    if match.get("method") != "auto":
-        return
     if "candidates" not in o:
-        err.print(f"method auto: {o.get('auto', '')}", soft_wrap=True)
+        if "auto" in o:  # no data: the reason for what it did
+            err.print(f"method {match.get('method')}: {o['auto']}", soft_wrap=True)
         return
     tried = ", ".join(f"{c['method']} {c['score']:.4f} ({c['seconds']:.1f}s)" for c in o["candidates"])
-    err.print(f"method auto chose {o['chosen']}; midpoint loss on training data: {tried}", soft_wrap=True)
+    err.print(
+        f"method {match.get('method')} chose {o['chosen']}; midpoint loss on training data: {tried}",
+        soft_wrap=True,
+    )
     if o.get("skipped"):
         err.print(f"skipped (over --budget {o['budget']:g}s): {', '.join(o['skipped'])}", soft_wrap=True)
 
