@@ -134,7 +134,8 @@ def test_headless_models_keep_their_output(kind: str, tmp_path: Path) -> None:
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["equivalence"]["ok"] is True
-    assert rep["notes"] == ["kept group 'residual' fixed: it is the model's output axis"]
+    assert rep["notes"] == [f"kept group 'residual' fixed: the model's output axis (a headless {kind} model)"]
+    assert rep["kept"] == {"residual": f"the model's output axis (a headless {kind} model)"}
     cls = type(model)
     torch.testing.assert_close(_hidden(cls, out, kind), _hidden(cls, a, kind), atol=1e-5, rtol=1e-5)
     # a merge aligns the residual stream too, and says that its output follows A's coordinates
@@ -147,3 +148,63 @@ def test_headless_models_keep_their_output(kind: str, tmp_path: Path) -> None:
     assert rep["equivalence"]["ok"] is True and rep["equivalence"]["output_group"] == "residual"
     assert "answers in A's coordinates" in rep["notes"][0]
     assert load_file(tmp_path / "m" / "model.safetensors")
+
+
+def test_the_family_keeps_a_headless_output_when_nothing_is_verified(tmp_path: Path) -> None:
+    """With --no-verify the check cannot find the output axis: the family decides it (a config
+    naming a base model class), so the permuted model still answers what the original does."""
+    model = _headless("bert")
+    a = tmp_path / "a"
+    model.save_pretrained(a)
+    out = tmp_path / "p"
+    code, stdout, err = run("permute", a, "-o", out, "--seed", "3", "--no-verify", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["equivalence"] == {"ok": None, "reason": "not verified: --no-verify"}
+    assert "residual" in rep["kept"]
+    cls = type(model)
+    torch.testing.assert_close(_hidden(cls, out, "bert"), _hidden(cls, a, "bert"), atol=1e-5, rtol=1e-5)
+
+
+def _with_position_ids(folder: Path) -> None:
+    """Store the buffer older transformers saved (``embeddings.position_ids``, int64), as the
+    published all-MiniLM-L6-v2 file does."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    state = load_file(f)
+    n = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    state["embeddings.position_ids"] = torch.arange(n).unsqueeze(0)
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def test_a_stored_position_ids_buffer_is_tolerated(tmp_path: Path) -> None:
+    """A headless BERT whose file stores position_ids (as old transformers saved it) is
+    verified, keeps its output under permute, and loads with its own library."""
+    model = _headless("bert")
+    a = tmp_path / "a"
+    model.save_pretrained(a)
+    _with_position_ids(a)
+    out = tmp_path / "p"
+    code, stdout, err = run("permute", a, "-o", out, "--seed", "3", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["equivalence"]["ok"] is True
+    cls = type(model)
+    torch.testing.assert_close(_hidden(cls, out, "bert"), _hidden(cls, a, "bert"), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_does_not_fit_is_an_error_and_nothing_is_written(tmp_path: Path) -> None:
+    """A model that can be built (config.json) but does not fit the checkpoint for a reason no
+    library tolerates is an error, not a quiet "not verified"."""
+    model = _headless("bert")
+    a = tmp_path / "a"
+    model.save_pretrained(a)
+    cfg = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**cfg, "type_vocab_size": cfg.get("type_vocab_size", 2) + 1}))
+    out = tmp_path / "p"
+    code, stdout, err = run("permute", a, "-o", out, "--seed", "3")
+    assert code == 2 and stdout == ""
+    assert "does not fit the checkpoint" in err.splitlines()[0]
+    assert "--no-verify" in err.splitlines()[1]
+    assert not out.exists()
+    assert run("permute", a, "-o", out, "--seed", "3", "--no-verify")[0] == 0

@@ -82,7 +82,7 @@ def merge_checkpoints(
                 written["permuted"] = [str(f) for f in files]
         report["equivalence"] = check.result()  # the verdict (already given where a write waited)
         timings["verify_s"] = round(check.waited, 4)
-    if notes := output_group_note(report["equivalence"]):
+    if notes := output_group_note(report["equivalence"], spec):
         report["notes"] = notes
     with timings("distance_s"):  # what the write did not already read
         report["distance"] = distances.result()
@@ -108,7 +108,7 @@ def barrier_checkpoints(
             report = pair_report(run, spec, source, frozen, result)
             b_aligned = permute(b.state, spec, result.perm)
             report["equivalence"] = check(result.perm)
-        if notes := output_group_note(report["equivalence"]):
+        if notes := output_group_note(report["equivalence"], spec):
             report["notes"] = notes
     else:
         check_unaligned(run)

@@ -31,13 +31,18 @@ def permute_checkpoint(
     run = resolve_run("permute", opts, [path], out if out is not None else opts.output.output)
     ck = run.checkpoints[0]
     spec, source, frozen = run_spec(run)
+    kept: dict[str, str] = {}  # group held at the identity -> why
+    if spec.output_group and len(spec.sizes) > 1:  # decided by the family, not left to the check
+        kept[spec.output_group] = f"the model's output axis (a headless {spec.family} model)"
     perm = random_permutation(spec, run.seed)
+    for g in kept:
+        perm[g] = torch.arange(len(perm[g]))
     with Check(run.verification, run.seed, spec, [(ck, "the permuted model", "the original")]) as check:
         equivalence = check(perm)
-        kept = equivalence.get("output_group")
-        if kept:  # the model's output axis: moving it would change what the model returns
-            perm[kept] = torch.arange(len(perm[kept]))
-            frozen = [*frozen, kept]
+        found = equivalence.get("output_group")
+        if found:  # an output axis the check found: moving it would change what the model returns
+            kept[found] = "the model's output axis (found by the check)"
+            perm[found] = torch.arange(len(perm[found]))
             equivalence = check(perm)
     meta = output_metadata(
         ck.metadata, command="permute", seed=run.seed, spec=source, spec_digest=spec.digest()
@@ -51,8 +56,9 @@ def permute_checkpoint(
     report["spec"] = spec_info(spec, source, list(ck.state)) | {"frozen": frozen}
     report["seed"] = run.seed
     report["equivalence"] = equivalence
+    report["kept"] = kept
     if kept:
-        report["notes"] = [f"kept group '{kept}' fixed: it is the model's output axis"]
+        report["notes"] = [f"kept group '{g}' fixed: {why}" for g, why in kept.items()]
     report["moved_fraction"] = {g: float((p != torch.arange(len(p))).float().mean()) for g, p in perm.items()}
     report["output"] = {"files": [str(f) for f in files]}
     return finish(report, run)

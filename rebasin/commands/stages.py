@@ -113,9 +113,10 @@ def provenance(run: Run, spec: PermutationSpec, source: str, method: str) -> dic
     return out
 
 
-def output_group_note(equivalence: dict[str, Any]) -> list[str]:
-    """The report's note when the model's output axis follows a permuted group."""
-    g = equivalence.get("output_group")
+def output_group_note(equivalence: dict[str, Any], spec: PermutationSpec) -> list[str]:
+    """The report's note when the model's output axis follows a permuted group (found by the
+    check, else named by the family)."""
+    g = equivalence.get("output_group") or spec.output_group
     if not g:
         return []
     return [f"the model's output axis follows group '{g}': the aligned model answers in A's coordinates"]

@@ -164,10 +164,14 @@ def inspect_summary(info: Mapping[str, Any]) -> None:
 
 def permute_summary(report: Mapping[str, Any]) -> None:
     """One line per output."""
-    spec = report["spec"]
+    spec, kept = report["spec"], report.get("kept", {})
+    moved = sum(1 for g, f in report["moved_fraction"].items() if f > 0 and g not in kept)
+    fixed = f" (kept fixed: {', '.join(kept)})" if kept else ""
     err.print(
-        f"permuted {len(spec['groups'])} groups ({spec['source']}) with seed {report['seed']}; "
-        f"wrote {', '.join(report['output']['files'])}"
+        f"permuted {moved} of {len(spec['groups'])} groups{fixed} ({spec['source']}) with seed "
+        f"{report['seed']}; wrote {', '.join(report['output']['files'])}",
+        soft_wrap=True,
+        markup=False,
     )
     checked(report, "the permuted model", "the original")
 

@@ -94,6 +94,7 @@ class PermutationSpec:
         family: str | None = None,
         heads: Mapping[str, Heads] | None = None,
         notes: Sequence[str] = (),
+        output_group: str | None = None,
     ):
         self.axes_to_perm: dict[str, tuple[AxisEntry, ...]] = {}
         for p, entries in axes_to_perm.items():
@@ -106,6 +107,9 @@ class PermutationSpec:
         self.family = family
         self.heads: dict[str, Heads] = dict(heads or {})
         self.notes: list[str] = list(notes)
+        self.output_group = output_group if output_group in self.sizes else None
+        """The group the model's main output axis follows (a headless model returns its
+        residual stream), decided by the family from names and config; None: a fixed output."""
         problems = self._structural_problems()
         if problems:
             raise SpecError(problems)
@@ -191,7 +195,7 @@ class PermutationSpec:
         if not names:
             return self
         axes = {names.get(p, p): list(es) for p, es in self.axes_to_perm.items()}
-        return PermutationSpec(axes, self.sizes, self.family, self.heads, self.notes)
+        return PermutationSpec(axes, self.sizes, self.family, self.heads, self.notes, self.output_group)
 
     def restricted(self, names: Iterable[str]) -> PermutationSpec:
         """This spec without the tensors not in ``names`` (e.g. a tied head stored once)."""
@@ -202,7 +206,7 @@ class PermutationSpec:
         used = {a.group for es in axes.values() for e in es for a in parts(e)}
         sizes = {g: n for g, n in self.sizes.items() if g in used}
         heads = {g: h for g, h in self.heads.items() if g in used}
-        return PermutationSpec(axes, sizes, self.family, heads, self.notes)
+        return PermutationSpec(axes, sizes, self.family, heads, self.notes, self.output_group)
 
     def without(self, groups: Iterable[str]) -> PermutationSpec:
         """This spec with ``groups`` removed: their axes stay fixed (identity)."""
@@ -218,7 +222,7 @@ class PermutationSpec:
             axes[p] = kept
         sizes = {g: n for g, n in self.sizes.items() if g not in drop}
         heads = {g: h for g, h in self.heads.items() if g not in drop}
-        return PermutationSpec(axes, sizes, self.family, heads, self.notes)
+        return PermutationSpec(axes, sizes, self.family, heads, self.notes, self.output_group)
 
     # ------------------------------------------------------------------ validation
     def _structural_problems(self) -> list[str]:

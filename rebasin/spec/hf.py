@@ -121,12 +121,27 @@ class _Builder:
             self.notes.append(f"attention: {n_heads} heads of {hd} dims; moves {what}")
         return q, k, v, o
 
-    def finish(self) -> PermutationSpec:
+    def finish(self, config: Config = None, heads: Sequence[str] = ()) -> PermutationSpec:
+        """The spec; its output group is the residual stream when the model is headless: its
+        config names a base model class (``BertModel``, ``LlamaModel``), or, without a config,
+        none of the family's ``heads`` tensors is present."""
         extra = [n for n in self.shapes if n not in self.axes and n not in self.fixed]
         if extra:
             n = extra[0]
             raise NotThisFamily(f"'{n}' {tuple(self.shapes[n])} fits no {self.family} layer")
-        spec = PermutationSpec(self.axes, self.sizes, family=self.family, heads=self.heads, notes=self.notes)
+        archs = (config or {}).get("architectures") or []
+        if archs and isinstance(archs[0], str):
+            headless = not re.search(r"(For[A-Z]\w*|LMHead\w*|WithLMHead)$", archs[0])
+        else:
+            headless = not any(n.startswith(h) or f".{h}" in n for n in self.shapes for h in heads)
+        spec = PermutationSpec(
+            self.axes,
+            self.sizes,
+            family=self.family,
+            heads=self.heads,
+            notes=self.notes,
+            output_group=RES if headless else None,
+        )
         problems = spec.problems(self.shapes)
         if problems:
             raise NotThisFamily(problems[0])
@@ -203,7 +218,7 @@ def gpt2_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
     b.norm(f"{p}ln_f")
     b.set("lm_head.weight", None, res)
     b.set("score.weight", None, res)  # GPT2ForSequenceClassification
-    return b.finish()
+    return b.finish(config, ("lm_head",))
 
 
 # ------------------------------------------------------------------------------------------- LLaMA
@@ -248,7 +263,7 @@ def llama_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Confi
     b.set("lm_head.weight", None, res)
     b.set("score.weight", None, res)
     b.keep(f"{p}rotary_emb.inv_freq")
-    return b.finish()
+    return b.finish(config, ("lm_head", "score"))
 
 
 # -------------------------------------------------------------------------------------------- BERT
@@ -312,7 +327,7 @@ def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
         b.linear("classifier.dense", None, res)
         b.keep("classifier.out_proj.weight", "classifier.out_proj.bias")
     b.keep("cls.seq_relationship.weight", "cls.seq_relationship.bias", "classifier.weight", "classifier.bias")
-    return b.finish()
+    return b.finish(config, ("cls.", "lm_head.", "classifier", "qa_outputs"))
 
 
 # --------------------------------------------------------------------------------------------- ViT
@@ -364,4 +379,4 @@ def vit_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config 
         b.linear(f"{p}pooler.dense", None, res)
     b.set("classifier.weight", None, res)
     b.keep("classifier.bias")
-    return b.finish()
+    return b.finish(config, ("classifier",))

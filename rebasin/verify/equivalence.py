@@ -73,9 +73,6 @@ class Verifier:
         self._before: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = []
         self.scope: Callable[[str], bool] | None = None
         """Which tensors the built model holds (a model cut to its first layer), or None: all."""
-        self.strict = True
-        """Whether a model that does not fit the checkpoint is an error (a model the user named)
-        rather than "no verdict" (a model built from a record or config.json)."""
 
     @torch.no_grad()
     def output(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -182,13 +179,9 @@ def verify(
         return {**NOT_VERIFIED, "reason": why_not}
     try:
         eq = verifier.check(ck.state, spec, perm)
-    except ConfigError as e:
-        if verifier.strict:
-            raise
-        return {
-            **NOT_VERIFIED,
-            "reason": f"not verified: the model built from the checkpoint does not fit it ({e.message})",
-        }
+    except ConfigError as e:  # a model that can be built must fit, as its own library loads it
+        hint = f"{e.hint}; or pass --no-verify to write it unverified" if e.hint else "pass --no-verify"
+        raise ConfigError(e.message, hint, source=e.source) from None
     if not eq.ok:
         group = verifier.first_breaking_group(ck.state, spec, perm)
         where = f"; the first group that breaks it: '{group}'" if group else ""

@@ -30,15 +30,14 @@ def first_layer(name: str) -> bool:
 @dataclass(frozen=True)
 class VerifyPlan:
     """The check each written permutation gets: the model it runs (None: no check, and
-    ``why_not`` says why), the data of its probe (None: the model's example input), the config
-    key and layer count when the model is cut to its first layer, and whether a model that does
-    not fit the checkpoint is an error (``strict``: a model the user named) or no verdict (one
-    built from a record or ``config.json``)."""
+    ``why_not`` says why), the data of its probe (None: the model's example input), and the config
+    key and layer count when the model is cut to its first layer. A model that can be built must
+    fit the checkpoint as its own library loads it (``rebasin.models.fit.tolerated``): else the
+    check fails, and nothing is written without ``--no-verify``."""
 
     model: ModelRef | None
     probe_data: str | None = None
     cut: tuple[str, int] | None = None
-    strict: bool = False
     why_not: str = ""
 
     @property
@@ -92,6 +91,5 @@ def build_verifier(plan: VerifyPlan, seed: int) -> tuple[Verifier | None, str]:
         except TraceError:
             return None, "not verified: no probe input (pass --data)"
     verifier = Verifier(factory, inputs, plan.probe, ref.name)
-    verifier.strict = plan.strict
     verifier.scope = first_layer if plan.cut is not None else None
     return verifier, ""

@@ -238,13 +238,13 @@ def test_resolution_table(
     assert (r.evaluation is not None) == want["evaluated"]
     v = r.verification
     if want["verify"] == "strict":
-        assert v.model is not None and v.strict
+        assert v.model is not None and v.probe_data == "synthetic"
     elif want["verify"] == "example":
-        assert v.model is not None and v.probe_data is None and not v.strict and v.cut is None
+        assert v.model is not None and v.probe_data is None and v.cut is None
     elif want["verify"].startswith("not verified"):
         assert v.model is None and v.why_not == want["verify"]
     else:
-        assert v.model is not None and v.probe_data == want["verify"] and not v.strict
+        assert v.model is not None and v.probe_data == want["verify"]
     assert (r.matcher.name if r.matcher else None) == want["matcher"]
     assert r.matcher_data == want["fed"]
 
