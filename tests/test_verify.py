@@ -208,3 +208,36 @@ def test_a_model_that_does_not_fit_is_an_error_and_nothing_is_written(tmp_path: 
     assert "--no-verify" in err.splitlines()[1]
     assert not out.exists()
     assert run("permute", a, "-o", out, "--seed", "3", "--no-verify")[0] == 0
+
+
+@pytest.mark.parametrize("order", ["base-first", "fine-tune-first"])
+def test_a_fine_tune_merges_with_its_base_that_stores_a_buffer(order: str, tmp_path: Path) -> None:
+    """The base stores position_ids (old transformers), the fine-tune re-saved by a current one
+    does not: they merge in both orders, the output has A's tensors, and the report says what
+    was taken or dropped. A float parameter on one side only stays an error."""
+    from safetensors.torch import load_file, save_file
+
+    model = _headless("bert")
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    model.save_pretrained(base)
+    _with_position_ids(base)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+    model.save_pretrained(tuned)
+    a, b = (base, tuned) if order == "base-first" else (tuned, base)
+    out = tmp_path / "m"
+    code, stdout, err = run("merge", a, b, "-o", out, "--method", "weight", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["equivalence"]["ok"] is True
+    word = "lacks buffers A has, taken from A" if order == "base-first" else "has buffers A lacks, dropped"
+    assert any(word in n and "embeddings.position_ids" in n for n in rep["notes"])
+    assert set(load_file(out / "model.safetensors")) == set(load_file(a / "model.safetensors"))
+    # a float parameter missing on one side is still an error that names it
+    state = load_file(tuned / "model.safetensors")
+    del state["pooler.dense.bias"]
+    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run("merge", base, tuned, "-o", tmp_path / "m2", "--method", "weight")
+    assert code == 2
+    assert err.splitlines()[0] == f"error: {tuned}: tensors missing that A has: 'pooler.dense.bias'"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from rebasin.checkpoint import Checkpoint, natural_key
+from rebasin.checkpoint import Checkpoint, LazyStateDict, natural_key
+from rebasin.checkpoint.state import TensorInfo
 from rebasin.core.errors import CheckpointError, ConfigError
+from rebasin.models.fit import tolerated
 from rebasin.spec.core import PermutationSpec
 
 
@@ -20,20 +23,59 @@ def _names(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check_pair(a: Checkpoint, b: Checkpoint) -> None:
-    """Both checkpoints must hold the same tensor names and shapes."""
-    missing = sorted(set(a.shapes) - set(b.shapes), key=natural_key)
+def _buffer(ck: Checkpoint, name: str) -> bool:
+    """A tensor that is no parameter: integer, or a buffer library versions add or drop."""
+    return not ck.dtypes[name].is_floating_point or tolerated(None, name, "unexpected")
+
+
+def check_pair(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, list[str]]:
+    """Both checkpoints must hold the same float parameters with the same shapes. Tensors on one
+    side only that are buffers (integer tensors, ``position_ids`` and the like) are taken from A,
+    or dropped when A lacks them: returns B with exactly A's tensors, and a note saying so."""
+    only_a = sorted(set(a.shapes) - set(b.shapes), key=natural_key)
+    only_b = sorted(set(b.shapes) - set(a.shapes), key=natural_key)
+    missing = [k for k in only_a if not _buffer(a, k)]
     if missing:
         raise CheckpointError(f"tensors missing that A has: {_names(missing)}", source=b.name)
-    extra = sorted(set(b.shapes) - set(a.shapes), key=natural_key)
+    extra = [k for k in only_b if not _buffer(b, k)]
     if extra:
         raise CheckpointError(f"tensors missing that B has: {_names(extra)}", source=a.name)
-    for k in sorted(a.shapes, key=natural_key):
+    for k in sorted(set(a.shapes) & set(b.shapes), key=natural_key):
         if a.shapes[k] != b.shapes[k]:
             raise CheckpointError(
                 f"tensor '{k}' has shape {_fmt_shape(b.shapes[k])}, A has {_fmt_shape(a.shapes[k])}",
                 source=b.name,
             )
+    if not (only_a or only_b):
+        return b, []
+    notes = []
+    if only_a:
+        notes.append(f"{b.name} lacks buffers A has, taken from A: {_names(only_a)}")
+    if only_b:
+        notes.append(f"{b.name} has buffers A lacks, dropped: {_names(only_b)}")
+    return _with_names_of(a, b), notes
+
+
+def _with_names_of(a: Checkpoint, b: Checkpoint) -> Checkpoint:
+    """B with exactly A's tensor names: B's own where it has them, A's buffers elsewhere."""
+    names = list(a.state)
+
+    def get(k: str) -> torch.Tensor:
+        return b.state[k] if k in b.shapes else a.state[k]
+
+    info = {
+        k: TensorInfo(
+            b.dtypes[k] if k in b.shapes else a.dtypes[k], (b.shapes if k in b.shapes else a.shapes)[k]
+        )
+        for k in names
+    }
+    return dataclasses.replace(
+        b,
+        state=LazyStateDict(names, get, info),
+        shapes={k: info[k].shape for k in names},
+        dtypes={k: info[k].dtype for k in names},
+        order=None,
+    )
 
 
 def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:

@@ -63,6 +63,8 @@ class Run:
     known_data: str | None = None
     """The data named or recorded (a refused record aside): inputs for tracing and probes."""
     outputs: tuple[Output, ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    """What the run did on its own that people should know (buffers taken from A)."""
 
     @property
     def seed(self) -> int:
@@ -102,9 +104,12 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     guard_outputs(outputs, paths, opts.output.force)
     if command == "barrier" and opts.run.ray is not None:  # a missing package or cluster: one line now
         connect(opts.run.ray)
-    cks = tuple(load_checkpoint(p) for p in paths)
-    for ck in cks[1:]:
-        check_pair(cks[0], ck)
+    loaded = [load_checkpoint(p) for p in paths]
+    cks, notes = [loaded[0]], []
+    for ck in loaded[1:]:
+        fitted, said = check_pair(loaded[0], ck)
+        cks.append(fitted)
+        notes += said
     a = cks[0]
     try:
         known = _data_name(opts, a)
@@ -123,7 +128,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     return Run(
         command=command,
         options=opts,
-        checkpoints=cks,
+        checkpoints=tuple(cks),
         model=model,
         data=data,
         evaluation=evaluation,
@@ -132,6 +137,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
         matcher_data=matcher_data,
         known_data=known,
         outputs=tuple(outputs),
+        notes=tuple(notes),
     )
 
 

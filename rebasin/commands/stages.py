@@ -123,7 +123,9 @@ def output_group_note(equivalence: dict[str, Any], spec: PermutationSpec) -> lis
 
 
 def finish(report: dict[str, Any], run: Run) -> dict[str, Any]:
-    """Write the JSON report (when asked), listing itself among the outputs."""
+    """The run's notes in the report; write it (when asked), listing itself among the outputs."""
+    if run.notes:
+        report["notes"] = [*run.notes, *report.get("notes", [])]
     path: PathLike | None = run.options.output.report
     if path is not None:
         files = report.setdefault("output", {}).setdefault("files", {})
