@@ -241,3 +241,34 @@ def test_a_fine_tune_merges_with_its_base_that_stores_a_buffer(order: str, tmp_p
     code, _, err = run("merge", base, tuned, "-o", tmp_path / "m2", "--method", "weight")
     assert code == 2
     assert err.splitlines()[0] == f"error: {tuned}: tensors missing that A has: 'pooler.dense.bias'"
+
+
+def test_a_family_that_needs_a_config_says_so(tmp_path: Path) -> None:
+    """BERT's attention heads come from config.json: weights without one are an error with a
+    hint, unless --config names one or --freeze keeps attention fixed."""
+    import shutil
+
+    model = _headless("bert")
+    model.save_pretrained(tmp_path / "m")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copy(tmp_path / "m" / "model.safetensors", a)
+    shutil.copy(tmp_path / "m" / "model.safetensors", b)
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run("merge", a, b, "-o", out, "--method", "weight")
+    assert code == 2 and stdout == ""
+    assert err.splitlines() == [
+        f"error: {a}: bert attention heads come from config.json, which the checkpoint lacks",
+        "hint: copy the model's config.json next to the weights or pass --config FILE; to keep "
+        "attention fixed instead, pass --freeze 'layers.*.attn.*'",
+    ]
+    assert not out.exists()
+    code, stdout, err = run(
+        "merge", a, b, "-o", out, "--method", "weight", "--config", tmp_path / "m" / "config.json", "--json"
+    )
+    assert code == 0, err
+    assert "layers.0.attn.qk" in json.loads(stdout)["match"]["groups"]
+    assert json.loads(stdout)["equivalence"]["ok"] is True
+    code, _, err = run(
+        "merge", a, b, "-o", out, "--force", "--method", "weight", "--freeze", "layers.*.attn.*"
+    )
+    assert code == 0, err

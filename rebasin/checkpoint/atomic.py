@@ -127,12 +127,12 @@ def swap_in(staged: Path, final: Path) -> None:
     if not final.exists():
         os.rename(staged, final)
     elif _exchange(staged, final):
-        shutil.rmtree(staged)  # now the old folder
+        shutil.rmtree(staged, ignore_errors=True)  # now the old folder; what stays, a later run removes
     else:
         parked = final.parent / f"{OLD}{os.getpid()}-{final.name}"
         os.rename(final, parked)
         os.rename(staged, final)
-        shutil.rmtree(parked)
+        shutil.rmtree(parked, ignore_errors=True)
     fsync_dir(final.parent)
 
 

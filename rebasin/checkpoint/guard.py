@@ -129,7 +129,34 @@ def _problems(o: Output, inputs: Sequence[Path], files: Sequence[Path], force: b
         existing = [t for t in o.targets() if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
         if existing:
             problems.append((str(p), "already exists"))
+        return problems
+    for t in o.targets():
+        why = _irreplaceable(t)
+        if why:
+            problems.append((str(p), why))
+            break
     return problems
+
+
+def _irreplaceable(t: Path) -> str | None:
+    """Why an existing output cannot be replaced whole (checked before any work, so that a
+    failure changes nothing): a mount point, something that is not a regular file or folder, or
+    a folder holding entries that cannot be removed."""
+    if not os.path.lexists(t):
+        return None
+    if t.is_symlink():
+        return "is a symbolic link; name the real path to replace it"
+    if os.path.ismount(t):
+        return "is a mount point, which cannot be replaced; write to a new path inside it"
+    if not (t.is_file() or t.is_dir()):
+        return "is not a regular file or folder (a device, FIFO or socket); refusing to replace it"
+    if t.is_dir():
+        for d, dirs, _ in os.walk(t):
+            if not os.access(d, os.W_OK | os.X_OK):
+                return f"'{d}' cannot be changed (permission denied), so the old folder cannot be replaced"
+            if len(dirs) > 10_000:
+                break
+    return None
 
 
 def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[PathLike], force: bool) -> None:

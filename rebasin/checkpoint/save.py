@@ -230,23 +230,50 @@ def _save_folder(
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
-def copy_model_files(src: Path, dst: Path) -> list[str]:
+SKIPPED_DIRS = (".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface")
+"""Folders a model folder's copy never carries: version control and caches."""
+
+
+def link_target(link: Path, root: Path) -> Path | None:
+    """Where a symbolic link in a model folder points, when a copy may follow it: inside the
+    folder, or (a folder from a hub cache, ``.../snapshots/REV/``) into that cache's ``blobs/``.
+    None for links that lead anywhere else."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    base = root.resolve()
+    allowed = [base]
+    if base.parent.name == "snapshots":
+        allowed.append(base.parent.parent / "blobs")
+    return target if any(target.is_relative_to(a) for a in allowed) else None
+
+
+def copy_model_files(src: Path, dst: Path, root: Path | None = None) -> list[str]:
     """Copy a model folder's non-weight files and subfolders (config, tokenizer, generation
-    config, ``1_Pooling/``, ``modules.json``, ...) from ``src`` into ``dst``, keeping their modes;
-    weights, shard indexes, hidden files and symbolic links are not copied. Returns the copied
-    names, relative to ``dst``."""
+    config, ``1_Pooling/``, ``modules.json``, dotfiles such as ``.gitattributes``, ...) from
+    ``src`` into ``dst``, keeping their modes. Weights, shard indexes, temporary files and
+    :data:`SKIPPED_DIRS` are not copied; a symbolic link is copied as what it points to when that
+    lies inside the folder or in its hub cache (:func:`link_target`), else left out. Returns the
+    copied names, relative to ``dst``."""
+    root = root or src
     out: list[str] = []
     for f in sorted(src.iterdir()):
-        if f.name.startswith(".") or f.is_symlink():
+        if f.name in SKIPPED_DIRS or f.name.startswith(".rebasin-"):
             continue
-        if f.is_dir():
+        real = link_target(f, root) if f.is_symlink() else f
+        if real is None:
+            continue
+        if real.is_dir():
+            if f.is_symlink():  # a linked folder inside the model folder: its files are there too
+                continue
             (dst / f.name).mkdir(exist_ok=True)
-            shutil.copymode(f, dst / f.name)
-            out += [f"{f.name}/{n}" for n in copy_model_files(f, dst / f.name)]
+            shutil.copymode(real, dst / f.name)
+            out += [f"{f.name}/{n}" for n in copy_model_files(f, dst / f.name, root)]
             continue
-        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+        if not real.is_file() or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
             continue
-        copy_file(f, dst / f.name)
+        copy_file(real, dst / f.name)
         out.append(f.name)
     return out
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from rebasin.checkpoint import Checkpoint, load_checkpoint
+from rebasin.checkpoint import Checkpoint, load_checkpoint, read_hf_config
 from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs, plot_output
 from rebasin.commands.cluster import connect
 from rebasin.commands.inputs import check_device, check_pair
@@ -105,6 +106,15 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     if command == "barrier" and opts.run.ray is not None:  # a missing package or cluster: one line now
         connect(opts.run.ray)
     loaded = [load_checkpoint(p) for p in paths]
+    if opts.model.config is not None:
+        config = read_hf_config(Path(opts.model.config))
+        if config is None:
+            raise ConfigError(
+                "--config: not a Hugging Face config.json (no model_type or architectures)",
+                source=opts.model.config,
+            )
+        for ck in loaded:
+            ck.config = ck.config if ck.config is not None else config
     cks, notes = [loaded[0]], []
     for ck in loaded[1:]:
         fitted, said = check_pair(loaded[0], ck)

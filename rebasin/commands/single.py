@@ -68,7 +68,7 @@ def describe_spec(path: PathLike, options: Options | None = None) -> tuple[Permu
     """The spec of a checkpoint, where it came from, and the tensors it leaves fixed."""
     opts = options or Options()
     run = resolve_run("spec", opts, [path], opts.output.output)
-    spec, source, _ = run_spec(run, check_data=False)
+    spec, source, _ = run_spec(run, check_data=False, show=True)
     return spec, source, spec.fixed(list(run.checkpoints[0].state))
 
 

@@ -17,7 +17,7 @@ from rebasin.evaluate.setup import EvaluatorData, make_evaluator
 from rebasin.matching.registry import MatchProblem
 from rebasin.matching.result import MatchResult
 from rebasin.report.document import evaluation_report, input_info, new_report, spec_info, write_report
-from rebasin.spec.choose import choose_spec, freeze_groups
+from rebasin.spec.choose import check_config, choose_spec, freeze_groups
 from rebasin.spec.core import PermutationSpec
 
 
@@ -38,13 +38,15 @@ class Timings(dict[str, float]):
         return {**self, "total_s": round(time.perf_counter() - self._t0, 4)}
 
 
-def run_spec(run: Run, check_data: bool = True) -> tuple[PermutationSpec, str, list[str]]:
+def run_spec(run: Run, check_data: bool = True, show: bool = False) -> tuple[PermutationSpec, str, list[str]]:
     """The run's spec (frozen groups held out), with the weights it touches checked: floating
     point in every checkpoint (from headers) and, unless ``check_data`` is off (a dry run),
-    finite (one read of the files, which also gives their SHA-256)."""
+    finite (one read of the files, which also gives their SHA-256). A spec that needs a config
+    the checkpoint lacks is an error, except when it is only shown (``show``: ``rebasin spec``)."""
     a = run.checkpoints[0]
     spec, source = choose_spec(run.options.spec.spec, a, run.model, run.known_data)
-    spec, frozen = freeze_groups(spec, run.options.spec.freeze)
+    patterns = run.options.spec.freeze if show else check_config(spec, a, run.options.spec.freeze)
+    spec, frozen = freeze_groups(spec, patterns)
     for ck in run.checkpoints:
         check_dtypes(ck, spec)
         if check_data:

@@ -71,6 +71,13 @@ class ModelOptions(Checked):
         commands=(*MODEL_COMMANDS, "train"),
         default_text="A's rebasin.arch_args",
     )
+    config: str | None = option(
+        None,
+        "A Hugging Face config.json for checkpoints that come without one (head counts, architecture).",
+        metavar="FILE",
+        commands=SPEC_COMMANDS,
+        default_text="config.json beside the weights",
+    )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,26 @@ from rebasin.spec.names import infer_spec
 from rebasin.spec.registry import list_specs
 from rebasin.spec.trace import trace_spec
 
+ATTENTION = "layers.0.attn.qk"
+"""The name of the first attention group, as a family whose heads come from config.json names it."""
+
+
+def check_config(spec: PermutationSpec, ck: Checkpoint, patterns: Sequence[str]) -> list[str]:
+    """A family whose attention heads come from ``config.json``, given without one, is an error
+    unless ``--freeze`` keeps the attention groups fixed; returns the freeze patterns left for
+    the groups the spec has."""
+    attention = [p for p in patterns if fnmatch.fnmatchcase(ATTENTION, p)]
+    if spec.needs_config and not attention:
+        raise ConfigError(
+            f"{spec.family} attention heads come from config.json, which the checkpoint lacks",
+            "copy the model's config.json next to the weights or pass --config FILE; to keep "
+            "attention fixed instead, pass --freeze 'layers.*.attn.*'",
+            source=ck.name,
+        )
+    if not spec.needs_config:
+        return list(patterns)
+    return [p for p in patterns if p not in attention or any(fnmatch.fnmatchcase(g, p) for g in spec.sizes)]
+
 
 def freeze_groups(spec: PermutationSpec, patterns: Sequence[str]) -> tuple[PermutationSpec, list[str]]:
     """Hold the groups matching any glob pattern (``residual``, ``layers.*.attn.*``) at identity."""

@@ -108,6 +108,8 @@ class PermutationSpec:
         self.heads: dict[str, Heads] = dict(heads or {})
         self.notes: list[str] = list(notes)
         self.output_group = output_group if output_group in self.sizes else None
+        self.needs_config = False
+        """Whether groups were left fixed because a config.json (the head count) was missing."""
         """The group the model's main output axis follows (a headless model returns its
         residual stream), decided by the family from names and config; None: a fixed output."""
         problems = self._structural_problems()

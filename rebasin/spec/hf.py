@@ -40,6 +40,8 @@ class _Builder:
         self.sizes: dict[str, int] = {}
         self.heads: dict[str, Heads] = {}
         self.notes: list[str] = []
+        self.needs_config = False
+        """Whether attention was left fixed for want of a config.json (its head count)."""
         self.fixed: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -80,6 +82,7 @@ class _Builder:
         n_heads = _cfg(config, "num_attention_heads", "n_head", "num_heads")
         if n_heads is None:
             if layer == 0:
+                self.needs_config = True
                 self.notes.append(
                     "attention stays fixed: the head count is unknown (put the model's config.json "
                     "next to the weights)"
@@ -142,6 +145,7 @@ class _Builder:
             notes=self.notes,
             output_group=RES if headless else None,
         )
+        spec.needs_config = self.needs_config
         problems = spec.problems(self.shapes)
         if problems:
             raise NotThisFamily(problems[0])

@@ -173,3 +173,109 @@ def test_sharded_overwrite_removes_the_old_set(mlp_pair: tuple[Path, Path], tmp_
     names = set(index["weight_map"].values())
     assert {p.name for p in tmp_path.glob("m-*.safetensors")} == names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rebasin-")]
+
+
+# ----------------------------------------------------------------- what --force may replace
+
+
+def _folder_merge(mlp_pair: tuple[Path, Path], out: Path, *more: str) -> tuple[int, str]:
+    from helpers import run
+
+    code, _, err = run("merge", *mlp_pair, "-o", out, "--method", "weight", "--force", *more)
+    return code, err
+
+
+def test_force_refuses_an_old_folder_it_could_not_remove(
+    mlp_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing output folder holding a folder that cannot be changed (read-only, as a
+    non-root user sees it) is refused before any work, naming the output; it stays as it was."""
+    out = tmp_path / "out"
+    (out / "tok").mkdir(parents=True)
+    (out / "tok" / "vocab.txt").write_text("old")
+    locked = out / "tok"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == locked else real(p, m))
+    code, err = _folder_merge(mlp_pair, out)
+    assert code == 2
+    assert err.splitlines()[0] == (
+        f"error: {out}: '{locked}' cannot be changed (permission denied), so the old folder cannot be replaced"
+    )
+    assert (out / "tok" / "vocab.txt").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["tok"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may change read-only folders")
+def test_force_refuses_a_read_only_folder_as_a_user(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "tok").mkdir(parents=True)
+    (out / "tok" / "vocab.txt").write_text("old")
+    (out / "tok").chmod(0o555)
+    try:
+        code, err = _folder_merge(mlp_pair, out)
+        assert code == 2 and "cannot be changed (permission denied)" in err
+        assert (out / "tok" / "vocab.txt").read_text() == "old"
+    finally:
+        (out / "tok").chmod(0o755)
+
+
+def test_force_refuses_a_mount_point(
+    mlp_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "mnt"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    code, err = _folder_merge(mlp_pair, out)
+    assert code == 2
+    assert (
+        err.splitlines()[0]
+        == f"error: {out}: is a mount point, which cannot be replaced; write to a new path inside it"
+    )
+    assert (out / "x").read_text() == "keep"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_force_replaces_only_files_and_folders(
+    mlp_pair: tuple[Path, Path], tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / "m.safetensors"
+    if kind == "fifo":
+        os.mkfifo(out)
+    else:
+        (tmp_path / "real.safetensors").write_bytes(b"old")
+        out.symlink_to(tmp_path / "real.safetensors")
+    code, err = _folder_merge(mlp_pair, out)
+    assert code == 2 and err.startswith(f"error: {out}: ")
+    assert ("symbolic link" in err) if kind == "symlink" else ("not a regular file or folder" in err)
+    assert os.path.lexists(out)
+
+
+def test_folder_outputs_carry_dotfiles_and_linked_files(tmp_path: Path) -> None:
+    """A model folder's copy carries dotfiles (never .git/ or caches) and what symbolic links
+    point to inside the folder or its hub cache's blobs; links elsewhere are left out."""
+    from rebasin.checkpoint.save import copy_model_files
+
+    cache = tmp_path / "models--org--m"
+    snap, blobs = cache / "snapshots" / "abc", cache / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "123").write_text('{"model_type": "bert"}')
+    (snap / "config.json").symlink_to(blobs / "123")
+    (snap / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (snap / ".git").mkdir()
+    (snap / ".git" / "HEAD").write_text("ref")
+    (snap / "__pycache__").mkdir()
+    (tmp_path / "secret.txt").write_text("no")
+    (snap / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    (snap / "vocab.txt").write_text("a\nb")
+    (snap / "alias.txt").symlink_to(snap / "vocab.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    copied = copy_model_files(snap, out)
+    assert sorted(copied) == [".gitattributes", "alias.txt", "config.json", "vocab.txt"]
+    assert (out / "config.json").read_text() == '{"model_type": "bert"}' and not (
+        out / "config.json"
+    ).is_symlink()
+    assert not (out / ".git").exists() and not (out / "leak.txt").exists()
