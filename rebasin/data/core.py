@@ -15,10 +15,16 @@ from rebasin.core.errors import ConfigError
 from rebasin.core.registry import Registry
 from rebasin.core.usercode import call_user, import_object
 
+TASKS = ("classes", "next_token", "tokens", "lm")
+"""What the labels are: ``classes`` one per example (N,); ``next_token`` the inputs' own ids,
+each position predicting the next; ``tokens`` one per position (N, T), -100 ignored; ``lm``
+token ids without labels, whose task (next token or masked tokens) the model's head decides."""
+
 
 @dataclass
 class Dataset:
-    """Train and test tensors of a classification task."""
+    """Train and test tensors of a task (see :data:`TASKS`). Token inputs with an attention mask
+    are packed as (N, T, 2): ids, then mask."""
 
     name: str
     x_train: torch.Tensor
@@ -26,6 +32,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    task: str = "classes"
+    inputs: str = "x"
+    """What the inputs are: ``x`` (float features), ``input_ids`` or ``pixel_values``."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -106,6 +115,8 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
         raise ConfigError(f"cannot read data ({str(e).splitlines()[0]})", source=name) from None
     if "input_ids" in arrays and "x" not in arrays and "x_train" not in arrays:
         return _tokens(name, arrays, seed, test_fraction)
+    if "pixel_values" in arrays:
+        return _images(name, arrays, seed, test_fraction)
     for k in ("x", "y"):
         if k not in arrays and f"{k}_train" not in arrays:
             raise ConfigError(
@@ -134,25 +145,102 @@ def _from_file(p: Path, seed: int, test_fraction: float) -> Dataset:
     return _make(name, x, y, xt, yt)
 
 
-def _tokens(name: str, arrays: dict[str, torch.Tensor], seed: int, test_fraction: float) -> Dataset:
-    """Language-model data: ``input_ids`` (sequences, tokens), optionally ``input_ids_test``.
-    Inputs and labels are the same ids; a model predicts each next token."""
-    ids = arrays["input_ids"]
-    if ids.dim() != 2 or ids.is_floating_point():
+def _split(arrays: dict[str, torch.Tensor], keys: list[str], seed: int, fraction: float) -> tuple[list, list]:
+    """Train and test rows of the arrays ``keys``: their ``_test`` arrays when the file has them,
+    else a seeded split."""
+    if f"{keys[0]}_test" in arrays:
+        return [arrays.get(k) for k in keys], [arrays.get(f"{k}_test") for k in keys]
+    n = len(arrays[keys[0]])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(n * fraction)) if n > 1 else 0
+    tr, te = order[n_test:], order[:n_test]
+    return [arrays[k][tr] if k in arrays else None for k in keys], [
+        arrays[k][te] if k in arrays else None for k in keys
+    ]
+
+
+def _integer(name: str, key: str, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    ok_dtype = not t.is_floating_point() and t.dtype not in (torch.bool, torch.uint64, torch.uint32)
+    if not ok_dtype or t.dim() not in dims:
+        want = " or ".join({1: "(examples,)", 2: "(sequences, tokens)"}[d] for d in dims)
+        what = "labels" if key.startswith("labels") else "token ids"
         raise ConfigError(
-            f"'input_ids' must be integer token ids of shape (sequences, tokens), got {tuple(ids.shape)} "
-            f"{str(ids.dtype).removeprefix('torch.')}",
+            f"'{key}' must be integer {what} of shape {want}, got {tuple(t.shape)} "
+            f"{str(t.dtype).removeprefix('torch.')}",
             source=name,
         )
-    ids = ids.long()
-    if "input_ids_test" in arrays:
-        test = arrays["input_ids_test"].long()
+    return t.long()
+
+
+def _matching(
+    name: str, split: str, i: torch.Tensor, m: torch.Tensor | None, lab: torch.Tensor | None
+) -> None:
+    """An attention mask has the ids' shape; labels are one per sequence or one per token."""
+    if m is not None and m.shape != i.shape:
+        raise ConfigError(
+            f"'attention_mask{split}' {tuple(m.shape)} must have the shape of "
+            f"'input_ids{split}' {tuple(i.shape)}",
+            source=name,
+        )
+    if lab is not None and (len(lab) != len(i) or (lab.dim() == 2 and lab.shape != i.shape)):
+        raise ConfigError(
+            f"'labels{split}' {tuple(lab.shape)} must be ({len(i)},) or {tuple(i.shape)} "
+            f"for 'input_ids{split}' {tuple(i.shape)}",
+            source=name,
+        )
+
+
+def _tokens(name: str, arrays: dict[str, torch.Tensor], seed: int, test_fraction: float) -> Dataset:
+    """Token data: ``input_ids`` (sequences, tokens), optional ``attention_mask`` (same shape)
+    and ``labels``: (sequences,) for sequence classification, (sequences, tokens) for token
+    classification (-100 ignored), none for language modelling; each with a ``_test`` array."""
+    keys = ["input_ids", "attention_mask", "labels"]
+    for k in keys:
+        for key in (k, f"{k}_test"):
+            if key in arrays:
+                arrays[key] = _integer(name, key, arrays[key], (1, 2) if k == "labels" else (2,))
+    for split in ("", "_test"):
+        if f"input_ids{split}" in arrays:
+            _matching(
+                name,
+                split,
+                arrays[f"input_ids{split}"],
+                arrays.get(f"attention_mask{split}"),
+                arrays.get(f"labels{split}"),
+            )
+    (ids, mask, y), (ids_t, mask_t, y_t) = _split(arrays, keys, seed, test_fraction)
+    if ids_t is None:
+        raise ConfigError("'input_ids_test' is needed beside the other _test arrays", source=name)
+    if mask is not None and mask_t is not None:
+        x, xt = torch.stack([ids, mask], -1), torch.stack([ids_t, mask_t], -1)
     else:
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-        n_test = max(1, round(len(ids) * test_fraction)) if len(ids) > 1 else 0
-        ids, test = ids[order[n_test:]], ids[order[:n_test]]
-    vocab = int(max(int(ids.max()), int(test.max()) if len(test) else 0)) + 1
-    return Dataset(name, ids, ids, test, test, vocab)
+        x, xt = ids, ids_t
+    if y is None or y_t is None:
+        vocab = int(max(int(ids.max()), int(ids_t.max()) if len(ids_t) else 0)) + 1
+        return Dataset(name, x, ids, xt, ids_t, vocab, task="lm", inputs="input_ids")
+    task = "classes" if y.dim() == 1 else "tokens"
+    n_classes = max(int(y.max()), int(y_t.max()) if len(y_t) else 0) + 1
+    return Dataset(name, x, y, xt, y_t, max(n_classes, 1), task=task, inputs="input_ids")
+
+
+def _images(name: str, arrays: dict[str, torch.Tensor], seed: int, test_fraction: float) -> Dataset:
+    """Image classification: ``pixel_values`` (N, channels, height, width) and ``labels`` (N,),
+    each with a ``_test`` array."""
+    if "labels" not in arrays:
+        raise ConfigError("'pixel_values' needs 'labels' (one class per image)", source=name)
+    for key in ("labels", "labels_test"):
+        if key in arrays:
+            arrays[key] = _integer(name, key, arrays[key], (1,))
+    (x, y), (xt, yt) = _split(arrays, ["pixel_values", "labels"], seed, test_fraction)
+    if xt is None or yt is None:
+        raise ConfigError("'pixel_values_test' needs 'labels_test' beside it", source=name)
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ConfigError(
+            f"'pixel_values' must be float images (N, channels, height, width), got {tuple(x.shape)}",
+            source=name,
+        )
+    k = int(max(int(y.max()), int(yt.max()) if len(yt) else 0)) + 1
+    return Dataset(name, x.float(), y, xt.float(), yt, k, inputs="pixel_values")
 
 
 def _from_hook(spec: str, seed: int) -> Dataset:
@@ -189,11 +277,15 @@ def validate(d: Dataset, source: str) -> Dataset:
             raise ConfigError(f"{split} split has {len(x)} inputs but {len(y)} labels", source=source)
         if y.is_floating_point():
             raise ConfigError(f"{split} labels must be integers, got {y.dtype}", source=source)
-        if bool((y < 0).any()) or bool((y >= d.num_classes).any()):
-            bad = int(y[(y < 0) | (y >= d.num_classes)][0])
-            raise ConfigError(f"{split} label {bad} is out of range [0, {d.num_classes})", source=source)
+        bad = (y < 0) | (y >= d.num_classes)
+        if d.task == "tokens":
+            bad &= y != -100  # ignored positions
+        if bool(bad.any()):
+            raise ConfigError(
+                f"{split} label {int(y[bad][0])} is out of range [0, {d.num_classes})", source=source
+            )
         tokens = x.shape == y.shape and x.dim() == 2  # language-model ids: inputs are the labels
-        if not x.is_floating_point() and not tokens:
+        if not x.is_floating_point() and not tokens and d.inputs != "input_ids":
             raise ConfigError(f"{split} inputs must be floating point, got {x.dtype}", source=source)
     if d.x_train.shape[1:] != d.x_test.shape[1:]:
         raise ConfigError(

@@ -24,41 +24,49 @@ class Metrics:
     acc: float
 
 
+IGNORED = -100
+"""The label of positions that count in neither loss nor accuracy (padding, unmasked tokens)."""
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Metrics:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, task: str = "classes"
+) -> Metrics:
     """Loss and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
-    total, correct, n = evaluation_sums(model, x, y, batch_size)
+    total, correct, n = evaluation_sums(model, x, y, batch_size, task)
     return Metrics(total / n, correct / n)
 
 
 @torch.no_grad()
 def evaluation_sums(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, task: str = "classes"
 ) -> tuple[float, int, int]:
-    """Summed loss, correct predictions and targets of ``model`` on ``(x, y)``: shards of a data
-    set add up to the whole."""
+    """Summed loss, correct predictions and counted targets of ``model`` on ``(x, y)``: shards of
+    a data set add up to the whole. Targets labelled -100 count in neither."""
     model.eval()
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
     for xb, yb in batches(x, y, batch_size):
-        out, yb = logits_and_targets(model(xb.to(device)), yb.to(device))
+        out, yb = logits_and_targets(model(xb.to(device)), yb.to(device), task)
         out = out.float()
-        total += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-        n += yb.numel()
+        counted = yb != IGNORED
+        total += float(nn.functional.cross_entropy(out, yb, reduction="sum", ignore_index=IGNORED))
+        correct += int(((out.argmax(1) == yb) & counted).sum())
+        n += int(counted.sum())
     return total, correct, n
 
 
-def logits_and_targets(out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class logits (rows, classes) and their targets from a model's output.
-
-    Classifiers give (N, C) for labels (N,). A language model given token ids (N, T), with the
-    same ids as labels, gives (N, T, V) (or a Hugging Face output with ``.logits``): position t
-    predicts token t + 1, so the rows are its first T - 1 positions."""
+def logits_and_targets(out: Any, y: torch.Tensor, task: str = "classes") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (rows, classes) and their targets from a model's output (a tensor, or a
+    Hugging Face output with ``.logits``), by task (``rebasin.data.core.TASKS``): ``classes``
+    gives (N, C) for labels (N,); ``next_token`` (N, T, V) for the input ids, position t
+    predicting token t + 1; ``tokens`` (N, T, C) for labels (N, T)."""
     if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
         out = out.logits
-    if out.dim() == 3 and y.dim() == 2 and out.shape[:2] == y.shape:
+    if task == "next_token" and out.dim() == 3:
         return out[:, :-1].reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1)
+    if task == "tokens" and out.dim() == 3:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
     return out, y
 
 
@@ -68,7 +76,7 @@ def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
     try:
         with torch.no_grad():
             out = model.eval()(x.to(next(model.parameters()).device))
-        out, _ = logits_and_targets(out, data.y_train[:2])  # shapes only
+        out, _ = logits_and_targets(out, data.y_train[:2], data.task)  # shapes only
     except (RuntimeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(
@@ -161,6 +169,7 @@ def task_loss_fns(
     device: str = "cpu",
     score_examples: int = 2000,
     batch_stats: bool = False,
+    task: str = "classes",
 ) -> tuple[
     Callable[[dict[str, torch.Tensor], int], torch.Tensor], Callable[[dict[str, torch.Tensor]], float]
 ]:
@@ -196,13 +205,13 @@ def task_loss_fns(
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         idx = order[i * batch_size : (i + 1) * batch_size]
-        out, yb = logits_and_targets(call(params, x[idx].to(device)), y[idx].to(device))
-        return nn.functional.cross_entropy(out, yb)
+        out, yb = logits_and_targets(call(params, x[idx].to(device)), y[idx].to(device), task)
+        return nn.functional.cross_entropy(out, yb, ignore_index=IGNORED)
 
     def score(params: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
             xs, ys = x[:score_examples].to(device), y[:score_examples].to(device)
-            out, ys = logits_and_targets(call(params, xs), ys)
-            return float(nn.functional.cross_entropy(out, ys))
+            out, ys = logits_and_targets(call(params, xs), ys, task)
+            return float(nn.functional.cross_entropy(out, ys, ignore_index=IGNORED))
 
     return task_loss, score

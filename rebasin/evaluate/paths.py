@@ -152,7 +152,7 @@ class PathEvaluator:
         out = {}
         for split, (x, y) in (("train", self._train_x()), ("test", self.data.split("test"))):
             lo, hi = shard_rows(len(y), self.batch_size, *part)
-            out[split] = evaluation_sums(m, x[lo:hi], y[lo:hi], self.batch_size)
+            out[split] = evaluation_sums(m, x[lo:hi], y[lo:hi], self.batch_size, self.data.task)
         return out
 
     def curve(

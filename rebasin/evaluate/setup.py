@@ -3,6 +3,8 @@ building it: the path evaluator for barrier curves and the data side data-driven
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from rebasin.checkpoint import Checkpoint
 from rebasin.core.errors import ConfigError
 from rebasin.data import load_data
-from rebasin.evaluate.metrics import activation_features, check_data_fits, task_loss_fns
+from rebasin.evaluate.metrics import IGNORED, activation_features, check_data_fits, task_loss_fns
 from rebasin.evaluate.paths import PathEvaluator
 from rebasin.models.fit import check_fits, load_into, renamed
 from rebasin.models.resolve import ModelRef
@@ -58,14 +60,7 @@ def _prepared(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, weights: 
     the model (with ``weights``, A's tensors are loaded; else only their shapes are compared), and
     the data's inputs fit the model. Returns (factory, data)."""
 
-    data = load_data(plan.name, seed)
-    tokens = data.x_train.shape == data.y_train.shape and not data.x_train.is_floating_point()
-    if tokens and ref.config is not None and not ref.name.endswith(("ForCausalLM", "LMHeadModel")):
-        raise ConfigError(
-            f"token data measures next-token loss, which needs a causal language model; "
-            f"config.json names {ref.name.removeprefix('hf:')}",
-            source=a.name,
-        )
+    data = for_head(load_data(plan.name, seed), a, ref, seed)
     factory = ref.factory()
     probe = factory()
     if weights:
@@ -74,6 +69,71 @@ def _prepared(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int, weights: 
         check_fits(probe, renamed(probe, a.shapes), a.name, ref.name)
     check_data_fits(probe, data, ref.name)
     return factory, data
+
+
+CAUSAL = ("ForCausalLM", "LMHeadModel")
+MASKED = ("ForMaskedLM",)
+MASK_RATE = 0.15
+
+
+def for_head(data: Any, a: Checkpoint, ref: ModelRef, seed: int) -> Any:
+    """The data as the model's head reads it: token ids without labels are a causal LM's next
+    tokens, or a masked LM's masked tokens (15% of the positions, seeded); a Hugging Face model
+    without a task head cannot measure a barrier, and says what it needs."""
+    head = ref.name.removeprefix("hf:") if ref.config is not None else ""
+    if ref.config is not None and not re.search(r"(For[A-Z]\w*|LMHead\w*)$", head):
+        raise ConfigError(
+            f"{head} has no task head, so it has no loss to measure a barrier with: the barrier "
+            "needs the model with its head (config.json architectures ...ForMaskedLM, "
+            "...ForSequenceClassification, ...) and data for that task",
+            source=a.name,
+        )
+    if data.task != "lm":
+        return data
+    if not head or head.endswith(CAUSAL):
+        return dataclasses.replace(data, task="next_token")
+    if head.endswith(MASKED):
+        return _masked(data, _mask_token(a, ref, data), seed)
+    raise ConfigError(
+        f"token ids without labels measure a language model's loss; config.json names {head}, "
+        "which needs labels (add 'labels' to the data file)",
+        source=a.name,
+    )
+
+
+def _mask_token(a: Checkpoint, ref: ModelRef, data: Any) -> int:
+    """The [MASK] token's id: from config.json, else the tokenizer files beside the weights."""
+    cfg = ref.config or {}
+    if isinstance(cfg.get("mask_token_id"), int):
+        return int(cfg["mask_token_id"])
+    folder = a.model_dir
+    if folder is not None and (folder / "vocab.txt").is_file():
+        words = (folder / "vocab.txt").read_text(errors="replace").splitlines()
+        for mark in ("[MASK]", "<mask>"):
+            if mark in words:
+                return words.index(mark)
+    raise ConfigError(
+        "masked-LM data needs the mask token's id: none in config.json (mask_token_id) or vocab.txt",
+        'add "mask_token_id" to config.json',
+        source=a.name,
+    )
+
+
+def _masked(data: Any, mask_id: int, seed: int) -> Any:
+    """Masked-LM data: 15% of the real positions (seeded) replaced by the mask token; the labels
+    are their ids there and -100 elsewhere."""
+
+    def mask(x: torch.Tensor, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attn = (x[..., 0], x[..., 1]) if x.dim() == 3 else (x, torch.ones_like(x))
+        g = torch.Generator().manual_seed(seed * 7919 + salt)
+        chosen = (torch.rand(ids.shape, generator=g) < MASK_RATE) & (attn > 0)
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORED))
+        masked = torch.where(chosen, torch.full_like(ids, mask_id), ids)
+        return (torch.stack([masked, attn], -1) if x.dim() == 3 else masked), labels
+
+    x, y = mask(data.x_train, 0)
+    xt, yt = mask(data.x_test, 1)
+    return dataclasses.replace(data, x_train=x, y_train=y, x_test=xt, y_test=yt, task="tokens")
 
 
 def check_evaluation(a: Checkpoint, ref: ModelRef, plan: DataPlan, seed: int) -> None:
@@ -127,6 +187,7 @@ class EvaluatorData:
                 seed=self.seed,
                 device=self.ev.device,
                 batch_stats=self.ev.bn != "none",  # judged as the barrier will be
+                task=self.ev.data.task,
             )
         return self._fns
 

@@ -234,9 +234,24 @@ def hf_factory(config: Mapping[str, Any]) -> Callable[[], nn.Module]:
         model = build()
         if key_map:
             model.rebasin_key_map = key_map  # type: ignore[assignment]
+        _take_packed_masks(model)
         return model
 
     return make
+
+
+def _take_packed_masks(model: nn.Module) -> None:
+    """Let the model take token ids packed with their attention mask, (N, T, 2), as one input
+    (how rebasin's data carries them), besides its usual arguments."""
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == 2 and not x.is_floating_point():
+            return original(input_ids=x[..., 0], attention_mask=x[..., 1])
+        return original(*args, **kwargs)
+
+    model.forward = forward
 
 
 WIDTHS = {"intermediate_size": 16, "n_inner": 16, "vocab_size": 32, "head_dim": 4}

@@ -131,8 +131,8 @@ class EvalOptions(Checked):
 
     data: str | None = option(
         None,
-        "mnist1d, digits, synthetic, a .safetensors/.npz file (x, y or input_ids), or "
-        "MODULE:FUNCTION (imports and runs that code).",
+        "mnist1d, digits, synthetic, a .safetensors/.npz file (x and y; input_ids, attention_mask, "
+        "labels; pixel_values and labels), or MODULE:FUNCTION (imports and runs that code).",
         commands=(*ALIGN_COMMANDS, "train"),
         default_text="A's rebasin.data; train: mnist1d",
         command_defaults={"train": "mnist1d"},

@@ -104,8 +104,10 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     )
     auto_choice(m)
     checked(report)
-    if spec.get("frozen"):
-        err.print(f"frozen (left at the identity): {', '.join(spec['frozen'])}", soft_wrap=True)
+    moved = sum(1 for s in m["groups"].values() if s["moved_fraction"] > 0)
+    frozen = spec.get("frozen") or []
+    kept = f"; kept fixed by --freeze: {', '.join(frozen)}" if frozen else ""
+    err.print(f"groups moved: {moved} of {len(m['groups'])}{kept}", soft_wrap=True, markup=False)
     for note in spec.get("notes", []):
         err.print(f"note: {note}", soft_wrap=True)
     for kind, files in report["output"]["files"].items():

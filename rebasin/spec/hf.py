@@ -330,7 +330,15 @@ def bert_spec(shapes: Shapes, order: Sequence[str] | None = None, config: Config
     if b.has("classifier.dense.weight"):  # RoBERTa's classification head reads the first token
         b.linear("classifier.dense", None, res)
         b.keep("classifier.out_proj.weight", "classifier.out_proj.bias")
+    archs = (config or {}).get("architectures") or [""]
+    per_token = str(archs[0]).endswith(("ForTokenClassification", "ForQuestionAnswering")) or (
+        not archs[0] and not b.has(f"{p}pooler.dense.weight")
+    )
+    for head in ("classifier", "qa_outputs"):  # a per-token head reads the residual stream
+        if per_token and b.has(f"{head}.weight") and len(shapes[f"{head}.weight"]) == 2:
+            b.set(f"{head}.weight", None, res)
     b.keep("cls.seq_relationship.weight", "cls.seq_relationship.bias", "classifier.weight", "classifier.bias")
+    b.keep("qa_outputs.weight", "qa_outputs.bias")
     return b.finish(config, ("cls.", "lm_head.", "classifier", "qa_outputs"))
 
 

@@ -63,6 +63,9 @@ def test_auto_without_data_is_weight_matching_with_restarts() -> None:
     assert result.method == "auto" and result.maximize
     assert result.options["restarts"] == 3
     assert result.objective == max(t.objective for t in result.restarts)
+    # the report lists every run it counts, and points at the one kept
+    assert len(result.restarts) == 3
+    assert result.restarts[result.best_restart].objective == result.objective
 
 
 def test_batch_statistics_score_equals_a_batchnorm_reset() -> None:

@@ -299,14 +299,23 @@ def test_token_data_must_be_integer_ids(trained_lms: tuple[Path, Path, Path], tm
     )
 
 
-def test_token_data_needs_a_causal_language_model(
-    hf_dirs: dict[str, tuple[Path, Path]], trained_lms: tuple[Path, Path, Path]
+def test_token_data_on_a_headless_model_says_what_the_barrier_needs(
+    tmp_path: Path, trained_lms: tuple[Path, Path, Path]
 ) -> None:
-    a, b = hf_dirs["bert"]
-    expect_error(
-        ["barrier", a, b, "--data", trained_lms[2]],
-        f"{a}: token data measures next-token loss, which needs a causal language model; "
-        "config.json names BertForMaskedLM",
+    import transformers as t
+
+    torch.manual_seed(0)
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    for seed in (0, 1):
+        t.BertModel(
+            t.BertConfig(hidden_size=32, vocab_size=50, max_position_embeddings=16, **small)
+        ).save_pretrained(tmp_path / f"e{seed}")
+    code, stdout, err = run("barrier", tmp_path / "e0", tmp_path / "e1", "--data", trained_lms[2])
+    assert code == 2 and stdout == ""
+    assert err.splitlines()[0] == (
+        f"error: {tmp_path / 'e0'}: BertModel has no task head, so it has no loss to measure a barrier "
+        "with: the barrier needs the model with its head (config.json architectures ...ForMaskedLM, "
+        "...ForSequenceClassification, ...) and data for that task"
     )
 
 
