@@ -66,6 +66,44 @@ def setup(d: Path) -> dict[str, str]:
     (d / "exists.safetensors").write_text("keep")
     (d / "emptydir").mkdir()
     (d / "dir.safetensors").mkdir()
+    # round two: inputs other than A and B, things that are not files, sizes, names, parsers
+    (d / "s.yaml").write_text("format_version: 1\ngroups: {}\n")
+    np.savez(d / "d.npz", x=np.zeros((10, 32), np.float32), y=np.zeros(10, np.int64))
+    (d / "m.py").write_text("def make():\n    raise RuntimeError('never called')\n")
+    os.mkfifo(d / "nul.safetensors")
+    (d / "real.json").write_text("{}")
+    (d / "link.json").symlink_to(d / "real.json")
+    (d / "self.yaml").write_text(
+        "format_version: 1\nitems:\n  - {name: x, a: a.safetensors, b: b.safetensors, output: o.safetensors, "
+        "report: self.yaml, force: true}\n"
+    )
+    save_file(a, str(d / "c.safetensors"))  # a later item's input, an earlier item's output
+    (d / "chain.yaml").write_text(
+        "format_version: 1\ndefaults: {force: true}\nitems:\n"
+        "  - {name: x, a: a.safetensors, b: b.safetensors, output: c.safetensors}\n"
+        "  - {name: y, a: c.safetensors, b: b.safetensors, output: c2.safetensors}\n"
+    )
+    for name, cfg in (
+        ("deep", "[" * 100000 + "]" * 100000),
+        ("layers", '{"model_type": "gpt2", "n_layer": 100000000}'),
+    ):
+        (d / name).mkdir()
+        save_file(a, str(d / name / "model.safetensors"))
+        (d / name / "config.json").write_text(cfg)
+    save_file({"x[/bold]y": torch.zeros(2), "a\x1b[31mred": torch.zeros(1)}, str(d / "markup.safetensors"),
+              metadata={"note": "see [/] here"})  # fmt: skip
+    save_file(
+        a,
+        str(d / "deep_args.safetensors"),
+        metadata={"rebasin.arch": "mlp", "rebasin.arch_args": json.dumps({"in_features": 32, "depth": 1e8})},
+    )
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    dup = header[:-1] + ', "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    (d / "dup.safetensors").write_bytes(struct.pack("<Q", len(dup)) + dup.encode() + bytes(4))
+    torch.save({"w": torch.eye(3).to_sparse()}, d / "sparse.pt")
+    save_file({"e": torch.zeros(200000, 0), "f": torch.zeros(0, 200000)}, str(d / "empty.safetensors"))
+    np.savez(d / "labels.npz", input_ids=np.zeros((8, 4), np.int64), labels=np.zeros((8, 1), np.int64))
+    np.savez(d / "u64.npz", input_ids=np.zeros((8, 4), np.int64), labels=np.zeros(8, np.uint64))
     return {}
 
 
@@ -188,19 +226,118 @@ CASES: list[tuple[str, list[str], int]] = [
         2,
     ),
     ("--alpha 2", ["merge", "a.safetensors", "b.safetensors", "-o", "o.safetensors", "--alpha", "2"], 2),
+    # round two
+    (
+        "--report onto --spec, --force",
+        [
+            "merge",
+            "a.safetensors",
+            "b.safetensors",
+            "-o",
+            "o.safetensors",
+            "--spec",
+            "s.yaml",
+            "--report",
+            "s.yaml",
+            "--force",
+        ],
+        2,
+    ),
+    (
+        "-o onto --data, --force",
+        ["merge", "a.safetensors", "b.safetensors", "-o", "d.npz", "--data", "d.npz", "--force"],
+        2,
+    ),
+    (
+        "--report onto --model file, --force",
+        [
+            "merge",
+            "a.safetensors",
+            "b.safetensors",
+            "-o",
+            "o.safetensors",
+            "--model",
+            "m.py:make",
+            "--report",
+            "m.py",
+            "--force",
+        ],
+        2,
+    ),
+    ("train -o onto its --data, --force", ["train", "--data", "d.npz", "-o", "d.npz", "--force"], 2),
+    (
+        "spec -o onto its --spec, --force",
+        ["spec", "a.safetensors", "--spec", "s.yaml", "-o", "s.yaml", "--force"],
+        2,
+    ),
+    ("plan item reports onto the plan", ["batch", "self.yaml"], 2),
+    ("plan output is a later item's input", ["batch", "chain.yaml"], 2),
+    (
+        "-o is a FIFO, --force",
+        ["merge", "a.safetensors", "b.safetensors", "-o", "nul.safetensors", "--force"],
+        2,
+    ),
+    (
+        "--report is a symlink, --force",
+        [
+            "merge",
+            "a.safetensors",
+            "b.safetensors",
+            "-o",
+            "o.safetensors",
+            "--report",
+            "link.json",
+            "--force",
+        ],
+        2,
+    ),
+    ("config.json 100,000-deep", ["permute", "deep", "-o", "out"], 2),
+    ("config.json n_layer 1e8", ["permute", "layers", "-o", "out"], 2),
+    ("arch_args depth 1e8", ["permute", "deep_args.safetensors", "-o", "o.safetensors"], 2),
+    ("safetensors header repeats a name", ["inspect", "dup.safetensors"], 2),
+    ("sparse tensor in .pt", ["inspect", "sparse.pt"], 2),
+    (
+        "empty [200000, 0] tensors",
+        ["merge", "empty.safetensors", "empty.safetensors", "-o", "o.safetensors"],
+        2,
+    ),
+    (
+        "labels (N, 1)",
+        ["barrier", "a.safetensors", "b.safetensors", "--model", "mlp", "--data", "labels.npz"],
+        2,
+    ),
+    (
+        "labels uint64",
+        ["barrier", "a.safetensors", "b.safetensors", "--model", "mlp", "--data", "u64.npz"],
+        2,
+    ),
+    ("markup in names (valid file)", ["inspect", "markup.safetensors"], 0),
 ]
 
 
-def classify(d: Path, before: set[str], code: int, err: str, want: int) -> str:
+def snapshot(d: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every entry of the folder: (is a regular file, size, mtime)."""
+    out = {}
+    for p in d.iterdir():
+        st = p.lstat()
+        out[p.name] = (p.is_file() and not p.is_symlink(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def classify(d: Path, before: set[str], code: int, err: str, want: int, was: dict | None = None) -> str:
     if (d / "marker").exists():
         return "code ran"
+    if was is not None and any(snapshot(d).get(k) != v for k, v in was.items()):
+        return "input changed"
     if "Traceback" in err:
         return "traceback"
     if code != want:
         return "wrong exit code"
     left = {p.name for p in d.iterdir()} - before
-    if left:
+    if left and want != 0:
         return "leftover file"
+    if want == 0:
+        return "ok (valid input)" if code == 0 and "Traceback" not in err else "other output"
     lines = err.strip().splitlines()
     if (
         lines
@@ -221,11 +358,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as t:
             d = Path(t)
             setup(d)
-            before = {p.name for p in d.iterdir()}
+            before, was = {p.name for p in d.iterdir()}, snapshot(d)
             r = subprocess.run(
                 [sys.executable, "-m", "rebasin", *argv], cwd=d, capture_output=True, text=True, timeout=120
             )
-            verdict = classify(d, before, r.returncode, r.stderr, want)
+            verdict = classify(d, before, r.returncode, r.stderr, want, was)
             tally[verdict] += 1
             print(
                 f"{verdict:>16}  {name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else ''}"[:160]

@@ -6,7 +6,6 @@ pickles load with ``weights_only=True``.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import stat
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from rebasin.checkpoint.reader import Location, header_locations, read_tensor
 from rebasin.checkpoint.state import Checkpoint, LazyStateDict, TensorInfo, _st_dtype, natural_key
 from rebasin.core.errors import CheckpointError
+from rebasin.core.textfiles import DuplicateKey, strict_json
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -70,7 +70,7 @@ def _read_json(p: Path, label: str, what: str) -> Any:
             f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; refusing to read it", source=label
         )
     try:
-        return json.loads(p.read_bytes())
+        return strict_json(p.read_bytes())
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot parse {what} ({first})", source=label) from None
@@ -176,7 +176,7 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
     for f in files:
         label = name if len(files) == 1 and f == path else f"{name}/{f.name}"
         try:
-            h = safe_open(str(f), framework="pt", device="cpu")
+            h = safe_open(_openable(f), framework="pt", device="cpu")
             keys = list(h.keys())
             for k in keys:
                 sl = h.get_slice(k)
@@ -191,6 +191,7 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
         except OSError as e:
             raise CheckpointError(f"cannot read ({e.strerror or e})", source=label) from None
         del h  # validated; tensors are read with plain reads (bounded memory), not its map
+        _check_header(f, label)
         for k, loc in header_locations(f, dtypes, shapes).items():
             if k in owner:
                 raise CheckpointError(f"tensor '{k}' appears in more than one shard", source=label)
@@ -208,6 +209,36 @@ def _load_safetensors(files: list[Path], path: Path, name: str, fmt: str, meta: 
     info = {k: TensorInfo(dtypes[k], shapes[k]) for k in owner}
     state = LazyStateDict(sorted(owner, key=natural_key), get, info)
     return Checkpoint(path, fmt, state, metadata, list(files), shapes, dtypes, locations=owner)
+
+
+def _openable(f: Path) -> str:
+    """A name the safetensors library can open: the path, or for a file name that is not valid
+    UTF-8 (allowed by the file system), the same file through /proc/self/fd."""
+    name = str(f)
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        fd = os.open(f, os.O_RDONLY)
+        _OPEN_FDS.append(fd)  # kept open for the process: the library reopens the name later
+        return f"/proc/self/fd/{fd}"
+
+
+_OPEN_FDS: list[int] = []
+
+
+def _check_header(f: Path, label: str) -> None:
+    """What the safetensors library lets pass: a header that names a tensor twice (the last
+    entry would silently win)."""
+    with open(f, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+    try:
+        strict_json(raw)
+    except DuplicateKey as e:
+        raise CheckpointError(f"the safetensors header {e} (a tensor named twice)", source=label) from None
+    except ValueError as e:
+        raise CheckpointError(f"not a valid safetensors file ({e})", source=label) from None
 
 
 def _load_torch(p: Path, name: str) -> Checkpoint:
@@ -242,6 +273,14 @@ def _load_torch(p: Path, name: str) -> Checkpoint:
             source=name,
         ) from None
     state = _find_state_dict(obj, name)
+    for k, v in state.items():
+        if v.layout != torch.strided:
+            raise CheckpointError(
+                f"tensor '{k}' is stored {str(v.layout).removeprefix('torch.')}, not dense; "
+                "rebasin reads dense tensors only",
+                "convert it with .to_dense() where the checkpoint was made",
+                source=name,
+            )
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     dtypes = {k: v.dtype for k, v in state.items()}
     ordered = {k: state[k] for k in sorted(state, key=natural_key)}

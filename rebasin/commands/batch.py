@@ -23,6 +23,7 @@ from rebasin.checkpoint.atomic import clean_stale
 from rebasin.checkpoint.guard import Output, checkpoint_output, file_output, guard_outputs
 from rebasin.commands.cluster import cancel_running
 from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
+from rebasin.commands.resolve import option_inputs
 from rebasin.core.errors import ConfigError, RebasinError, error_line
 from rebasin.core.textfiles import read_data
 from rebasin.core.usercode import is_code_ref
@@ -100,6 +101,7 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
     out = []
     names: set[str] = set()
     claimed: dict[Path, str] = {}
+    checked: list[tuple[str, dict[str, Any]]] = []
     for i, item in enumerate(items):
         where = f"item {i + 1}"
         if not isinstance(item, dict):
@@ -136,22 +138,31 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
         if "output" not in merged and "data" not in merged:
             problems.append(f"{where}: nothing to do (give 'output' to merge, 'data' to measure a barrier)")
         elif len(problems) == before:
-            try:
-                item_options(merged)
-                outputs = item_outputs(merged)
-                guard_outputs(outputs, [merged["a"], merged["b"]], bool(merged.get("force")))
-            except RebasinError as e:
-                problems.append(f"{where}: {e.line()}")
-            else:
-                for o in outputs:
-                    key = o.path.resolve()
-                    if key in claimed:
-                        other = claimed[key]
-                        problems.append(f"{where}: {o.role} '{o.path}' is also written by item '{other}'")
-                    claimed[key] = merged["name"]
+            checked.append((where, merged))
         out.append(merged)
+    inputs, valid = [p], []  # every file any item reads, the plan too: no item may write over one
+    for where, item in checked:
+        try:
+            inputs += [Path(item["a"]), Path(item["b"]), *option_inputs(item_options(item))]
+            valid.append((where, item))
+        except RebasinError as e:
+            problems.append(f"{where}: {e.line()}")
+    for where, merged in valid:
+        try:
+            outputs = item_outputs(merged)
+            guard_outputs(outputs, inputs, bool(merged.get("force")))
+        except RebasinError as e:
+            problems.append(f"{where}: {e.line()}")
+        else:
+            for o in outputs:
+                key = o.path.resolve()
+                if key in claimed:
+                    other = claimed[key]
+                    problems.append(f"{where}: {o.role} '{o.path}' is also written by item '{other}'")
+                claimed[key] = merged["name"]
     if problems:
-        raise ConfigError("; ".join(problems), source=src)
+        shown = problems[:10] + ([f"and {len(problems) - 10} more problems"] if len(problems) > 10 else [])
+        raise ConfigError("; ".join(shown), source=src)
     return Plan(p, out)
 
 

@@ -23,6 +23,7 @@ The rules, each in one place:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from rebasin.core.errors import ConfigError
 from rebasin.core.types import PathLike
 from rebasin.evaluate.setup import NO_DATA, DataPlan, EvalPlan
 from rebasin.matching.registry import Matcher
-from rebasin.models.resolve import ModelChoice, choose_model, recorded_data
+from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recorded_data
 from rebasin.options import Options
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
 
@@ -95,6 +96,19 @@ def command_outputs(command: str, opts: Options, out: PathLike | None) -> list[O
     return report
 
 
+def option_inputs(opts: Options) -> list[Path]:
+    """The files a run reads besides its checkpoints, named by options (a spec file, a data file,
+    a model's Python file, a config): inputs the output guard protects like the checkpoints."""
+    out = []
+    for value in (opts.spec.spec, opts.evaluate.data, opts.model.model, opts.model.config):
+        if not isinstance(value, str):
+            continue
+        path = value.rpartition(":")[0] if value.endswith(".py") is False and ".py:" in value else value
+        if os.path.lexists(path):
+            out.append(Path(path))
+    return out
+
+
 def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: PathLike | None = None) -> Run:
     """Check the device and every output (before any work), load the checkpoints (headers only
     where the format allows), and decide the run (see the module's rules)."""
@@ -102,7 +116,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     if command == "merge" and not opts.align:
         raise ConfigError("method 'none' aligns nothing: it applies to barriers, not merges")
     outputs = command_outputs(command, opts, out)
-    guard_outputs(outputs, paths, opts.output.force)
+    guard_outputs(outputs, [*paths, *option_inputs(opts)], opts.output.force)
     if command == "barrier" and opts.run.ray is not None:  # a missing package or cluster: one line now
         connect(opts.run.ray)
     loaded = [load_checkpoint(p) for p in paths]
@@ -126,6 +140,8 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     except ConfigError:
         known = None  # a refused data record: raised where the data is needed
     model = choose_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
+    if model.ref is not None and model.source != "--model":  # sizes read from a file: bounded
+        check_sizes(model.ref.config, model.ref.args, a.shapes, a.name)
     matcher = opts.matcher if command in ("merge", "barrier") else None
     evaluation = _evaluation(command, opts, a, model)
     needs = matcher is not None and matcher.needs_data()

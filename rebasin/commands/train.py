@@ -3,6 +3,7 @@ it with what later commands need to rebuild it (architecture, data) in its metad
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ def train_checkpoint(
     """Train a built-in (or importable) model and save it with its architecture, data and
     final metrics in the metadata; return a small report."""
 
-    check_output_path(out, [], force)
+    check_output_path(out, [data_name] if Path(data_name).exists() else [], force)
     data = load_data(data_name, seed)
     ref = ModelRef(arch, arch_args)
     factory = ref.factory()

@@ -73,3 +73,25 @@ def _check_strings(data: Any) -> None:
 def read_data(path: str | Path, what: str) -> Any:
     """Read and parse a YAML or JSON file (by suffix)."""
     return parse(read_text(path, what), str(path), what, as_json=Path(path).suffix == ".json")
+
+
+class DuplicateKey(ValueError):
+    """A JSON object that repeats a key (a second value would silently win)."""
+
+
+def strict_json(data: str | bytes) -> Any:
+    """``json.loads`` that refuses repeated keys (:class:`DuplicateKey`) and answers deep nesting
+    with a ValueError instead of a RecursionError."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise DuplicateKey(f"repeats the key '{k}'")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(data, object_pairs_hook=pairs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

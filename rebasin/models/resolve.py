@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,56 @@ def resolve_model(
         )
     _factory(ref.name)  # fail early on unknown names
     return ref
+
+
+SIZE_KEYS = (
+    "vocab_size", "hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner",
+    "num_attention_heads", "n_head", "num_key_value_heads", "type_vocab_size", "num_labels",
+)  # fmt: skip
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def check_sizes(
+    config: Mapping[str, Any] | None,
+    args: Mapping[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    source: str,
+) -> None:
+    """Sizes a config.json or a recorded ``rebasin.arch_args`` gives must fit the tensors present,
+    before any memory is asked for: its layer count is the checkpoint's, and no width exceeds
+    what the tensors hold (positions: 64 times, rotary models keep no table for them). Raises
+    ConfigError naming the field."""
+    largest = max((max(s) for s in shapes.values() if len(s)), default=1)
+    bound = max(largest, len(shapes))
+    layers = {int(m.group(1)) for k in shapes if (m := LAYER_PATTERN.search(k))}
+    if config is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = config.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value != len(layers):
+                raise ConfigError(
+                    f"config.json: '{key}' is {value}, but the checkpoint holds {len(layers)} layers",
+                    "use the model's own config.json, or pass --config FILE",
+                    source=source,
+                )
+        for keys, limit in ((SIZE_KEYS, bound), (POSITION_KEYS, 64 * bound)):
+            for key in keys:
+                value = config.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+                    raise ConfigError(
+                        f"config.json: '{key}' is {value}, larger than anything the checkpoint's "
+                        f"tensors hold (largest dimension {largest})",
+                        "use the model's own config.json, or pass --config FILE",
+                        source=source,
+                    )
+    for key, value in args.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 16 * bound:
+            raise ConfigError(
+                f"{ARGS_KEY}: '{key}' is {value}, larger than anything the checkpoint's tensors hold "
+                f"(largest dimension {largest})",
+                "pass --model and --model-args yourself",
+                source=source,
+            )
 
 
 @dataclass(frozen=True)

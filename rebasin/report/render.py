@@ -10,17 +10,44 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-"""Results people and pipes read (``inspect``, ``spec`` tables) go to stdout."""
+from rich.table import Table as _RichTable
 
 
-def one_line(text: str) -> str:
+class _Plain(Console):
+    """A console that prints text as written: no markup or emoji codes, control characters
+    escaped, long lines capped."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(one_line(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+class Table(_RichTable):
+    """A rich table whose title and cells are shown as written (see :class:`_Plain`)."""
+
+    def __init__(self, *args: Any, title: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, title=one_line(title) if title is not None else None, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(one_line(c, 200) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
+err = _Plain(stderr=True, highlight=False, markup=False, emoji=False)
+out = _Plain(highlight=False, markup=False, emoji=False)
+"""Results people and pipes read (``inspect``, ``spec`` tables) go to stdout. Neither console
+interprets markup or emoji codes: names, paths and metadata others wrote are shown as written
+(tensor ``x[/bold]y`` stays ``x[/bold]y``), with control characters escaped (:func:`one_line`)."""
+
+MAX_LINE = 2000
+"""Longest message printed: longer ones keep their start and say how much was left out."""
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
     """``text`` on one line: control characters and line breaks (from file names, keys or
-    messages others wrote) are shown escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    messages others wrote) are shown escaped, and at most ``limit`` characters are kept."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    if len(shown) > limit:
+        shown = f"{shown[:limit]}... ({len(shown) - limit} more characters)"
+    return shown
 
 
 def error(line: str, hint: str | None = None) -> None:
@@ -42,7 +69,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[str, float, float], None] 
         yield None
         return
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
@@ -107,7 +134,7 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     moved = sum(1 for s in m["groups"].values() if s["moved_fraction"] > 0)
     frozen = spec.get("frozen") or []
     kept = f"; kept fixed by --freeze: {', '.join(frozen)}" if frozen else ""
-    err.print(f"groups moved: {moved} of {len(m['groups'])}{kept}", soft_wrap=True, markup=False)
+    err.print(f"groups moved: {moved} of {len(m['groups'])}{kept}", soft_wrap=True)
     for note in spec.get("notes", []):
         err.print(f"note: {note}", soft_wrap=True)
     for kind, files in report["output"]["files"].items():
@@ -173,7 +200,6 @@ def permute_summary(report: Mapping[str, Any]) -> None:
         f"permuted {moved} of {len(spec['groups'])} groups{fixed} ({spec['source']}) with seed "
         f"{report['seed']}; wrote {', '.join(report['output']['files'])}",
         soft_wrap=True,
-        markup=False,
     )
     checked(report, "the permuted model", "the original")
 
@@ -261,7 +287,7 @@ def evaluation_summary(report: Mapping[str, Any]) -> None:
         worse = ev.get("aligned_worse_than_naive")
         if worse:
             err.print(
-                f"[bold]warning:[/bold] the aligned path is worse than the naive one on "
+                f"warning: the aligned path is worse than the naive one on "
                 f"{' and '.join(worse)} data: the alignment found does not help this pair "
                 "(try --method auto with --data, or --method activation)",
                 soft_wrap=True,
@@ -329,7 +355,6 @@ def train_summary(report: Mapping[str, Any]) -> None:
         f"{t['epochs']} epochs): train acc {100 * m['train']['acc']:.1f}%, "
         f"test acc {100 * m['test']['acc']:.1f}%; wrote {', '.join(report['output']['files'])}",
         soft_wrap=True,
-        markup=False,
     )
 
 
@@ -338,22 +363,21 @@ def dry_run_summary(plan: Mapping[str, Any]) -> None:
     runs = plan["items"] if plan.get("command") == "batch" else [plan]
     for run in runs:
         if "name" in run:
-            err.print(f"item '{run['name']}':", markup=False)
+            err.print(f"item '{run['name']}':")
         for key, label in DRY_RUN_LINES:
             value = run.get(key)
             if value:
-                err.print(f"  {label}: {value}", soft_wrap=True, markup=False)
+                err.print(f"  {label}: {value}", soft_wrap=True)
         est = run.get("estimate")
         if est:
             err.print(
                 f"  estimate: about {_seconds(est['seconds'])}, "
                 f"peak memory about {_bytes(est['peak_bytes'])} ({est['basis']})",
                 soft_wrap=True,
-                markup=False,
             )
         for o in run.get("outputs", []):
-            err.print(f"  output ({o['role']}): {o['path']}", soft_wrap=True, markup=False)
-    err.print("dry run: every check before matching passed; nothing was written", markup=False)
+            err.print(f"  output ({o['role']}): {o['path']}", soft_wrap=True)
+    err.print("dry run: every check before matching passed; nothing was written")
 
 
 DRY_RUN_LINES = (

@@ -7,6 +7,7 @@ a flatten, dense classifier) and ``resnet`` (torchvision naming: ``conv1``/``bn1
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -377,9 +378,13 @@ def infer_spec(
     config.json (head counts for attention). Raises SpecError naming the closest families and
     why they did not fit.
     """
-    shapes = shapes_of(state)
+    shapes = {k: v for k, v in shapes_of(state).items() if len(v) and math.prod(v)}
+    """Scalars and empty tensors carry no units: no group moves them, and they never decide a
+    family (nor size a group)."""
     if order is None and state and isinstance(next(iter(state.values())), torch.Tensor):
         order = list(state)  # an in-memory state dict keeps the module order
+    if order is not None:
+        order = [k for k in order if k in shapes]
     fams = list_specs() if family == "auto" else [get_spec_family(family)]
     reasons = []
     for fam in fams:
