@@ -141,15 +141,14 @@ def test_sizes_from_files_are_bounded(folder: Path) -> None:
         assert (
             _refused(folder, ["permute", key, "-o", "out"], f"{key}/config.json") == f"error: {key}: {line}"
         )
-    save_file({"e": torch.zeros(200000, 0), "w": torch.zeros(3)}, str(folder / "empty.safetensors"))
+    save_file({"e": torch.zeros(200000, 0), "f": torch.zeros(0, 200000)}, str(folder / "empty.safetensors"))
     line = _refused(
         folder,
         ["merge", "empty.safetensors", "empty.safetensors", "-o", "o.safetensors"],
         "empty.safetensors",
     )
     assert (
-        line.startswith("error: empty.safetensors: unrecognized architecture")
-        or "no permutation groups" in line
+        line == "error: empty.safetensors: no tensor with units to permute (only scalars and empty tensors)"
     )
 
 
@@ -228,3 +227,31 @@ def test_many_plan_problems_are_capped(tmp_path: Path) -> None:
     assert code == 2
     line = err.splitlines()[0]
     assert line.endswith("and 3990 more problems") and len(line) < 2100
+
+
+def test_a_failed_report_undoes_the_outputs_it_created(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("rebasin.commands.stages.write_report", full)
+    out, rep = folder / "m.safetensors", folder / "r.json"
+    code, stdout, err = run(
+        "merge",
+        folder / "a.safetensors",
+        folder / "b.safetensors",
+        "-o",
+        out,
+        "--report",
+        rep,
+        "--method",
+        "weight",
+    )
+    assert code == 2 and stdout == ""
+    assert err.splitlines() == [
+        f"error: {rep}: cannot write the report (No space left on device)",
+        "hint: the outputs this run created were removed",
+    ]
+    assert not out.exists() and not rep.exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".rebasin-")]

@@ -67,6 +67,8 @@ class Run:
     outputs: tuple[Output, ...] = field(default=())
     notes: tuple[str, ...] = ()
     """What the run did on its own that people should know (buffers taken from A)."""
+    existed: frozenset[str] = frozenset()
+    """The outputs that existed before the run (replaced, not created, by it)."""
 
     @property
     def seed(self) -> int:
@@ -117,6 +119,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
         raise ConfigError("method 'none' aligns nothing: it applies to barriers, not merges")
     outputs = command_outputs(command, opts, out)
     guard_outputs(outputs, [*paths, *option_inputs(opts)], opts.output.force)
+    existed = frozenset(str(o.path) for o in outputs if os.path.lexists(o.path))
     if command == "barrier" and opts.run.ray is not None:  # a missing package or cluster: one line now
         connect(opts.run.ray)
     loaded = [load_checkpoint(p) for p in paths]
@@ -164,6 +167,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
         known_data=known,
         outputs=tuple(outputs),
         notes=tuple(notes),
+        existed=existed,
     )
 
 

@@ -3,14 +3,16 @@ the evaluator, the matching, the curves, the report's shared sections."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from rebasin.commands.cluster import RayMap, connect
 from rebasin.commands.inputs import check_dtypes, check_finite
 from rebasin.commands.resolve import Run
+from rebasin.core.errors import CheckpointError
 from rebasin.core.types import PathLike, Progress
 from rebasin.evaluate.paths import alpha_grid
 from rebasin.evaluate.setup import EvaluatorData, make_evaluator
@@ -135,5 +137,31 @@ def finish(report: dict[str, Any], run: Run) -> dict[str, Any]:
             files.append(str(path))
         else:
             files["report"] = [str(path)]
-        write_report(report, path)
+        try:
+            write_report(report, path)
+        except OSError as e:
+            kept = undo_outputs(run)
+            raise CheckpointError(
+                f"cannot write the report ({e.strerror or e})",
+                "the outputs this run created were removed"
+                + (f"; replaced ones hold the new result: {', '.join(kept)}" if kept else ""),
+                source=str(path),
+            ) from None
     return report
+
+
+def undo_outputs(run: Run) -> list[str]:
+    """Remove the outputs this run created (paths that did not exist before it): a later output
+    failed. Returns the outputs it replaced, which keep the new result."""
+    kept = []
+    for o in run.outputs:
+        if str(o.path) in run.existed:
+            kept.append(str(o.path))
+            continue
+        for t in o.targets():
+            if t.is_dir() and not t.is_symlink():
+                shutil.rmtree(t, ignore_errors=True)
+            elif t.exists():
+                with suppress(OSError):
+                    t.unlink()
+    return kept

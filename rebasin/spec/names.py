@@ -385,6 +385,8 @@ def infer_spec(
         order = list(state)  # an in-memory state dict keeps the module order
     if order is not None:
         order = [k for k in order if k in shapes]
+    if not shapes:
+        raise SpecError("no tensor with units to permute (only scalars and empty tensors)", source=source)
     fams = list_specs() if family == "auto" else [get_spec_family(family)]
     reasons = []
     for fam in fams:
