@@ -110,7 +110,7 @@ def _batch(plan_path: PathLike, opts: Options) -> dict[str, Any]:
 
 
 def _size(ck: Any) -> str:
-    n = sum(math.prod(s) * _itemsize(ck.dtypes[k]) for k, s in ck.shapes.items())
+    n = _bytes(ck)
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 

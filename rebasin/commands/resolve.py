@@ -41,8 +41,8 @@ from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recor
 from rebasin.options import Options
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
 
-EVALUATES = {"barrier": "always", "merge": "when asked"}
-"""Which commands measure barrier curves (others never do)."""
+EVALUATES = ("barrier", "merge")
+"""The commands that measure barrier curves: barrier always, merge when asked (others never)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def option_inputs(opts: Options) -> list[Path]:
     for value in (opts.spec.spec, opts.evaluate.data, opts.model.model, opts.model.config):
         if not isinstance(value, str):
             continue
-        path = value.rpartition(":")[0] if value.endswith(".py") is False and ".py:" in value else value
+        path = value.split(":", 1)[0] if ".py:" in value else value  # file.py:FACTORY names file.py
         if os.path.lexists(path):
             out.append(Path(path))
     return out
@@ -178,7 +178,7 @@ def _data_name(opts: Options, a: Checkpoint) -> str | None:
 
 def _evaluation(command: str, opts: Options, a: Checkpoint, model: ModelChoice) -> EvalPlan | None:
     ev = opts.evaluate
-    if EVALUATES.get(command) is None:
+    if command not in EVALUATES:
         return None
     if command == "merge":
         asked = ev.data is not None or ev.bn in ("reset", "repair") or ev.max_barrier is not None
