@@ -229,29 +229,36 @@ def test_many_plan_problems_are_capped(tmp_path: Path) -> None:
     assert line.endswith("and 3990 more problems") and len(line) < 2100
 
 
-def test_a_failed_report_undoes_the_outputs_it_created(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_report_puts_every_output_back(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later output that fails undoes the earlier ones: outputs the run created are removed,
+    replaced ones (a file, a folder) get their previous contents back; the error names the path."""
     import errno
 
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("rebasin.commands.stages.write_report", full)
+    a, b = folder / "a.safetensors", folder / "b.safetensors"
     out, rep = folder / "m.safetensors", folder / "r.json"
-    code, stdout, err = run(
-        "merge",
-        folder / "a.safetensors",
-        folder / "b.safetensors",
-        "-o",
-        out,
-        "--report",
-        rep,
-        "--method",
-        "weight",
-    )
+    code, stdout, err = run("merge", a, b, "-o", out, "--report", rep, "--method", "weight")
     assert code == 2 and stdout == ""
     assert err.splitlines() == [
         f"error: {rep}: cannot write the report (No space left on device)",
-        "hint: the outputs this run created were removed",
+        "hint: every output of this run was put back as it was",
     ]
     assert not out.exists() and not rep.exists()
+    # replaced outputs: a file and a folder (with its files) come back as they were
+    out.write_bytes(b"old model")
+    rep.write_text("old report")
+    code, _, _ = run("merge", a, b, "-o", out, "--report", rep, "--method", "weight", "--force")
+    assert code == 2
+    assert out.read_bytes() == b"old model" and rep.read_text() == "old report"
+    folder_out = folder / "mdir"
+    (folder_out / "sub").mkdir(parents=True)
+    (folder_out / "model.safetensors").write_bytes(b"old")
+    (folder_out / "sub" / "x.txt").write_text("keep")
+    code, _, _ = run("merge", a, b, "-o", folder_out, "--report", rep, "--method", "weight", "--force")
+    assert code == 2
+    assert (folder_out / "model.safetensors").read_bytes() == b"old"
+    assert (folder_out / "sub" / "x.txt").read_text() == "keep"
     assert not [p for p in folder.iterdir() if p.name.startswith(".rebasin-")]

@@ -185,3 +185,60 @@ def copy_file(src: Path, dst: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class Replaced:
+    """The outputs a command is about to write, kept as they were until it ends: each existing
+    target (a file, or a folder's files) gets a hard link under a temporary name beside it (no data
+    copied; a plain copy where the file system has no hard links). If a later output fails,
+    :meth:`restore` gives every target its old contents back and removes what the command
+    created; :meth:`drop` forgets the old versions once every output is in place. A killed
+    command leaves the new outputs, and its kept versions are temporary files the next run into
+    the folder removes."""
+
+    def __init__(self, targets: list[Path]):
+        self.targets = targets
+        self.kept: dict[Path, Path] = {}
+        for t in targets:
+            if os.path.lexists(t):
+                keep = tmp_name(t.parent, f"-kept-{t.name}")
+                _hard_copy(t, keep)
+                self.kept[t] = keep
+
+    def restore(self, now: list[Path]) -> None:
+        """Put every kept target back, and remove the targets in ``now`` that the command created."""
+        for t in {*now, *self.targets}:
+            if t in self.kept or not os.path.lexists(t):
+                continue
+            _remove(t)
+        for t, keep in self.kept.items():
+            if os.path.lexists(t):
+                _remove(t)
+            os.rename(keep, t)
+        self.kept.clear()
+
+    def drop(self) -> None:
+        for keep in self.kept.values():
+            _remove(keep)
+        self.kept.clear()
+
+
+def _hard_copy(src: Path, dst: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        dst.mkdir()
+        shutil.copymode(src, dst)
+        for entry in src.iterdir():
+            _hard_copy(entry, dst / entry.name)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _remove(p: Path) -> None:
+    with suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()

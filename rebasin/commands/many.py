@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rebasin.commands.resolve import resolve_run
-from rebasin.commands.stages import finish, run_spec
+from rebasin.commands.stages import finish, outputs_of, run_spec
 from rebasin.commands.writing import output_metadata, write_checkpoint
 from rebasin.core.errors import ConfigError
 from rebasin.core.sizes import parse_size
@@ -36,40 +36,43 @@ def merge_many_checkpoints(
     spec, source, frozen = run_spec(run)
     solver = MergeMany(max_rounds=opts.merge.max_rounds, seed=run.seed, device=run.device)
     targets = [(c, f"model {i + 1} aligned", f"model {i + 1}") for i, c in enumerate(cks)]
-    with Check(run.verification, run.seed, spec, targets) as check:  # the model is built while matching runs
-        result = solver.match([c.state for c in cks], spec, progress)
-        for i, p in enumerate(result.perms):
-            check.submit(p, i)  # checked beside the write: nothing is put in place before they pass
+    with outputs_of(run):  # the model and the report as one
+        with Check(
+            run.verification, run.seed, spec, targets
+        ) as check:  # the model is built while matching runs
+            result = solver.match([c.state for c in cks], spec, progress)
+            for i, p in enumerate(result.perms):
+                check.submit(p, i)  # checked beside the write: nothing is put in place before they pass
 
-        def verdicts() -> list[dict[str, Any]]:  # answers are kept: asking again costs nothing
-            return [check.result(i) for i in range(len(cks))]
+            def verdicts() -> list[dict[str, Any]]:  # answers are kept: asking again costs nothing
+                return [check.result(i) for i in range(len(cks))]
 
-        aligned = [permute(c.state, spec, p) for c, p in zip(cks, result.perms, strict=True)]
-        meta = output_metadata(
-            cks[0].metadata,
-            command=NAME,
-            method=NAME,
-            seed=run.seed,
-            spec=source,
-            spec_digest=spec.digest(),
-            models=len(cks),
-        )
-        files = write_checkpoint(
-            average(aligned),
-            run.outputs[0].path,
-            meta,
-            cks[0],
-            parse_size(opts.output.shard_size),
-            gate=verdicts,
-        )
-        checks = verdicts()
-    report = new_report(NAME)
-    report["inputs"] = [input_info(c) for c in cks]
-    report["spec"] = spec_info(spec, source, list(cks[0].state)) | {"frozen": frozen}
-    report["merge_many"] = result.to_dict()
-    report["equivalence"] = _together(checks)
-    report["output"] = {"files": [str(f) for f in files]}
-    return finish(report, run)
+            aligned = [permute(c.state, spec, p) for c, p in zip(cks, result.perms, strict=True)]
+            meta = output_metadata(
+                cks[0].metadata,
+                command=NAME,
+                method=NAME,
+                seed=run.seed,
+                spec=source,
+                spec_digest=spec.digest(),
+                models=len(cks),
+            )
+            files = write_checkpoint(
+                average(aligned),
+                run.outputs[0].path,
+                meta,
+                cks[0],
+                parse_size(opts.output.shard_size),
+                gate=verdicts,
+            )
+            checks = verdicts()
+        report = new_report(NAME)
+        report["inputs"] = [input_info(c) for c in cks]
+        report["spec"] = spec_info(spec, source, list(cks[0].state)) | {"frozen": frozen}
+        report["merge_many"] = result.to_dict()
+        report["equivalence"] = _together(checks)
+        report["output"] = {"files": [str(f) for f in files]}
+        return finish(report, run)
 
 
 def _together(checks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from rebasin.commands.stages import (
     evaluator,
     finish,
     output_group_note,
+    outputs_of,
     pair_report,
     provenance,
     run_spec,
@@ -47,48 +48,49 @@ def merge_checkpoints(
     a, b = run.checkpoints
     with timings("spec_s"):
         spec, source, frozen = run_spec(run)
-    with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
-        ev = evaluator(run)
-        result = align(run, spec, ev, progress)
-        timings["match_s"] = round(result.seconds, 4)
-        check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
-        a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
-        distances = Distances(a_state, b.state, spec, result.perm)
-        b_aligned = distances.aligned()  # measures both distances as the merge reads it
-        report = pair_report(run, spec, source, frozen, result)
-        if run.evaluation is not None:
-            with timings("evaluate_s"):
-                report["evaluation"] = curves(run, ev, a_state, b.state, b_aligned, progress)
-        common = provenance(run, spec, source, result.method) | ({"bn": ev.bn} if run.evaluation else {})
-        alpha, shard, written = opts.merge.alpha, parse_size(opts.output.shard_size), {}
-        with timings("write_s"):
-            if out is not None:
-                fix_bn = run.evaluation is not None and ev.bn != "none"
-                merged = (
-                    ev.merged_state(a_state, b_aligned, alpha)
-                    if fix_bn
-                    else interpolate(a_state, b_aligned, alpha)
-                )
-                meta = output_metadata(a.metadata, command="merge", alpha=alpha, **common)
-                files = write_checkpoint(
-                    merged, out, meta, a, shard, sub_progress(progress, "writing"), check.result
-                )
-                written["merged"] = [str(f) for f in files]
-            if opts.output.save_permuted is not None:
-                meta = output_metadata(b.metadata, command="align", **common)
-                files = write_checkpoint(
-                    b_aligned, opts.output.save_permuted, meta, b, shard, gate=check.result
-                )
-                written["permuted"] = [str(f) for f in files]
-        report["equivalence"] = check.result()  # the verdict (already given where a write waited)
-        timings["verify_s"] = round(check.waited, 4)
-    if notes := output_group_note(report["equivalence"], spec):
-        report["notes"] = notes
-    with timings("distance_s"):  # what the write did not already read
-        report["distance"] = distances.result()
-    report["output"] = {"alpha": alpha, "files": written}
-    report["timings"] = timings.total()
-    return finish(report, run)
+    with outputs_of(run):  # every output as one: a later failure puts the earlier back
+        with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
+            ev = evaluator(run)
+            result = align(run, spec, ev, progress)
+            timings["match_s"] = round(result.seconds, 4)
+            check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
+            a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
+            distances = Distances(a_state, b.state, spec, result.perm)
+            b_aligned = distances.aligned()  # measures both distances as the merge reads it
+            report = pair_report(run, spec, source, frozen, result)
+            if run.evaluation is not None:
+                with timings("evaluate_s"):
+                    report["evaluation"] = curves(run, ev, a_state, b.state, b_aligned, progress)
+            common = provenance(run, spec, source, result.method) | ({"bn": ev.bn} if run.evaluation else {})
+            alpha, shard, written = opts.merge.alpha, parse_size(opts.output.shard_size), {}
+            with timings("write_s"):
+                if out is not None:
+                    fix_bn = run.evaluation is not None and ev.bn != "none"
+                    merged = (
+                        ev.merged_state(a_state, b_aligned, alpha)
+                        if fix_bn
+                        else interpolate(a_state, b_aligned, alpha)
+                    )
+                    meta = output_metadata(a.metadata, command="merge", alpha=alpha, **common)
+                    files = write_checkpoint(
+                        merged, out, meta, a, shard, sub_progress(progress, "writing"), check.result
+                    )
+                    written["merged"] = [str(f) for f in files]
+                if opts.output.save_permuted is not None:
+                    meta = output_metadata(b.metadata, command="align", **common)
+                    files = write_checkpoint(
+                        b_aligned, opts.output.save_permuted, meta, b, shard, gate=check.result
+                    )
+                    written["permuted"] = [str(f) for f in files]
+            report["equivalence"] = check.result()  # the verdict (already given where a write waited)
+            timings["verify_s"] = round(check.waited, 4)
+        if notes := output_group_note(report["equivalence"], spec):
+            report["notes"] = notes
+        with timings("distance_s"):  # what the write did not already read
+            report["distance"] = distances.result()
+        report["output"] = {"alpha": alpha, "files": written}
+        report["timings"] = timings.total()
+        return finish(report, run)
 
 
 def barrier_checkpoints(
@@ -117,7 +119,8 @@ def barrier_checkpoints(
         report["method"] = {"name": "none"}
     report["evaluation"] = curves(run, ev, a.state, b.state, b_aligned, progress)
     report["timings"] = timings.total()
-    if opts.output.plot:
-        files = plot_curves(report["evaluation"], opts.output.plot)
-        report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
-    return finish(report, run)
+    with outputs_of(run):  # the plot and the report as one
+        if opts.output.plot:
+            files = plot_curves(report["evaluation"], opts.output.plot)
+            report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
+        return finish(report, run)

@@ -3,12 +3,12 @@ the evaluator, the matching, the curves, the report's shared sections."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
+from rebasin.checkpoint.atomic import Replaced
 from rebasin.commands.cluster import RayMap, connect
 from rebasin.commands.inputs import check_dtypes, check_finite
 from rebasin.commands.resolve import Run
@@ -140,28 +140,22 @@ def finish(report: dict[str, Any], run: Run) -> dict[str, Any]:
         try:
             write_report(report, path)
         except OSError as e:
-            kept = undo_outputs(run)
             raise CheckpointError(
                 f"cannot write the report ({e.strerror or e})",
-                "the outputs this run created were removed"
-                + (f"; replaced ones hold the new result: {', '.join(kept)}" if kept else ""),
+                "every output of this run was put back as it was",
                 source=str(path),
             ) from None
     return report
 
 
-def undo_outputs(run: Run) -> list[str]:
-    """Remove the outputs this run created (paths that did not exist before it): a later output
-    failed. Returns the outputs it replaced, which keep the new result."""
-    kept = []
-    for o in run.outputs:
-        if str(o.path) in run.existed:
-            kept.append(str(o.path))
-            continue
-        for t in o.targets():
-            if t.is_dir() and not t.is_symlink():
-                shutil.rmtree(t, ignore_errors=True)
-            elif t.exists():
-                with suppress(OSError):
-                    t.unlink()
-    return kept
+@contextmanager
+def outputs_of(run: Run) -> Iterator[None]:
+    """Every output of the run as one: if any fails (or anything after the first is written),
+    each output gets its old contents back and what the run created is removed."""
+    replaced = Replaced([t for o in run.outputs for t in o.targets()])
+    try:
+        yield
+    except BaseException:
+        replaced.restore([t for o in run.outputs for t in o.targets()])
+        raise
+    replaced.drop()
