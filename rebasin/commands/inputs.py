@@ -78,12 +78,6 @@ def _with_names_of(a: Checkpoint, b: Checkpoint) -> Checkpoint:
     )
 
 
-def check_weights(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
-    """Weights must be floating point and finite."""
-    check_dtypes(ck, spec)
-    check_finite(ck)
-
-
 def check_dtypes(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
     """Weights (the spec's tensors, and every ``weight`` and ``bias``) must be floating point
     (from the headers alone)."""

@@ -24,16 +24,6 @@ LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether the model has any BatchNorm layer."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def has_norm(model: nn.Module) -> bool:
-    """Whether the model has any BatchNorm/LayerNorm/GroupNorm layer."""
-    return any(isinstance(m, NORMS) for m in model.modules())
-
-
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> None:
     """Recompute BatchNorm running statistics on ``x`` as an exact average over one pass."""
