@@ -1,11 +1,18 @@
 """Weight-matching costs with bounded memory: ``C_g[i, j] = <A unit i, pi(B) unit j>``.
 
 Tensors are taken from the mappings one member at a time, in their stored dtype (a lazy
-checkpoint reads them from disk then), moved to the device, permuted, and multiplied a block of
-columns at a time, each block upcast to float32 only for its product: the memory a cost needs is
-one member's tensors plus a block, never a model. Nothing is cached but the products of members
-no other group touches, so state dicts in memory and checkpoints read from disk take the same
-path and give the same bits.
+checkpoint reads them from disk then), moved to the device, and multiplied a block of columns
+at a time, each block upcast to float32 only for its product: the memory a product needs is one
+member's tensors plus a block, never a model. State dicts in memory and checkpoints read from
+disk take the same path and give the same bits.
+
+Only what changed is paid for. A member's product depends on the permutations of its other axes
+only, through the order of its contracted columns (its *column map*). Each group keeps the sum
+of its members' products with the column maps it was computed under (:class:`ProductCache`: in
+memory within a budget, the rest in scratch files): when the neighbours moved k of a member's
+columns, the product is updated by those k columns (``A[:, S] (B[:, new S] - B[:, old S])^T``)
+instead of recomputed; when nothing moved it is reused. Members no other group touches are
+computed once.
 
 On CUDA, half-precision inputs (bfloat16, float16) are multiplied in TF32, which holds their
 mantissas exactly, so the products equal float32 ones up to the order of summation.
@@ -14,8 +21,13 @@ mantissas exactly, so the products equal float32 ones up to the order of summati
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import threading
+import weakref
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +44,16 @@ BLOCK_BYTES = 64 << 20
 _CHUNK = 1 << 20
 """Elements per float64 block of the objective's dot products."""
 
+UPDATE_SHARE = 0.5
+"""Largest share of a group's contracted columns that may have moved for its kept product to be
+updated rather than recomputed (an update of more costs as much and adds rounding)."""
+
+MEMORY_BYTES = 16 << 20
+"""Kept products held in memory (on the device); groups that save the most work per byte first."""
+
+SCRATCH_RESERVE = 4 << 30
+"""Free disk space that scratch files for kept products never take."""
+
 
 class CostModel:
     """The cost matrices and objective of weight matching between two state dicts."""
@@ -43,6 +65,8 @@ class CostModel:
         spec: PermutationSpec,
         device: torch.device,
         buffers: Collection[str] = (),
+        memory_bytes: int | None = None,
+        scratch: bool = True,
     ):
         self.spec = spec
         self.device = device
@@ -59,21 +83,30 @@ class CostModel:
         self.sketch = 1
         """Keep one in ``sketch`` of each product's contracted columns (a random, fixed subset,
         scaled up to an unbiased estimate): cheap approximate costs for a first phase. 1: exact."""
-        self._columns: dict[tuple[Member, int], torch.Tensor] = {}
+        self._sketched: dict[tuple[Member, int], torch.Tensor] = {}
+        moving_work = {
+            g: self._work(g, [m for m in ms if m in self._moving]) for g, ms in self.members.items()
+        }
+        self.kept = ProductCache(
+            {g: spec.sizes[g] for g, w in moving_work.items() if w > 0},
+            moving_work,
+            MEMORY_BYTES if memory_bytes is None else memory_bytes,
+            scratch,
+        )
+        self.products = {"full": 0.0, "update": 0.0, "reused": 0.0}
+        """Multiply-adds spent on full products and on updates, and those saved by reuse."""
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
         src = self._a if side == "a" else self._b
         return src[p].to(device=self.device)
 
+    def _work(self, g: str, members: Collection[Member]) -> float:
+        return float(sum(self.spec.sizes[g] * self._numel[m.param] for m in members))
+
     def work(self, unit: tuple[str, ...]) -> float:
-        """Multiply-adds of the unit's cost products (for progress and estimates)."""
-        total = 0.0
-        for g in unit:
-            n = self.spec.sizes[g]
-            for m in self.members[g]:
-                total += n * self._numel[m.param] / self.sketch
-        return total
+        """Multiply-adds of the unit's cost products, computed in full (for progress and estimates)."""
+        return sum(self._work(g, self.members[g]) for g in unit) / self.sketch
 
     def unit_costs(self, unit: tuple[str, ...], perm: Permutation) -> dict[str, np.ndarray]:
         """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment)."""
@@ -86,46 +119,116 @@ class CostModel:
         key = f"{g}/{self.sketch}"
         if key not in self._fixed:  # members no other group touches: their product never changes
             fixed = [m for m in self.members[g] if m not in self._moving]
-            self._fixed[key] = self._sum_products(g, fixed, perm) if fixed else None
+            maps = {m: self._columns(m, self._order(g, m, perm)) for m in fixed}
+            self._fixed[key] = self._sum_products(g, maps) if fixed else None
         fixed_part = self._fixed[key]
         if fixed_part is not None:
             c += fixed_part
         moving = [m for m in self.members[g] if m in self._moving]
         if moving:
-            c += self._sum_products(g, moving, perm)
+            c += self._moving_products(g, moving, perm)
         out = c.cpu().numpy()  # float32: the assignment upcasts once, sums run in float64
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
         return out
 
-    def _sum_products(self, g: str, members: list[Member], perm: Permutation) -> torch.Tensor:
+    def _moving_products(self, g: str, moving: list[Member], perm: Permutation) -> torch.Tensor:
+        """The summed products of the members other groups permute: the kept sum, updated by the
+        columns that moved since, or a full recomputation when too many did."""
+        orders = {m: self._order(g, m, perm) for m in moving}
+        kept = self.kept.get(g, self.sketch, self.device)
+        if kept is not None:
+            value, before = kept
+            stale = [m for m in moving if not torch.equal(orders[m], before[m])]
+            maps = {m: self._columns(m, orders[m]) for m in stale}
+            changed = {m: torch.nonzero(maps[m] != self._columns(m, before[m])).squeeze(1) for m in stale}
+            moved = sum(len(s) for s in changed.values())
+            if moved <= UPDATE_SHARE * sum(self._width(m) for m in moving):
+                for m, cols in changed.items():
+                    self._update(value, g, m, cols, maps[m], self._columns(m, before[m]))
+                self.products["reused"] += self._work(g, moving) / self.sketch - self.spec.sizes[g] * moved
+                if stale:
+                    self.kept.put(g, self.sketch, value, orders)
+                return value
+        value = self._sum_products(g, {m: self._columns(m, orders[m]) for m in moving})
+        self.kept.put(g, self.sketch, value, orders)
+        return value
+
+    def _operands(self, g: str, m: Member) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's (unpermuted) rows of the member, one per unit of ``g``."""
+        n = self.spec.sizes[g]
+        return _unit_rows(self.tensor("a", m.param), m, n), _unit_rows(self.tensor("b", m.param), m, n)
+
+    def _order(self, g: str, m: Member, perm: Permutation) -> torch.Tensor:
+        """The member's contracted columns in pi(B), as the columns of B they hold, without
+        ``inner`` (int32, compact: what the kept products remember)."""
+        shape = list(shape_of(self._a, m.param))
+        entries = list(self.spec.axes_to_perm[m.param])
+        shape[m.axis], entries[m.axis] = 1, None
+        probe = torch.arange(math.prod(shape), dtype=torch.int32).reshape(shape)
+        return permute_tensor(probe, tuple(entries), perm, skip=g).movedim(m.axis, 0).reshape(-1)
+
+    def _width(self, m: Member) -> int:
+        """Contracted columns of the member's products (the sketched ones when sketching)."""
+        shape = shape_of(self._a, m.param)
+        width = m.inner * self._numel[m.param] // shape[m.axis]
+        return width // self.sketch if self.sketch > 1 and width >= 2 * self.sketch else width
+
+    def _columns(self, m: Member, order: torch.Tensor) -> torch.Tensor:
+        """For each contracted column of the member's rows in pi(B) (the sketched ones when
+        sketching), the column of B's rows it holds (int64, on the device)."""
+        cols = order.long()
+        if m.inner > 1:
+            cols = (torch.arange(m.inner)[:, None] * len(order) + cols[None, :]).reshape(-1)
+        width = len(cols)
+        if self.sketch > 1 and width >= 2 * self.sketch:
+            cols = cols[self._sketch_columns(m, width)]
+        return cols.to(self.device)
+
+    def _sum_products(self, g: str, maps: Mapping[Member, torch.Tensor]) -> torch.Tensor:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        for m in members:
-            ta = self.tensor("a", m.param)
-            tb = permute_tensor(self.tensor("b", m.param), self.spec.axes_to_perm[m.param], perm, skip=g)
-            ra, rb = _unit_rows(ta, m, n), _unit_rows(tb, m, n)
-            scale = 1.0
-            if self.sketch > 1 and ra.shape[1] >= 2 * self.sketch:
-                cols = self._sketch_columns(m, ra.shape[1])
-                scale = ra.shape[1] / len(cols)
-                ra, rb = ra.index_select(1, cols), rb.index_select(1, cols)
+        for m, cols in maps.items():
+            ra, rb = self._operands(g, m)
+            scale = ra.shape[1] / len(cols)
+            sketched = len(cols) < ra.shape[1]
+            if sketched:
+                ra = ra.index_select(1, self._sketch_columns(m, ra.shape[1]).to(self.device))
+            if sketched or not _is_identity(cols):
+                rb = rb.index_select(1, cols)
             with _exact_half_products(ra.dtype, self.device):
                 for lo, hi in _blocks(ra.shape[1], n):
                     c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
-            del ta, tb, ra, rb
+            del ra, rb
+        self.products["full"] += self._work(g, maps) / self.sketch
         return c
+
+    def _update(
+        self, c: torch.Tensor, g: str, m: Member, at: torch.Tensor, new: torch.Tensor, old: torch.Tensor
+    ) -> None:
+        """Add to ``c`` the change of the member's product when its columns ``at`` (positions in
+        the column maps) moved from ``old`` to ``new``."""
+        n = self.spec.sizes[g]
+        ra, rb = self._operands(g, m)
+        scale = ra.shape[1] / len(new)
+        a_cols = at if len(new) == ra.shape[1] else self._sketch_columns(m, ra.shape[1]).to(self.device)[at]
+        with _exact_half_products(ra.dtype, self.device):
+            for lo, hi in _blocks(len(at), n):
+                d = rb.index_select(1, new[at[lo:hi]]).float()
+                d -= rb.index_select(1, old[at[lo:hi]])
+                c.addmm_(ra.index_select(1, a_cols[lo:hi]).float(), d.T, alpha=scale)
+                del d
+        self.products["update"] += n * n * len(at)
 
     def _sketch_columns(self, m: Member, k: int) -> torch.Tensor:
         """The member's random subset of ``k // sketch`` columns, the same every time (seeded by
         the member's place in the spec)."""
         key = (m, self.sketch)
-        if key not in self._columns:
+        if key not in self._sketched:
             seed = sorted(self.spec.axes_to_perm).index(m.param) * 1009 + m.axis
             g = torch.Generator().manual_seed(seed)
-            cols = torch.randperm(k, generator=g)[: k // self.sketch].sort().values
-            self._columns[key] = cols.to(self.device)
-        return self._columns[key]
+            self._sketched[key] = torch.randperm(k, generator=g)[: k // self.sketch].sort().values
+        return self._sketched[key]
 
     def objective(self, perm: Permutation) -> float:
         """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""
@@ -136,6 +239,92 @@ class CostModel:
             for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
                 total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
         return float(total)
+
+    def close(self) -> None:
+        """Drop the kept products and remove their scratch files."""
+        self.kept.close()
+
+
+class ProductCache:
+    """Each group's kept product sum with the column maps it was computed under.
+
+    Places are fixed up front: groups ranked by the work their products take per byte of the
+    sum get memory until ``memory_bytes``, the rest scratch files in a temporary folder while
+    the disk keeps :data:`SCRATCH_RESERVE` free; a group with neither is recomputed each time.
+    Scratch files are removed by :meth:`close` (or when the cache is collected)."""
+
+    def __init__(self, sizes: Mapping[str, int], work: Mapping[str, float], memory_bytes: int, scratch: bool):
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[int, torch.Tensor | Path, dict[Member, torch.Tensor]]] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
+        self.place: dict[str, str] = {}
+        self._dir: Path | None = None
+        free = _free_scratch() if scratch else 0
+        memory = disk = 0
+        for g in sorted(sizes, key=lambda g: (-work[g] / sizes[g] ** 2, g)):
+            nbytes = 4 * sizes[g] ** 2
+            if memory + nbytes <= memory_bytes:
+                self.place[g], memory = "memory", memory + nbytes
+            elif disk + nbytes <= free:
+                self.place[g], disk = "scratch", disk + nbytes
+        self.memory_bytes, self.scratch_bytes = memory, disk
+        self.scratch_read = self.scratch_written = 0
+        if disk:
+            self._dir = Path(tempfile.mkdtemp(prefix="rebasin-products-"))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    def get(
+        self, g: str, sketch: int, device: torch.device
+    ) -> tuple[torch.Tensor, dict[Member, torch.Tensor]] | None:
+        """The kept sum (a tensor the caller may change and put back) and its column maps."""
+        with self._lock:
+            item = self._items.get(g)
+        if item is None or item[0] != sketch:
+            return None
+        value = item[1]
+        if isinstance(value, Path):
+            # one buffer per size, reused: reads of many sizes would fragment the heap
+            n = math.isqrt(value.stat().st_size // 4)
+            with self._lock:
+                buf = self._buffers.setdefault(n, torch.empty(n, n, dtype=torch.float32))
+            with value.open("rb") as f:
+                f.readinto(buf.numpy())  # type: ignore[arg-type]
+            self.scratch_read += 4 * n * n
+            return buf.to(device), item[2]
+        return value, item[2]
+
+    def put(self, g: str, sketch: int, value: torch.Tensor, maps: dict[Member, torch.Tensor]) -> None:
+        """Keep ``value`` (not to be changed by the caller afterwards) for group ``g``."""
+        place = self.place.get(g)
+        if place is None:
+            return
+        kept: torch.Tensor | Path = value
+        if place == "scratch":
+            assert self._dir is not None
+            kept = self._dir / f"{sorted(self.place).index(g)}.f32"
+            arr = value.detach().cpu().numpy()
+            arr.tofile(kept)
+            self.scratch_written += arr.nbytes
+        with self._lock:
+            self._items[g] = (sketch, kept, maps)
+
+    def close(self) -> None:
+        with self._lock:
+            self._items.clear()
+        if self._dir is not None:
+            self._finalizer()
+
+
+def _free_scratch() -> int:
+    try:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return 0
+    return max(0, free - SCRATCH_RESERVE)
+
+
+def _is_identity(cols: torch.Tensor) -> bool:
+    return bool(torch.equal(cols, torch.arange(len(cols), device=cols.device)))
 
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:

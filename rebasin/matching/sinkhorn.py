@@ -24,7 +24,7 @@ from rebasin.core.errors import ConfigError
 from rebasin.core.types import Permutation, Progress
 from rebasin.matching.adam import Adam
 from rebasin.matching.assignment import resolve_backend, solve_groups
-from rebasin.matching.projection import ImplicitSinkhorn, soft_permute
+from rebasin.matching.projection import ImplicitSinkhorn, no_denormals, soft_permute
 from rebasin.matching.result import GroupStats, MatchResult, float32_state, no_worse
 from rebasin.permutation import identity, permute
 
@@ -46,6 +46,13 @@ def sinkhorn_rebasin(
     costs (``mid``, ``rnd``) need ``data``. The result never ends worse than B as it is on the
     method's criterion (distance for ``l2``, midpoint loss on training data otherwise): if the
     found permutation is worse, the identity is kept."""
+    with no_denormals():
+        return _sinkhorn_rebasin(opts, problem, data, progress)
+
+
+def _sinkhorn_rebasin(
+    opts: SinkhornRebasin, problem: MatchProblem, data: DataSide | None, progress: Progress | None
+) -> MatchResult:
     a, b, spec = problem.a, problem.b, problem.spec
     task_loss = data.task_loss() if data is not None else None
     if opts.cost != "l2" and task_loss is None:

@@ -68,58 +68,63 @@ def weight_matching(
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
     model = CostModel(a, b, spec, torch.device(device), buffers)
-    search = _Search(model, backend, tol, progress, t0 + time_budget if time_budget is not None else None)
-    best: _Run | None = None
-    traces: list[RestartTrace] = []
-    best_k = 0
-    for k in range(restarts):
-        run_seed = [int(seed), k]
-        rng = np.random.default_rng(run_seed)
-        if init is not None and k == 0:
-            start, how = {g: v.clone() for g, v in init.items()}, "given"
-        elif k == 0:
-            start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
+    try:
+        search = _Search(model, backend, tol, progress, t0 + time_budget if time_budget is not None else None)
+        best: _Run | None = None
+        traces: list[RestartTrace] = []
+        best_k = 0
+        for k in range(restarts):
+            run_seed = [int(seed), k]
+            rng = np.random.default_rng(run_seed)
+            if init is not None and k == 0:
+                start, how = {g: v.clone() for g, v in init.items()}, "given"
+            elif k == 0:
+                start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
+            else:
+                start = random_permutation(spec, int(rng.integers(2**62)))
+                how = "random"
+            label = f"weight matching (run {k + 1}/{restarts}"
+            run = _phased(search, start, rng, max_iter, label, sketch)
+            traces.append(
+                RestartTrace(
+                    run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds
+                )
+            )
+            if best is None or run.history[-1] > best.history[-1]:
+                best, best_k = run, k
+            if search.stopped:
+                break
+        assert best is not None
+        perm = best.perm
+        if traces[0].init == "identity":
+            at_identity = traces[0].objective_per_sweep[0]
         else:
-            start = random_permutation(spec, int(rng.integers(2**62)))
-            how = "random"
-        label = f"weight matching (run {k + 1}/{restarts}"
-        run = _phased(search, start, rng, max_iter, label, sketch)
-        traces.append(
-            RestartTrace(run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds)
+            at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
+        return MatchResult(
+            perm=perm,
+            objective_identity=at_identity,
+            objective=best.history[-1],
+            groups={g: best.group_stats(g, model) for g in spec.sizes},
+            objective_name=OBJECTIVE,
+            maximize=True,
+            history=best.history,
+            converged=best.converged,
+            restarts=traces,
+            best_restart=best_k,
+            options={
+                "max_iter": max_iter,
+                "restarts": restarts,
+                "seed": seed,
+                "device": device,
+                "backend": backend,
+                "time_budget": time_budget,
+                "sketch": sketch,
+            },
+            seconds=time.perf_counter() - t0,
+            stopped=search.stopped,
         )
-        if best is None or run.history[-1] > best.history[-1]:
-            best, best_k = run, k
-        if search.stopped:
-            break
-    assert best is not None
-    perm = best.perm
-    if traces[0].init == "identity":
-        at_identity = traces[0].objective_per_sweep[0]
-    else:
-        at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
-    return MatchResult(
-        perm=perm,
-        objective_identity=at_identity,
-        objective=best.history[-1],
-        groups={g: best.group_stats(g, model) for g in spec.sizes},
-        objective_name=OBJECTIVE,
-        maximize=True,
-        history=best.history,
-        converged=best.converged,
-        restarts=traces,
-        best_restart=best_k,
-        options={
-            "max_iter": max_iter,
-            "restarts": restarts,
-            "seed": seed,
-            "device": device,
-            "backend": backend,
-            "time_budget": time_budget,
-            "sketch": sketch,
-        },
-        seconds=time.perf_counter() - t0,
-        stopped=search.stopped,
-    )
+    finally:
+        model.close()
 
 
 def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
@@ -154,7 +159,7 @@ def _phased(
         first.converged = False
         first.stats = {}  # they came from sketched costs: the report's group figures are exact
         return first
-    run = search.descend(first.perm, rng, max_iter - first.sweeps, label)
+    run = search.descend(first.perm, rng, max_iter - first.sweeps, label, first.history[-1])
     run.history = first.history + run.history[1:]
     run.seconds = first.seconds + run.seconds
     run.sweeps += first.sweeps
@@ -202,49 +207,83 @@ class _Search:
         self.deadline = deadline
         self.stopped: str | None = None
 
-    def descend(self, perm: Permutation, rng: np.random.Generator, max_iter: int, label: str) -> _Run:
+    def descend(
+        self,
+        perm: Permutation,
+        rng: np.random.Generator,
+        max_iter: int,
+        label: str,
+        first: float | None = None,
+    ) -> _Run:
+        """One descent from ``perm`` (whose exact objective is ``first``, when known). A sweep's
+        objective is the last one plus the gains of its moves, read off the cost matrices the
+        sweep computed; a sweep whose gain is within the float32 products' rounding
+        (:data:`NOISE`), every sketched sweep and the run's end take the exact (float64) objective,
+        and a sweep that does not raise it is undone and ends the run."""
         spec = self.model.spec
-        run = _Run(perm, self.model.objective(perm))  # exact (float64) at the end of every sweep
+        run = _Run(perm, self.model.objective(perm) if first is None else first)
+        exact = True  # whether run.history[-1] is the exact objective of run.perm
         dirty = set(spec.sizes)  # groups whose cost may have changed since last solved
         for sweep in range(1, max_iter + 1):
             start = {g: v.clone() for g, v in run.perm.items()}
             t_sweep = time.perf_counter()
             todo = batches(spec, [int(i) for i in rng.permutation(len(spec.units))])
             total_work = sum(self.model.work(u) for b in todo for u in b if not dirty.isdisjoint(u))
-            done_work = 0.0
-            improved = False
+            done_work = gain = 0.0
             for batch in todo:
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     run.perm = start
                     self.stopped = (
                         f"time budget reached during sweep {sweep}: the result is that of sweep {sweep - 1}"
                     )
-                    return run
+                    return self._finish(run, exact)
                 stage = [u for u in batch if not dirty.isdisjoint(u)]  # batch-mates never dirty each other
                 for u in stage:
                     dirty.difference_update(u)
                 for unit, costs in _costs_ahead(self.model, stage, run.perm):
-                    improved |= self._solve(run, unit, costs, dirty)
+                    gain += self._solve(run, unit, costs, dirty)
                     done_work += self.model.work(unit)
                     self._report(label, sweep, unit, done_work / max(total_work, 1.0), t_sweep)
             run.sweeps = sweep
-            value = self.model.objective(run.perm) if improved else run.history[-1]
             run.seconds.append(round(time.perf_counter() - t_sweep, 4))
-            if value <= run.history[-1]:
-                # nothing moved, or gains below the float32 products' rounding: the exact
-                # objective did not rise, so the sweep's moves are undone and the run has converged
-                run.perm = start
-                run.history.append(run.history[-1])
-                run.converged = True
-                return run
-            run.history.append(value)
+            last = run.history[-1]
+            if gain > 0 and self.model.sketch == 1 and gain > NOISE * max(1.0, abs(last)):
+                run.history.append(last + gain)
+                exact = False
+            else:
+                before = last if exact or gain == 0 else self.model.objective(start)
+                value = self.model.objective(run.perm) if gain > 0 else before
+                if value <= before:
+                    # nothing moved, or gains below the products' rounding: the exact objective
+                    # did not rise, so the sweep's moves are undone and the run has converged
+                    run.perm = start
+                    run.history[-1] = before
+                    run.history.append(before)
+                    run.converged = True
+                    return self._finish(run, exact or gain > 0)
+                run.history.append(value)
+                exact = True
             if self.deadline is not None and time.perf_counter() > self.deadline and sweep < max_iter:
                 self.stopped = f"time budget reached after sweep {sweep}"
-                return run
+                return self._finish(run, exact)
+        return self._finish(run, exact)
+
+    def _finish(self, run: _Run, exact: bool) -> _Run:
+        """End a run with the exact objective of its permutation. The estimates before it are
+        capped at it: each is within the products' rounding of its sweep's exact value, and the
+        exact values never fall."""
+        if not exact:
+            value = self.model.objective(run.perm)
+            run.history[-1] = value
+            for i in range(len(run.history) - 2, -1, -1):
+                if run.history[i] <= value:
+                    break
+                run.history[i] = value
         return run
 
-    def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> bool:
-        """Solve one unit's assignment; keep it when it raises the objective."""
+    def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> float:
+        """Solve one unit's assignment; keep it when it raises the objective, and return the gain
+        (0 when kept as it was)."""
         spec = self.model.spec
         new = solve_unit(costs, spec.heads, self.backend)
         old_val = new_val = 0.0
@@ -262,7 +301,7 @@ class _Search:
             kept = float(c[rows, run.perm[g].numpy()].sum(dtype=np.float64))
             snapshot = {h: run.perm[h] for h in spec.neighbours[g] | {g}}
             run.stats[g] = (float(np.trace(c, dtype=np.float64)), kept, snapshot)
-        return better
+        return new_val - old_val if better else 0.0
 
     def _report(self, label: str, sweep: int, unit: Unit, frac: float, t_sweep: float) -> None:
         if not self.progress:
@@ -277,6 +316,10 @@ def _clock(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
+
+NOISE = 1e-6
+"""Gain of a sweep, relative to the objective, below which the float32 products cannot be
+trusted to tell an improvement: such a sweep is checked on the exact objective."""
 
 AHEAD = 1
 """Units whose costs are computed ahead, in a worker thread, while the current one is solved."""

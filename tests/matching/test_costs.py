@@ -1,0 +1,110 @@
+"""Incremental weight-matching costs: kept products updated by what moved equal a full
+recomputation, wherever they are kept (memory, scratch files, nowhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny
+
+from rebasin.matching import match
+from rebasin.matching.costs import CostModel
+from rebasin.models import build_model
+from rebasin.permutation import permute, random_permutation
+from rebasin.spec import PermutationSpec, infer_spec
+
+MODELS = {"mlp": {"in_features": 16, "hidden": 48, "depth": 3}, "resnet20": {"width": 1}, "vgg": {}}
+FAMILIES = [*MODELS, "gpt2", "llama"]  # fused q|k|v segments; attention heads (inner > 1)
+
+
+def pair(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PermutationSpec]:
+    """Two random models of one family, and their spec (with heads for the transformers)."""
+    if name in MODELS:
+        torch.manual_seed(0)
+        a = build_model(name, **MODELS[name]).state_dict()
+        torch.manual_seed(1)
+        b = build_model(name, **MODELS[name]).state_dict()
+        return a, b, infer_spec(a)
+    models = [tiny(name, s) for s in (0, 1)]
+    a, b = (dict(m.state_dict()) for m in models)
+    return a, b, infer_spec(a, config=models[0].config.to_dict())
+
+
+def partly_moved(perm: dict[str, torch.Tensor], k: int, seed: int) -> dict[str, torch.Tensor]:
+    """``perm`` with ``k`` units of every group swapped among themselves."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in perm.items():
+        p = p.clone()
+        idx = torch.randperm(len(p), generator=g)[: min(k, len(p))]
+        p[idx] = p[idx[torch.randperm(len(idx), generator=g)]]
+        out[name] = p
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("where", ["memory", "scratch", "none"])
+@pytest.mark.parametrize("sketch", [1, 4])
+def test_updated_costs_equal_a_full_recomputation(name: str, where: str, sketch: int) -> None:
+    a, b, spec = pair(name)
+    kept = CostModel(
+        a,
+        b,
+        spec,
+        torch.device("cpu"),
+        memory_bytes=1 << 30 if where == "memory" else 0,
+        scratch=where == "scratch",
+    )
+    kept.sketch = sketch
+    perm = random_permutation(spec, 0)
+    for step, k in enumerate([0, 1, 3, 10_000, 2, 0]):  # few moved, all moved, none moved
+        perm = partly_moved(perm, k, step)
+        fresh = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+        fresh.sketch = sketch
+        for g in spec.sizes:
+            got, want = kept.cost(g, perm), fresh.cost(g, perm)
+            scale = max(1.0, float(np.abs(want).max()))
+            assert np.abs(got - want).max() <= 1e-5 * scale, (g, step)
+    if where != "none":
+        assert kept.products["update"] > 0 and kept.products["reused"] > 0
+    kept.close()
+
+
+def test_scratch_files_are_removed_when_matching_ends(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr("rebasin.matching.costs.MEMORY_BYTES", 0)
+    monkeypatch.setattr("rebasin.matching.costs.SCRATCH_RESERVE", 0)
+    a, b, spec = pair("mlp")
+    seen = []
+    real = CostModel.close
+
+    def close(self: CostModel) -> None:
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        real(self)
+
+    monkeypatch.setattr(CostModel, "close", close)
+    match(a, b, spec)
+    assert seen and seen[0], "the products were kept in scratch files"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("memory", [0, 1 << 30])
+def test_kept_products_leave_the_result_unchanged(monkeypatch, memory: int) -> None:
+    """Planted and unplanted pairs: the same permutation with products kept or recomputed."""
+    a, b, spec = pair("resnet20")
+    planted = dict(permute(a, spec, random_permutation(spec, 3)))
+    for other in (b, planted):
+        monkeypatch.setattr("rebasin.matching.costs.MEMORY_BYTES", memory)
+        monkeypatch.setattr("rebasin.matching.costs.UPDATE_SHARE", 0.5)
+        kept = match(a, other, spec, restarts=2)
+        monkeypatch.setattr("rebasin.matching.costs.UPDATE_SHARE", -1.0)  # always recompute
+        monkeypatch.setattr("rebasin.matching.costs.MEMORY_BYTES", 0)
+        fresh = match(a, other, spec, restarts=2)
+        assert all(torch.equal(kept.perm[g], fresh.perm[g]) for g in spec.sizes)
+        assert kept.objective == fresh.objective
+    back = permute(planted, spec, kept.perm)
+    assert all(torch.equal(back[k], a[k]) for k in a)
