@@ -169,6 +169,49 @@ verification worker process (ru_maxrss of its children: an upper bound, as it co
 worker shares with the command since the fork)."""
 
 
+def read_rate(folders: tuple[Path, ...]) -> tuple[float, int]:
+    """Bytes per second of plain reads of the folders' files (page cache or disk, as they are
+    now), and the bytes of one pass over them."""
+    total, t = 0, time.perf_counter()
+    for d in folders:
+        for f in sorted(d.glob("*.safetensors")):
+            with f.open("rb", buffering=0) as fh:
+                while chunk := fh.read(64 << 20):
+                    total += len(chunk)
+    return total / max(time.perf_counter() - t, 1e-9), total
+
+
+def phases(
+    prof: dict, timings: dict, folders: tuple[Path, Path, Path], gemm_rate: float, sweep_flops: float
+) -> None:
+    """Each phase in seconds beside its physical bound measured in this run: products against
+    plain matmuls at the same shapes, reads against plain reads of the files, the write against
+    one read of the output."""
+    if not prof:
+        return
+    rate, pair_bytes = read_rate(folders[:2])
+    _, out_bytes = read_rate(folders[2:])
+    flops = 2.0 * (prof["full_madds"] + prof["update_madds"])
+    reads = prof["products_read_bytes"] + prof["objective_read_bytes"] + prof["scratch_read_bytes"]
+    rows = [
+        ("products", prof["products_s"], flops / gemm_rate, f"{flops / sweep_flops:.2f} sweeps of products"),
+        ("  reads in them", None, reads / rate, f"pair read {reads / pair_bytes:.2f} times (+ scan, write)"),
+        ("assignments", prof["assign_s"], None, ""),
+        ("objective", prof["objective_s"], prof["objective_read_bytes"] / rate, ""),
+        ("write", timings.get("write_s"), out_bytes / rate, "bound: one read of the output"),
+    ]
+    saved = prof["saved_madds"] / max(prof["full_madds"] + prof["update_madds"] + prof["saved_madds"], 1)
+    print(
+        f"  phases (read rate {rate / 1e9:.2f} GB/s, matmul {gemm_rate / 1e9:.0f} GFLOP/s; "
+        f"updates saved {saved:.0%} of the products' work):"
+    )
+    for label, took, bound, note in rows:
+        t_s = "-" if took is None else f"{took:.1f} s"
+        b_s = "-" if bound is None else f"{bound:.1f} s"
+        ratio = f"{took / bound:.1f}x" if took is not None and bound else "-"
+        print(f"    {label:<16} {t_s:>9}  bound {b_s:>8}  {ratio:>6}  {note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["tiny"], choices=list(SHAPES))
@@ -222,6 +265,7 @@ def main() -> None:
         )
         print(f"{name:<10} " + " ".join(f"{c:>8}" for c in row) + f"  {ok}", flush=True)
         print(f"  timings {rep['timings']}; sweeps {trace['seconds_per_sweep']}", file=sys.stderr, flush=True)
+        phases(m.get("profile") or {}, rep["timings"], (a, b, out), flops / gemm_s, flops)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(out)])
 

@@ -24,6 +24,7 @@ import math
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -95,11 +96,16 @@ class CostModel:
         )
         self.products = {"full": 0.0, "update": 0.0, "reused": 0.0}
         """Multiply-adds spent on full products and on updates, and those saved by reuse."""
+        self.seconds = {"products": 0.0, "objective": 0.0}
+        self.bytes_read = {"products": 0, "objective": 0}
+        self._phase = "products"
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
         src = self._a if side == "a" else self._b
-        return src[p].to(device=self.device)
+        t = src[p]
+        self.bytes_read[self._phase] += t.numel() * t.element_size()
+        return t.to(device=self.device)
 
     def _work(self, g: str, members: Collection[Member]) -> float:
         return float(sum(self.spec.sizes[g] * self._numel[m.param] for m in members))
@@ -114,6 +120,7 @@ class CostModel:
 
     def cost(self, g: str, perm: Permutation) -> np.ndarray:
         """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
+        t0 = time.perf_counter()
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
         key = f"{g}/{self.sketch}"
@@ -130,6 +137,7 @@ class CostModel:
         out = c.cpu().numpy()  # float32: the assignment upcasts once, sums run in float64
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
+        self.seconds["products"] += time.perf_counter() - t0
         return out
 
     def _moving_products(self, g: str, moving: list[Member], perm: Permutation) -> torch.Tensor:
@@ -232,13 +240,37 @@ class CostModel:
 
     def objective(self, perm: Permutation) -> float:
         """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""
+        t0 = time.perf_counter()
+        self._phase = "objective"
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.params:
-            x = self.tensor("a", p).reshape(-1)
-            y = permute_tensor(self.tensor("b", p), self.spec.axes_to_perm[p], perm).reshape(-1)
-            for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
-                total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
+        try:
+            for p in self.params:
+                x = self.tensor("a", p).reshape(-1)
+                y = permute_tensor(self.tensor("b", p), self.spec.axes_to_perm[p], perm).reshape(-1)
+                for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
+                    total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
+        finally:
+            self._phase = "products"
+        self.seconds["objective"] += time.perf_counter() - t0
         return float(total)
+
+    def profile(self) -> dict[str, float | int]:
+        """Where the time and the reads went: seconds and bytes read for the products and the
+        exact objective, multiply-adds computed in full, by updates and saved, and the kept
+        products' memory and scratch bytes."""
+        return {
+            "products_s": round(self.seconds["products"], 4),
+            "objective_s": round(self.seconds["objective"], 4),
+            "products_read_bytes": self.bytes_read["products"],
+            "objective_read_bytes": self.bytes_read["objective"],
+            "full_madds": self.products["full"],
+            "update_madds": self.products["update"],
+            "saved_madds": self.products["reused"],
+            "kept_memory_bytes": self.kept.memory_bytes,
+            "kept_scratch_bytes": self.kept.scratch_bytes,
+            "scratch_read_bytes": self.kept.scratch_read,
+            "scratch_written_bytes": self.kept.scratch_written,
+        }
 
     def close(self) -> None:
         """Drop the kept products and remove their scratch files."""

@@ -67,6 +67,9 @@ class MatchResult:
     """The method's registered name (set by :meth:`rebasin.matching.registry.Matcher.match`)."""
     stopped: str | None = None
     """Why the search ended before converging (a time budget), or None."""
+    profile: dict[str, float | int] = field(default_factory=dict)
+    """Where the time and the reads went (weight matching: seconds of products, assignments and
+    the exact objective; bytes read; multiply-adds computed, updated and saved)."""
 
     def improved(self) -> bool:
         """Whether the found permutation is at least as good as B as it is, on the method's own
@@ -90,6 +93,7 @@ class MatchResult:
             "best_restart": self.best_restart,
             "seconds": round(self.seconds, 4),
             "stopped": self.stopped,
+            "profile": self.profile,
             "restarts": [r.__dict__ for r in self.restarts],
             "groups": {g: s.__dict__ for g, s in self.groups.items()},
         }

@@ -122,6 +122,7 @@ def weight_matching(
             },
             seconds=time.perf_counter() - t0,
             stopped=search.stopped,
+            profile={**model.profile(), "assign_s": round(search.assign_s, 4)},
         )
     finally:
         model.close()
@@ -206,6 +207,7 @@ class _Search:
         self.progress = progress
         self.deadline = deadline
         self.stopped: str | None = None
+        self.assign_s = 0.0
 
     def descend(
         self,
@@ -285,7 +287,9 @@ class _Search:
         """Solve one unit's assignment; keep it when it raises the objective, and return the gain
         (0 when kept as it was)."""
         spec = self.model.spec
+        t0 = time.perf_counter()
         new = solve_unit(costs, spec.heads, self.backend)
+        self.assign_s += time.perf_counter() - t0
         old_val = new_val = 0.0
         for g, c in costs.items():
             rows = np.arange(spec.sizes[g])
