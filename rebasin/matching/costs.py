@@ -7,12 +7,12 @@ member's tensors plus a block, never a model. State dicts in memory and checkpoi
 disk take the same path and give the same bits.
 
 Only what changed is paid for. A member's product depends on the permutations of its other axes
-only, through the order of its contracted columns (its *column map*). Each group keeps the sum
-of its members' products with the column maps it was computed under (:class:`ProductCache`: in
-memory within a budget, the rest in scratch files): when the neighbours moved k of a member's
-columns, the product is updated by those k columns (``A[:, S] (B[:, new S] - B[:, old S])^T``)
-instead of recomputed; when nothing moved it is reused. Members no other group touches are
-computed once.
+only, through the order of its contracted columns. Each group keeps its cost with the column
+orders it was computed under (:class:`ProductCache`: in memory for small models, else in scratch
+files): when the neighbours moved k of a member's columns, the cost is updated by those k columns
+(``A[:, S] (B[:, new S] - B[:, old S])^T``) instead of recomputed; when nothing moved it is
+reused; past :data:`UPDATE_SHARE` of the columns it is recomputed. Members no other group
+touches are computed once.
 
 On CUDA, half-precision inputs (bfloat16, float16) are multiplied in TF32, which holds their
 mantissas exactly, so the products equal float32 ones up to the order of summation.
@@ -36,7 +36,7 @@ import torch
 from rebasin.checkpoint.state import shape_of
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation
-from rebasin.permutation import permute_tensor
+from rebasin.permutation import permute_tensor, take
 from rebasin.spec.core import Member, PermutationSpec
 
 BLOCK_BYTES = 64 << 20
@@ -50,7 +50,7 @@ UPDATE_SHARE = 0.5
 updated rather than recomputed (an update of more costs as much and adds rounding)."""
 
 MEMORY_BYTES = 16 << 20
-"""Kept products held in memory (on the device); groups that save the most work per byte first."""
+"""Kept costs stay in memory (on the device) when they all fit in this many bytes together."""
 
 SCRATCH_RESERVE = 4 << 30
 """Free disk space that scratch files for kept products never take."""
@@ -121,45 +121,49 @@ class CostModel:
     def cost(self, g: str, perm: Permutation) -> np.ndarray:
         """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
         t0 = time.perf_counter()
-        n = self.spec.sizes[g]
-        c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        key = f"{g}/{self.sketch}"
-        if key not in self._fixed:  # members no other group touches: their product never changes
-            fixed = [m for m in self.members[g] if m not in self._moving]
-            maps = {m: self._columns(m, self._order(g, m, perm)) for m in fixed}
-            self._fixed[key] = self._sum_products(g, maps) if fixed else None
-        fixed_part = self._fixed[key]
-        if fixed_part is not None:
-            c += fixed_part
         moving = [m for m in self.members[g] if m in self._moving]
-        if moving:
-            c += self._moving_products(g, moving, perm)
+        orders = {m: self._order(g, m, perm) for m in moving}
+        c = self._kept_cost(g, moving, orders) if moving else None
+        if c is None:
+            n = self.spec.sizes[g]
+            c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
+            key = f"{g}/{self.sketch}"
+            if key not in self._fixed:  # members no other group touches: their product never changes
+                fixed = [m for m in self.members[g] if m not in self._moving]
+                maps = {m: self._columns(m, self._order(g, m, perm)) for m in fixed}
+                self._fixed[key] = self._sum_products(g, maps) if fixed else None
+            fixed_part = self._fixed[key]
+            if fixed_part is not None:
+                c += fixed_part
+            if moving:
+                c += self._sum_products(g, {m: self._columns(m, orders[m]) for m in moving})
+                self.kept.put(g, self.sketch, c, orders)
         out = c.cpu().numpy()  # float32: the assignment upcasts once, sums run in float64
         if not np.isfinite(out).all():
             raise MatchError(f"cost matrix of group '{g}' is not finite (weights too large?)")
         self.seconds["products"] += time.perf_counter() - t0
         return out
 
-    def _moving_products(self, g: str, moving: list[Member], perm: Permutation) -> torch.Tensor:
-        """The summed products of the members other groups permute: the kept sum, updated by the
-        columns that moved since, or a full recomputation when too many did."""
-        orders = {m: self._order(g, m, perm) for m in moving}
+    def _kept_cost(
+        self, g: str, moving: list[Member], orders: dict[Member, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The group's kept cost, updated by the columns that moved since it was computed; None
+        when it is not kept or too many columns moved (then it is recomputed in full)."""
         kept = self.kept.get(g, self.sketch, self.device)
-        if kept is not None:
-            value, before = kept
-            stale = [m for m in moving if not torch.equal(orders[m], before[m])]
-            maps = {m: self._columns(m, orders[m]) for m in stale}
-            changed = {m: torch.nonzero(maps[m] != self._columns(m, before[m])).squeeze(1) for m in stale}
-            moved = sum(len(s) for s in changed.values())
-            if moved <= UPDATE_SHARE * sum(self._width(m) for m in moving):
-                for m, cols in changed.items():
-                    self._update(value, g, m, cols, maps[m], self._columns(m, before[m]))
-                self.products["reused"] += self._work(g, moving) / self.sketch - self.spec.sizes[g] * moved
-                if stale:
-                    self.kept.put(g, self.sketch, value, orders)
-                return value
-        value = self._sum_products(g, {m: self._columns(m, orders[m]) for m in moving})
-        self.kept.put(g, self.sketch, value, orders)
+        if kept is None:
+            return None
+        value, before = kept
+        stale = [m for m in moving if not torch.equal(orders[m], before[m])]
+        maps = {m: self._columns(m, orders[m]) for m in stale}
+        changed = {m: torch.nonzero(maps[m] != self._columns(m, before[m])).squeeze(1) for m in stale}
+        moved = sum(len(s) for s in changed.values())
+        if moved > UPDATE_SHARE * sum(self._width(m) for m in moving):
+            return None
+        for m, cols in changed.items():
+            self._update(value, g, m, cols, maps[m], self._columns(m, before[m]))
+        self.products["reused"] += self._work(g, moving) / self.sketch - self.spec.sizes[g] * moved
+        if stale:
+            self.kept.put(g, self.sketch, value, orders)
         return value
 
     def _operands(self, g: str, m: Member) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +207,7 @@ class CostModel:
             if sketched:
                 ra = ra.index_select(1, self._sketch_columns(m, ra.shape[1]).to(self.device))
             if sketched or not _is_identity(cols):
-                rb = rb.index_select(1, cols)
+                rb = take(rb, 1, cols)
             with _exact_half_products(ra.dtype, self.device):
                 for lo, hi in _blocks(ra.shape[1], n):
                     c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
@@ -222,9 +226,9 @@ class CostModel:
         a_cols = at if len(new) == ra.shape[1] else self._sketch_columns(m, ra.shape[1]).to(self.device)[at]
         with _exact_half_products(ra.dtype, self.device):
             for lo, hi in _blocks(len(at), n):
-                d = rb.index_select(1, new[at[lo:hi]]).float()
-                d -= rb.index_select(1, old[at[lo:hi]])
-                c.addmm_(ra.index_select(1, a_cols[lo:hi]).float(), d.T, alpha=scale)
+                d = take(rb, 1, new[at[lo:hi]]).float()
+                d -= take(rb, 1, old[at[lo:hi]])
+                c.addmm_(take(ra, 1, a_cols[lo:hi]).float(), d.T, alpha=scale)
                 del d
         self.products["update"] += n * n * len(at)
 
@@ -278,28 +282,31 @@ class CostModel:
 
 
 class ProductCache:
-    """Each group's kept product sum with the column maps it was computed under.
+    """Each group's kept cost with the column orders it was computed under.
 
-    Places are fixed up front: groups ranked by the work their products take per byte of the
-    sum get memory until ``memory_bytes``, the rest scratch files in a temporary folder while
-    the disk keeps :data:`SCRATCH_RESERVE` free; a group with neither is recomputed each time.
-    Scratch files are removed by :meth:`close` (or when the cache is collected)."""
+    When every kept cost fits in ``memory_bytes`` together (small models), they stay in memory;
+    otherwise each goes to a scratch file in a temporary folder (read back from the page cache
+    when it has room), while the disk keeps :data:`SCRATCH_RESERVE` free: long-lived blocks in
+    the heap between the products' short-lived ones would keep it from shrinking. A group with
+    no place is recomputed each time. Scratch files are removed by :meth:`close` (or when the
+    cache is collected)."""
 
     def __init__(self, sizes: Mapping[str, int], work: Mapping[str, float], memory_bytes: int, scratch: bool):
         self._lock = threading.Lock()
         self._items: dict[str, tuple[int, torch.Tensor | Path, dict[Member, torch.Tensor]]] = {}
-        self._buffers: dict[int, torch.Tensor] = {}
         self.place: dict[str, str] = {}
         self._dir: Path | None = None
-        free = _free_scratch() if scratch else 0
-        memory = disk = 0
-        for g in sorted(sizes, key=lambda g: (-work[g] / sizes[g] ** 2, g)):
+        total = sum(4 * n**2 for n in sizes.values())
+        free = 0 if total <= memory_bytes or not scratch else _free_scratch()
+        disk = 0
+        for g in sorted(sizes, key=lambda g: (-work[g] / sizes[g] ** 2, g)):  # most work per byte first
             nbytes = 4 * sizes[g] ** 2
-            if memory + nbytes <= memory_bytes:
-                self.place[g], memory = "memory", memory + nbytes
+            if total <= memory_bytes:
+                self.place[g] = "memory"
             elif disk + nbytes <= free:
                 self.place[g], disk = "scratch", disk + nbytes
-        self.memory_bytes, self.scratch_bytes = memory, disk
+        self.memory_bytes = total if total <= memory_bytes else 0
+        self.scratch_bytes = disk
         self.scratch_read = self.scratch_written = 0
         if disk:
             self._dir = Path(tempfile.mkdtemp(prefix="rebasin-products-"))
@@ -308,30 +315,29 @@ class ProductCache:
     def get(
         self, g: str, sketch: int, device: torch.device
     ) -> tuple[torch.Tensor, dict[Member, torch.Tensor]] | None:
-        """The kept sum (a tensor the caller may change and put back) and its column maps."""
+        """The kept cost (a tensor of its own: the caller may change it and put it back) and the
+        column orders it was computed under."""
         with self._lock:
             item = self._items.get(g)
         if item is None or item[0] != sketch:
             return None
         value = item[1]
         if isinstance(value, Path):
-            # one buffer per size, reused: reads of many sizes would fragment the heap
-            n = math.isqrt(value.stat().st_size // 4)
-            with self._lock:
-                buf = self._buffers.setdefault(n, torch.empty(n, n, dtype=torch.float32))
-            with value.open("rb") as f:
-                f.readinto(buf.numpy())  # type: ignore[arg-type]
-            self.scratch_read += 4 * n * n
-            return buf.to(device), item[2]
-        return value, item[2]
+            arr = np.fromfile(value, dtype=np.float32)
+            self.scratch_read += arr.nbytes
+            n = math.isqrt(arr.size)
+            return torch.from_numpy(arr.reshape(n, n)).to(device), item[2]
+        return value.clone(), item[2]
 
     def put(self, g: str, sketch: int, value: torch.Tensor, maps: dict[Member, torch.Tensor]) -> None:
-        """Keep ``value`` (not to be changed by the caller afterwards) for group ``g``."""
+        """Keep a copy of ``value`` for group ``g`` (in its place, if it has one)."""
         place = self.place.get(g)
         if place is None:
             return
-        kept: torch.Tensor | Path = value
-        if place == "scratch":
+        kept: torch.Tensor | Path
+        if place == "memory":
+            kept = value.clone()
+        else:
             assert self._dir is not None
             kept = self._dir / f"{sorted(self.place).index(g)}.f32"
             arr = value.detach().cpu().numpy()
