@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -244,19 +244,25 @@ class CostModel:
 
     def objective(self, perm: Permutation) -> float:
         """``sum_params <A, pi(B)>`` over the weighed parameters, accumulated in float64."""
+        return self.objectives([perm])[0]
+
+    def objectives(self, perms: Sequence[Permutation]) -> list[float]:
+        """:meth:`objective` of several permutations, reading each tensor once for all."""
         t0 = time.perf_counter()
         self._phase = "objective"
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in perms]
         try:
             for p in self.params:
                 x = self.tensor("a", p).reshape(-1)
-                y = permute_tensor(self.tensor("b", p), self.spec.axes_to_perm[p], perm).reshape(-1)
-                for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
-                    total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
+                tb = self.tensor("b", p)
+                for total, perm in zip(totals, perms, strict=True):
+                    y = permute_tensor(tb, self.spec.axes_to_perm[p], perm).reshape(-1)
+                    for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
+                        total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
         finally:
             self._phase = "products"
         self.seconds["objective"] += time.perf_counter() - t0
-        return float(total)
+        return [float(t) for t in totals]
 
     def profile(self) -> dict[str, float | int]:
         """Where the time and the reads went: seconds and bytes read for the products and the

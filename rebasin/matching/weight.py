@@ -253,8 +253,12 @@ class _Search:
                 run.history.append(last + gain)
                 exact = False
             else:
-                before = last if exact or gain == 0 else self.model.objective(start)
-                value = self.model.objective(run.perm) if gain > 0 else before
+                if gain == 0:
+                    before = value = last
+                elif exact:
+                    before, value = last, self.model.objective(run.perm)
+                else:  # both exact values in one read
+                    before, value = self.model.objectives([start, run.perm])
                 if value <= before:
                     # nothing moved, or gains below the products' rounding: the exact objective
                     # did not rise, so the sweep's moves are undone and the run has converged
