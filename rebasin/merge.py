@@ -121,8 +121,11 @@ _CHUNK = 1 << 20
 def _squared_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """``sum((x - y)^2)`` in float64, a block at a time (bounded memory)."""
     x, y = x.reshape(-1), y.reshape(-1).to(x.device)
+    # two 2-byte floats differ in float32 with no rounding unless 16 binades apart; the squares
+    # are summed in float64 either way
+    wide = torch.float32 if x.element_size() == 2 and y.element_size() == 2 else torch.float64
     total = 0.0
     for i in range(0, x.numel(), _CHUNK):
-        d = x[i : i + _CHUNK].double() - y[i : i + _CHUNK].double()
-        total += float(torch.dot(d, d))
+        d = x[i : i + _CHUNK].to(wide) - y[i : i + _CHUNK].to(wide)
+        total += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     return total

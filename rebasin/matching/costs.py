@@ -257,8 +257,8 @@ class CostModel:
                 tb = self.tensor("b", p)
                 for total, perm in zip(totals, perms, strict=True):
                     y = permute_tensor(tb, self.spec.axes_to_perm[p], perm).reshape(-1)
-                    for i in range(0, x.numel(), _CHUNK):  # float64 a block at a time: bounded memory
-                        total += torch.dot(x[i : i + _CHUNK].double(), y[i : i + _CHUNK].double())
+                    for i in range(0, x.numel(), _CHUNK):  # a block at a time: bounded memory
+                        total += _dot(x[i : i + _CHUNK], y[i : i + _CHUNK])
         finally:
             self._phase = "products"
         self.seconds["objective"] += time.perf_counter() - t0
@@ -369,6 +369,17 @@ def _free_scratch() -> int:
 
 def _is_identity(cols: torch.Tensor) -> bool:
     return bool(torch.equal(cols, torch.arange(len(cols), device=cols.device)))
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``<x, y>`` summed in float64. Products of 2-byte floats are exact in float32 (at most 22
+    significant bits; weights never come near its range's ends), 3x faster than upcasting both
+    to float64 first."""
+    if x.element_size() == 2 and y.element_size() == 2:
+        p = x.float()
+        p.mul_(y)
+        return p.sum(dtype=torch.float64)
+    return torch.dot(x.double(), y.double())
 
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:
