@@ -158,3 +158,25 @@ def test_shards_of_a_point_add_up_to_the_whole(monkeypatch: pytest.MonkeyPatch) 
     for split in ("train", "test"):
         assert sharded.loss[split] == pytest.approx(whole.loss[split], rel=1e-12)
         assert sharded.acc[split] == whole.acc[split]
+
+
+def test_the_pairwise_map_on_ray_matches_the_serial_map(
+    local_ray: None, trained_mlp_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = trained_mlp_pair
+    c = tmp_path / "c.safetensors"
+    c.write_bytes(a.read_bytes())  # a copy of A: its barriers to A are zero, to B those of A
+    args = ["barrier", a, b, c, "--method", "weight", "--alphas", "5", "--json"]
+    code, serial, err = run(*args)
+    assert code == 0, err
+    code, parallel, err = run(*args, "--ray", "local")
+    assert code == 0, err
+    s, p = json.loads(serial)["map"], json.loads(parallel)["map"]
+    for key in ("naive", "aligned"):
+        assert all(
+            same_figure(x, y)
+            for rs, rp in zip(s[key], p[key], strict=True)
+            for x, y in zip(rs, rp, strict=True)
+        )
+    assert s["basins"] == p["basins"]
+    assert s["naive"][0][2] == 0.0 and s["aligned"][0][2] == 0.0

@@ -21,6 +21,7 @@ from rebasin._memory import return_freed_tensors
 from rebasin._version import __version__
 from rebasin.cli.failures import OneLineErrors, handled, on_sigterm
 from rebasin.cli.params import with_options
+from rebasin.core.errors import ConfigError
 from rebasin.options import build_options
 from rebasin.report import render
 
@@ -123,19 +124,35 @@ def merge(
 @handled
 @with_options("barrier")
 def barrier(
-    a: Annotated[Path, typer.Argument(help="Checkpoint A (alpha = 0).")],
-    b: Annotated[Path, typer.Argument(help="Checkpoint B (alpha = 1).")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(help="Checkpoints A (alpha = 0) and B (alpha = 1); three or more: the pairwise map."),
+    ],
     values: dict[str, Any] | None = None,
 ) -> None:
-    """Loss and accuracy along the naive and the aligned interpolation path; both barriers."""
-    from rebasin.commands.pair import barrier_checkpoints
-
+    """Loss and accuracy along the naive and the aligned interpolation path; both barriers. With
+    more than two models, the map of every pair's barriers, grouped into basins."""
     opts = _options("barrier", values)
-    if _dry_run("barrier", opts, [a, b]):
-        return
-    with _progress(opts) as progress:
-        rep = barrier_checkpoints(a, b, opts, progress)
-    _emit(opts, rep, render.barrier_summary)
+    if len(models) < 2:
+        raise ConfigError("barrier takes two checkpoints, or more for the pairwise map")
+    if len(models) == 2:
+        if opts.evaluate.reference is not None:
+            raise ConfigError("--reference applies to three or more models", "drop it, or add models")
+        from rebasin.commands.pair import barrier_checkpoints
+
+        if _dry_run("barrier", opts, models):
+            return
+        with _progress(opts) as progress:
+            rep = barrier_checkpoints(models[0], models[1], opts, progress)
+        _emit(opts, rep, render.barrier_summary)
+    else:
+        from rebasin.commands.barrier_map import barrier_map
+
+        if opts.output.dry_run:
+            raise ConfigError("--dry-run plans one pair", "run it on two of the models")
+        with _progress(opts) as progress:
+            rep = barrier_map(models, opts, progress)
+        _emit(opts, rep, render.map_summary)
     _gate(opts, rep)
 
 

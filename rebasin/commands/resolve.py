@@ -102,7 +102,13 @@ def option_inputs(opts: Options) -> list[Path]:
     """The files a run reads besides its checkpoints, named by options (a spec file, a data file,
     a model's Python file, a config): inputs the output guard protects like the checkpoints."""
     out = []
-    for value in (opts.spec.spec, opts.evaluate.data, opts.model.model, opts.model.config):
+    for value in (
+        opts.spec.spec,
+        opts.evaluate.data,
+        opts.model.model,
+        opts.model.config,
+        opts.evaluate.reference,
+    ):
         if not isinstance(value, str):
             continue
         path = value.split(":", 1)[0] if ".py:" in value else value  # file.py:FACTORY names file.py

@@ -152,6 +152,20 @@ class EvalOptions(Checked):
         "Exit 1 if the aligned test loss barrier exceeds this (batch: for the items that set none).",
         commands=(*ALIGN_COMMANDS, "batch"),
     )
+    reference: str | None = option(
+        None,
+        "More than two models: align each once to this checkpoint and compare pairs in its coordinates.",
+        metavar="PATH",
+        commands=("barrier",),
+        plan=False,
+    )
+    basin_threshold: float = option(
+        0.1,
+        "More than two models: models joined by an aligned test loss barrier below this share a basin.",
+        ge=0.0,
+        commands=("barrier",),
+        plan=False,
+    )
     eval_batch_size: int = option(1000, "Examples per evaluation batch.", ge=1, plan=False)
 
 

@@ -99,7 +99,12 @@ def worse_splits(paths: Mapping[str, Any]) -> list[str]:
 
 def gate_value(report: Mapping[str, Any]) -> float | None:
     """The number ``--max-barrier`` is compared with: the test loss barrier (linear definition)
-    of the aligned path (of the naive path when nothing was aligned)."""
+    of the aligned path (of the naive path when nothing was aligned); for the pairwise map, the
+    largest of its pairs'."""
+    if "map" in report:  # the pairwise map: its largest barrier
+        m = report["map"]
+        matrix = m["aligned"] if m["aligned"] is not None else m["naive"]
+        return max(float(v) for row in matrix for v in row)
     ev = report.get("evaluation")
     if not ev:
         return None

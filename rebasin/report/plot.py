@@ -60,3 +60,51 @@ def plot_curves(
     finally:
         plt.close(fig)
     return [png, svg]
+
+
+def plot_map(pairwise: Mapping[str, Any], path: str | os.PathLike[str]) -> list[Path]:
+    """Heatmaps of the pairwise map (aligned beside naive, one colour scale), basins outlined;
+    write ``path`` (PNG) and the same figure as SVG beside it. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    panels = [("naive", pairwise["naive"])]
+    if pairwise["aligned"] is not None:
+        panels.insert(0, ("aligned", pairwise["aligned"]))
+    n = len(pairwise["models"])
+    top = max([v for _, m in panels for row in m for v in row] + [1e-9])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1, 4.2), constrained_layout=True)
+    axes = list(axes) if len(panels) > 1 else [axes]
+    image = None
+    for ax, (label, matrix) in zip(axes, panels, strict=True):
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=top)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    v = matrix[i][j]
+                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                            color="white" if v < 0.6 * top else "black")  # fmt: skip
+        if label == "aligned" or pairwise["aligned"] is None:
+            for group in pairwise["basins"]:
+                lo, hi = min(group), max(group)
+                if len(group) > 1 and hi - lo + 1 == len(group):  # contiguous: outline the block
+                    ax.add_patch(Rectangle((lo - 0.5, lo - 0.5), hi - lo + 1, hi - lo + 1,
+                                           fill=False, edgecolor="red", linewidth=2))  # fmt: skip
+        ticks = [f"M{k + 1}" for k in range(n)]
+        ax.set_xticks(range(n), ticks)
+        ax.set_yticks(range(n), ticks)
+        ax.set_title(f"{label} {pairwise['measure'].split(' (')[0]}")
+    assert image is not None
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.suptitle(f"pairwise loss barriers of {n} models (basins below {pairwise['basin_threshold']})")
+    png = Path(path)
+    svg = png.with_suffix(".svg")
+    try:
+        write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))
+        write_with(svg, lambda t: fig.savefig(t, format="svg"))
+    finally:
+        plt.close(fig)
+    return [png, svg]

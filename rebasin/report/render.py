@@ -347,6 +347,37 @@ def barrier_summary(report: Mapping[str, Any]) -> None:
         wrote(written)
 
 
+def map_summary(report: Mapping[str, Any]) -> None:
+    """The pairwise map: the models numbered, the aligned (and naive) barrier matrices, the basins."""
+    m = report["map"]
+    names = m["models"]
+    for k, name in enumerate(names):
+        out.print(f"M{k + 1}  {one_line(name)}", soft_wrap=True)
+    shown = (
+        [("aligned", m["aligned"]), ("naive", m["naive"])]
+        if m["aligned"] is not None
+        else [("naive", m["naive"])]
+    )
+    for label, matrix in shown:
+        ref = (
+            f", in the coordinates of {one_line(m['reference'])}"
+            if label == "aligned" and m["reference"]
+            else ""
+        )
+        t = Table(title=f"{label}: {m['measure'].split(' (')[0]}{ref}", title_justify="left")
+        t.add_column("")
+        for k in range(len(names)):
+            t.add_column(f"M{k + 1}", justify="right")
+        for i, row in enumerate(matrix):
+            t.add_row(f"M{i + 1}", *("-" if i == j else f"{v:.4f}" for j, v in enumerate(row)))
+        out.print(t)
+    groups = ", ".join("{" + " ".join(f"M{k + 1}" for k in g) + "}" for g in m["basins"])
+    out.print(f"basins (barrier below {m['basin_threshold']}): {groups}", soft_wrap=True)
+    written = [f for fs in report.get("output", {}).get("files", {}).values() for f in fs]
+    if written:
+        wrote(written)
+
+
 def train_summary(report: Mapping[str, Any]) -> None:
     """One line: what was trained, how well, where it went."""
     m, t = report["metrics"], report["train"]
