@@ -41,6 +41,7 @@ _EXPORTS = {
     "merge_checkpoints": "rebasin.commands",
     "MergeOptions": "rebasin.options",
     "barrier_checkpoints": "rebasin.commands",
+    "barrier_map": "rebasin.commands",
     "RebasinError": "rebasin.core.errors",
 }
 
@@ -55,6 +56,7 @@ __all__ = [
     "__version__",
     "average",
     "barrier_checkpoints",
+    "barrier_map",
     "build_options",
     "compose",
     "dump_spec",
@@ -77,7 +79,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from rebasin.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from rebasin.commands import barrier_checkpoints, merge_checkpoints
+    from rebasin.commands import barrier_checkpoints, barrier_map, merge_checkpoints
     from rebasin.core.errors import RebasinError
     from rebasin.matching import match
     from rebasin.matching.methods import WeightMatching

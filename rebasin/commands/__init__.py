@@ -1,9 +1,10 @@
 """The command stories the command line and the Python API share, each a straight line over one
-resolved run (``resolve``): ``pair`` (merge, barrier), ``single`` (permute, spec, inspect),
-``many`` (merge-many), ``batch`` (plans, on Ray with ``cluster``), ``train`` and ``demo``; the
-stages they are made of (``stages``), their input checks (``inputs``), outputs (``writing``) and
-``--dry-run`` (``dry_run``)."""
+resolved run (``resolve``): ``pair`` (merge, barrier), ``barrier_map`` (the barriers of many),
+``single`` (permute, spec, inspect), ``many`` (merge-many), ``batch`` (plans, on Ray with
+``cluster``), ``train`` and ``demo``; the stages they are made of (``stages``), their input checks
+(``inputs``), outputs (``writing``) and ``--dry-run`` (``dry_run``)."""
 
+from rebasin.commands.barrier_map import barrier_map
 from rebasin.commands.many import merge_many_checkpoints
 from rebasin.commands.pair import barrier_checkpoints, merge_checkpoints
 from rebasin.commands.single import describe_spec, inspect_checkpoint, permute_checkpoint
@@ -15,6 +16,7 @@ __all__ = [
     "MergeOptions",
     "Options",
     "barrier_checkpoints",
+    "barrier_map",
     "build_options",
     "describe_spec",
     "gate",
