@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -85,8 +85,17 @@ class Distances:
     """``||A - B||`` and ``||A - pi(B)||``, gathered while pi(B) is produced tensor by tensor
     (each B tensor is read once for both); :meth:`result` reads what was never produced."""
 
-    def __init__(self, a: Mapping[str, torch.Tensor], b: StateDict, spec: PermutationSpec, perm: Permutation):
-        self.a, self.b, self.spec, self.perm = a, b, spec, perm
+    def __init__(
+        self,
+        a: Mapping[str, torch.Tensor],
+        b: StateDict,
+        spec: PermutationSpec,
+        perm: Permutation,
+        observe: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    ):
+        """``observe(name, a, b, pi_b)``, when given, sees every floating-point tensor the pass
+        reads (``merge --diagnose`` gathers its figures there)."""
+        self.a, self.b, self.spec, self.perm, self.observe = a, b, spec, perm, observe
         self._before: dict[str, float] = {}
         self._after: dict[str, float] = {}
 
@@ -102,6 +111,8 @@ class Distances:
             ta = self.a[key]
             self._before[key] = _squared_distance(ta, tb)
             self._after[key] = _squared_distance(ta, pib)
+            if self.observe is not None:
+                self.observe(key, ta, tb, pib)
         return pib
 
     def result(self) -> dict[str, float]:

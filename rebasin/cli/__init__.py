@@ -158,6 +158,24 @@ def barrier(
 
 @app.command()
 @handled
+@with_options("diagnose")
+def diagnose(
+    a: Annotated[Path, typer.Argument(help="Reference checkpoint A.")],
+    b: Annotated[Path, typer.Argument(help="Checkpoint B, aligned to A.")],
+    values: dict[str, Any] | None = None,
+) -> None:
+    """Where the alignment holds: each weight tensor's top singular directions in A and pi(B),
+    before and after alignment, and (with data) the barrier each layer holds alone."""
+    from rebasin.commands.diagnose import diagnose_checkpoints
+
+    opts = _options("diagnose", values)
+    with _progress(opts) as progress:
+        rep = diagnose_checkpoints(a, b, opts, progress)
+    _emit(opts, rep, render.diagnosis_summary)
+
+
+@app.command()
+@handled
 @with_options("permute", required=("output",))
 def permute(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to permute.")],

@@ -23,6 +23,7 @@ from rebasin.core.types import PathLike, Progress
 from rebasin.options import Options
 from rebasin.permutation import permute
 from rebasin.report.document import input_info, new_report
+from rebasin.report.plot import plot_map
 from rebasin.verify.worker import Check
 
 SPLIT = "test"
@@ -80,8 +81,6 @@ def barrier_map(
     report["timings"] = timings.total()
     with outputs_of(run):  # the plot and the report as one
         if opts.output.plot:
-            from rebasin.report.plot import plot_map
-
             files = plot_map(report["map"], opts.output.plot)
             report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
         return finish(report, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rebasin.commands.diagnose import with_layers
 from rebasin.commands.resolve import resolve_run
 from rebasin.commands.stages import (
     Timings,
@@ -22,6 +23,7 @@ from rebasin.commands.stages import (
 from rebasin.commands.writing import output_metadata, sub_progress, write_checkpoint
 from rebasin.core.sizes import parse_size
 from rebasin.core.types import PathLike, Progress
+from rebasin.evaluate.diagnose import Agreements
 from rebasin.merge import Distances, LastRead, interpolate
 from rebasin.options import Options
 from rebasin.permutation import permute
@@ -55,7 +57,10 @@ def merge_checkpoints(
             timings["match_s"] = round(result.seconds, 4)
             check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
             a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
-            distances = Distances(a_state, b.state, spec, result.perm)
+            seen = (
+                Agreements(spec, a.shapes, opts.evaluate.top_k, run.seed) if opts.evaluate.diagnose else None
+            )
+            distances = Distances(a_state, b.state, spec, result.perm, seen.add if seen else None)
             b_aligned = distances.aligned()  # measures both distances as the merge reads it
             report = pair_report(run, spec, source, frozen, result)
             if run.evaluation is not None:
@@ -88,6 +93,9 @@ def merge_checkpoints(
             report["notes"] = notes
         with timings("distance_s"):  # what the write did not already read
             report["distance"] = distances.result()
+        if seen is not None:  # the agreements came with the write pass; the layers' paths need data
+            with timings("diagnose_s"):
+                report["diagnosis"] = with_layers(seen.result(), seen.k, run, ev, b_aligned, progress)
         report["output"] = {"alpha": alpha, "files": written}
         report["timings"] = timings.total()
         return finish(report, run)

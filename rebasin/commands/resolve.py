@@ -41,7 +41,7 @@ from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recor
 from rebasin.options import Options
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
 
-EVALUATES = ("barrier", "merge")
+EVALUATES = ("barrier", "merge", "diagnose")
 """The commands that measure barrier curves: barrier always, merge when asked (others never)."""
 
 
@@ -87,7 +87,7 @@ def command_outputs(command: str, opts: Options, out: PathLike | None) -> list[O
         main = [checkpoint_output(out, "-o")] if out is not None else []
         permuted = [checkpoint_output(o.save_permuted, "--save-permuted")] if o.save_permuted else []
         return [*main, *permuted, *report]
-    if command == "barrier":
+    if command in ("barrier", "diagnose"):
         return [*([plot_output(o.plot)] if o.plot else []), *report]
     if command in ("permute", "merge-many"):
         if out is None:
@@ -151,7 +151,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     model = choose_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
     if model.ref is not None and model.source != "--model":  # sizes read from a file: bounded
         check_sizes(model.ref.config, model.ref.args, a.shapes, a.name)
-    matcher = opts.matcher if command in ("merge", "barrier") else None
+    matcher = opts.matcher if command in ("merge", "barrier", "diagnose") else None
     evaluation = _evaluation(command, opts, a, model)
     needs = matcher is not None and matcher.needs_data()
     if matcher is not None and needs:
@@ -186,7 +186,7 @@ def _evaluation(command: str, opts: Options, a: Checkpoint, model: ModelChoice) 
     ev = opts.evaluate
     if command not in EVALUATES:
         return None
-    if command == "merge":
+    if command in ("merge", "diagnose"):  # evaluated when asked (or data is recorded)
         asked = ev.data is not None or ev.bn in ("reset", "repair") or ev.max_barrier is not None
         recorded = model.source == "--model" and recorded_data(a.metadata, a.name) is not None
         if not (asked or recorded):

@@ -31,7 +31,7 @@ MATCHERS: Registry[type[Matcher]] = Registry("matching method", builtins=("rebas
 
 M = TypeVar("M", bound="type[Matcher]")
 
-ALIGN = ("merge", "barrier")
+ALIGN = ("merge", "barrier", "diagnose")
 
 DEFAULT_METHOD = "auto"
 """The method commands, batch plans and :func:`rebasin.build_options` use when none is named.

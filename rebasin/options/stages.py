@@ -11,11 +11,22 @@ from rebasin.core.fields import EPOCHS_HELP, LR_HELP, SEED_HELP, Checked, option
 from rebasin.core.sizes import parse_size
 from rebasin.matching.registry import DEFAULT_METHOD, list_matchers
 
-MODEL_COMMANDS = ("merge", "barrier", "permute", "spec")
-ALIGN_COMMANDS = ("merge", "barrier")
-SPEC_COMMANDS = ("merge", "barrier", "permute", "merge-many", "spec")
+MODEL_COMMANDS = ("merge", "barrier", "diagnose", "permute", "spec")
+ALIGN_COMMANDS = ("merge", "barrier", "diagnose")
+SPEC_COMMANDS = ("merge", "barrier", "diagnose", "permute", "merge-many", "spec")
 DRY_RUN_COMMANDS = ("merge", "barrier", "permute", "merge-many", "batch")
-REPORT_COMMANDS = ("merge", "barrier", "permute", "merge-many", "spec", "inspect", "train", "demo", "batch")
+REPORT_COMMANDS = (
+    "merge",
+    "barrier",
+    "diagnose",
+    "permute",
+    "merge-many",
+    "spec",
+    "inspect",
+    "train",
+    "demo",
+    "batch",
+)
 
 
 def _methods() -> list[str]:
@@ -28,11 +39,13 @@ class RunOptions(Checked):
     """Seed, device and where the work runs: shared by every stage that draws random numbers or
     computes."""
 
-    seed: int = option(0, SEED_HELP, ge=0, commands=("merge", "barrier", "permute", "merge-many", "train"))
+    seed: int = option(
+        0, SEED_HELP, ge=0, commands=("merge", "barrier", "diagnose", "permute", "merge-many", "train")
+    )
     device: str = option(
         "cpu",
         "Torch device for cost matrices and model evaluation (cpu, cuda, cuda:1, mps).",
-        commands=("merge", "barrier", "merge-many"),
+        commands=("merge", "barrier", "diagnose", "merge-many"),
     )
     ray: str | None = option(
         None,
@@ -94,7 +107,7 @@ class SpecOptions(Checked):
         (),
         "Keep groups matching this glob fixed (repeatable), e.g. residual or 'layers.*.attn.*'.",
         metavar="GROUP_PATTERN",
-        commands=("merge", "barrier", "merge-many", "permute"),
+        commands=("merge", "barrier", "diagnose", "merge-many", "permute"),
     )
 
 
@@ -108,7 +121,7 @@ class MethodOptions(Checked):
         DEFAULT_METHOD,
         "How to find the permutation (docs/algorithms.md); barrier: none draws the naive path only.",
         choices=_methods,
-        commands=("merge", "barrier"),
+        commands=("merge", "barrier", "diagnose"),
         extra_choices={"barrier": ("none",), "batch": ("none",)},
     )
 
@@ -145,12 +158,12 @@ class EvalOptions(Checked):
         commands=ALIGN_COMMANDS,
     )
     max_train: int | None = option(
-        None, "Use at most N training examples.", ge=1, metavar="N", commands=("barrier",)
+        None, "Use at most N training examples.", ge=1, metavar="N", commands=("barrier", "diagnose")
     )
     max_barrier: float | None = option(
         None,
         "Exit 1 if the aligned test loss barrier exceeds this (batch: for the items that set none).",
-        commands=(*ALIGN_COMMANDS, "batch"),
+        commands=("merge", "barrier", "batch"),
     )
     reference: str | None = option(
         None,
@@ -164,6 +177,20 @@ class EvalOptions(Checked):
         "More than two models: models joined by an aligned test loss barrier below this share a basin.",
         ge=0.0,
         commands=("barrier",),
+        plan=False,
+    )
+    top_k: int = option(
+        8,
+        "diagnose, merge --diagnose: singular directions compared per weight tensor.",
+        ge=1,
+        commands=("diagnose", "merge"),
+        plan=False,
+    )
+    diagnose: bool = option(
+        False,
+        "Also report the agreement of A's and pi(B)'s top singular directions per weight tensor "
+        "(and with data the barrier of each layer alone), as rebasin diagnose does.",
+        commands=("merge",),
         plan=False,
     )
     eval_batch_size: int = option(1000, "Examples per evaluation batch.", ge=1, plan=False)
@@ -193,13 +220,16 @@ class OutputOptions(Checked):
     )
     save_permuted: str | None = option(None, "Also write pi(B) alone.", metavar="PATH", commands=("merge",))
     report: str | None = option(
-        None, "Write the JSON report here.", metavar="PATH", commands=("merge", "barrier", "merge-many")
+        None,
+        "Write the JSON report here.",
+        metavar="PATH",
+        commands=("merge", "barrier", "diagnose", "merge-many"),
     )
     plot: str | None = option(
         None,
-        "Write the curves as PNG (and SVG beside it).",
+        "Write the curves (diagnose: its figure) as PNG (and SVG beside it).",
         metavar="PATH.png",
-        commands=("barrier",),
+        commands=("barrier", "diagnose"),
         plan=False,
     )
     shard_size: str | None = option(
@@ -211,13 +241,13 @@ class OutputOptions(Checked):
     force: bool = option(
         False,
         "Replace existing outputs (never an input).",
-        commands=("merge", "barrier", "permute", "merge-many", "spec", "train", "demo"),
+        commands=("merge", "barrier", "diagnose", "permute", "merge-many", "spec", "train", "demo"),
     )
     no_verify: bool = option(
         False,
         "Skip the check that the permuted model computes what the original computes "
         "(run on a probe batch whenever a model can be built).",
-        commands=("merge", "barrier", "permute", "merge-many"),
+        commands=("merge", "barrier", "diagnose", "permute", "merge-many"),
     )
     dry_run: bool = option(
         False,

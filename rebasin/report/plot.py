@@ -108,3 +108,58 @@ def plot_map(pairwise: Mapping[str, Any], path: str | os.PathLike[str]) -> list[
     finally:
         plt.close(fig)
     return [png, svg]
+
+
+def plot_diagnosis(diagnosis: Mapping[str, Any], path: str | os.PathLike[str]) -> list[Path]:
+    """One figure: per layer, the singular-direction agreement before and after alignment (bars)
+    and, where measured, the barrier the layer holds alone (line, right axis); PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    layers = diagnosis["layers"]
+    xs = list(range(len(layers)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(layers) + 3), 4.2), constrained_layout=True)
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [entry["before"] for entry in layers],
+        0.4,
+        color=COLORS["naive"],
+        label="before",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [entry["after"] for entry in layers],
+        0.4,
+        color=COLORS["aligned"],
+        label="after",
+    )
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"top-{diagnosis['k']} singular-direction agreement")
+    ax.set_xticks(xs, [entry["layer"] for entry in layers], rotation=60, ha="right", fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    if any(entry.get("barrier") is not None for entry in layers):
+        ax2 = ax.twinx()
+        ys = [entry.get("barrier") for entry in layers]
+        ax2.plot(
+            xs,
+            [y if y is not None else float("nan") for y in ys],
+            "o-",
+            color="#d1491f",
+            label="layer barrier",
+        )
+        ax2.set_ylabel("test loss barrier, this layer alone")
+        ax2.set_ylim(bottom=0)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8, loc="upper right")
+    ax.set_title("where the alignment holds, and where the barrier sits")
+    png = Path(path)
+    svg = png.with_suffix(".svg")
+    try:
+        write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))
+        write_with(svg, lambda t: fig.savefig(t, format="svg"))
+    finally:
+        plt.close(fig)
+    return [png, svg]

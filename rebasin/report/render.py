@@ -378,6 +378,36 @@ def map_summary(report: Mapping[str, Any]) -> None:
         wrote(written)
 
 
+def diagnosis_summary(report: Mapping[str, Any]) -> None:
+    """Per weight tensor: the singular-direction agreement before and after alignment; per
+    layer, the barrier it holds alone (with data); then the verification and the files."""
+    d = report["diagnosis"]
+    barriers = {x["layer"]: x.get("barrier") for x in d["layers"]}
+    t = Table(
+        title=f"top-{d['k']} singular directions of A and pi(B) (1 = same subspaces)", title_justify="left"
+    )
+    for col, just in (
+        ("tensor", "left"),
+        ("before", "right"),
+        ("after", "right"),
+        ("layer barrier", "right"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    shown: set[str] = set()
+    for r in d["tensors"]:
+        b = barriers.get(r["layer"])
+        cell = "" if b is None or r["layer"] in shown else f"{b:.4f}"
+        shown.add(r["layer"])
+        t.add_row(
+            one_line(r["tensor"]), f"{r['before']['agreement']:.3f}", f"{r['after']['agreement']:.3f}", cell
+        )
+    out.print(t)
+    checked(report)
+    written = [f for fs in report.get("output", {}).get("files", {}).values() for f in fs]
+    if written:
+        wrote(written)
+
+
 def train_summary(report: Mapping[str, Any]) -> None:
     """One line: what was trained, how well, where it went."""
     m, t = report["metrics"], report["train"]
