@@ -176,6 +176,23 @@ def diagnose(
 
 @app.command()
 @handled
+@with_options("star", required=("output",))
+def star(
+    sources: Annotated[list[Path], typer.Argument(help="The source models the star model connects to.")],
+    values: dict[str, Any] | None = None,
+) -> None:
+    """Train a star model linearly connected, modulo permutations, to every source (Starlight),
+    and report its barriers to them and to held-out models."""
+    from rebasin.commands.star import star_checkpoints
+
+    opts = _options("star", values)
+    with _progress(opts) as progress:
+        rep = star_checkpoints(list(sources), opts.output.output, opts, progress)
+    _emit(opts, rep, render.star_summary)
+
+
+@app.command()
+@handled
 @with_options("permute", required=("output",))
 def permute(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to permute.")],

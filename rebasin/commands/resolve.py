@@ -41,7 +41,7 @@ from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recor
 from rebasin.options import Options
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
 
-EVALUATES = ("barrier", "merge", "diagnose")
+EVALUATES = ("barrier", "merge", "diagnose", "star")
 """The commands that measure barrier curves: barrier always, merge when asked (others never)."""
 
 
@@ -89,6 +89,10 @@ def command_outputs(command: str, opts: Options, out: PathLike | None) -> list[O
         return [*main, *permuted, *report]
     if command in ("barrier", "diagnose"):
         return [*([plot_output(o.plot)] if o.plot else []), *report]
+    if command == "star":
+        if out is None:
+            raise ConfigError("star needs an output path (-o)")
+        return [checkpoint_output(out, "-o"), *report]
     if command in ("permute", "merge-many"):
         if out is None:
             raise ConfigError(f"{command} needs an output path (-o)")
@@ -108,6 +112,7 @@ def option_inputs(opts: Options) -> list[Path]:
         opts.model.model,
         opts.model.config,
         opts.evaluate.reference,
+        None if opts.star.star_init == "random" else opts.star.star_init,
     ):
         if not isinstance(value, str):
             continue

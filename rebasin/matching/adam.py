@@ -22,6 +22,17 @@ class Adam:
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
 
+    def state_dict(self) -> dict[str, object]:
+        """The step count and moments (copies), to resume from."""
+        return {"t": self.t, "m": [m.clone() for m in self.m], "v": [v.clone() for v in self.v]}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state_dict`'s output."""
+        self.t = int(state["t"])  # type: ignore[call-overload]
+        for mine, saved in zip(self.m + self.v, [*state["m"], *state["v"]], strict=True):  # type: ignore[misc]
+            mine.copy_(saved)
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None

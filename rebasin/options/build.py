@@ -20,6 +20,7 @@ from rebasin.options.stages import (
     OutputOptions,
     RunOptions,
     SpecOptions,
+    StarOptions,
     TrainOptions,
 )
 
@@ -72,6 +73,7 @@ class Options:
     merge: MergeOptions = field(default_factory=MergeOptions)
     evaluate: EvalOptions = field(default_factory=EvalOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
+    star: StarOptions = field(default_factory=StarOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     console: ConsoleOptions = field(default_factory=ConsoleOptions)
 
@@ -130,6 +132,7 @@ def build_options(values: Mapping[str, Any], command: str, style: str = "cli") -
         merge=stages["merge"],
         evaluate=stages["evaluate"],
         train=stages["train"],
+        star=stages["star"],
         output=stages["output"],
         console=stages["console"],
     )

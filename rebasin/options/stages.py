@@ -11,14 +11,15 @@ from rebasin.core.fields import EPOCHS_HELP, LR_HELP, SEED_HELP, Checked, option
 from rebasin.core.sizes import parse_size
 from rebasin.matching.registry import DEFAULT_METHOD, list_matchers
 
-MODEL_COMMANDS = ("merge", "barrier", "diagnose", "permute", "spec")
+MODEL_COMMANDS = ("merge", "barrier", "diagnose", "star", "permute", "spec")
 ALIGN_COMMANDS = ("merge", "barrier", "diagnose")
-SPEC_COMMANDS = ("merge", "barrier", "diagnose", "permute", "merge-many", "spec")
+SPEC_COMMANDS = ("merge", "barrier", "diagnose", "star", "permute", "merge-many", "spec")
 DRY_RUN_COMMANDS = ("merge", "barrier", "permute", "merge-many", "batch")
 REPORT_COMMANDS = (
     "merge",
     "barrier",
     "diagnose",
+    "star",
     "permute",
     "merge-many",
     "spec",
@@ -40,12 +41,15 @@ class RunOptions(Checked):
     computes."""
 
     seed: int = option(
-        0, SEED_HELP, ge=0, commands=("merge", "barrier", "diagnose", "permute", "merge-many", "train")
+        0,
+        SEED_HELP,
+        ge=0,
+        commands=("merge", "barrier", "diagnose", "star", "permute", "merge-many", "train"),
     )
     device: str = option(
         "cpu",
         "Torch device for cost matrices and model evaluation (cpu, cuda, cuda:1, mps).",
-        commands=("merge", "barrier", "diagnose", "merge-many"),
+        commands=("merge", "barrier", "diagnose", "star", "merge-many"),
     )
     ray: str | None = option(
         None,
@@ -146,19 +150,21 @@ class EvalOptions(Checked):
         None,
         "mnist1d, digits, synthetic, a .safetensors/.npz file (x and y; input_ids, attention_mask, "
         "labels; pixel_values and labels), or MODULE:FUNCTION (imports and runs that code).",
-        commands=(*ALIGN_COMMANDS, "train"),
+        commands=(*ALIGN_COMMANDS, "star", "train"),
         default_text="A's rebasin.data; train: mnist1d",
         command_defaults={"train": "mnist1d"},
     )
-    alphas: int = option(25, "Points on the interpolation grid.", ge=2, commands=(*ALIGN_COMMANDS, "demo"))
+    alphas: int = option(
+        25, "Points on the interpolation grid.", ge=2, commands=(*ALIGN_COMMANDS, "star", "demo")
+    )
     bn: str = option(
         "auto",
         "BatchNorm handling: auto (reset where the model has BatchNorm), none, reset, repair.",
         choices=("auto", "none", "reset", "repair"),
-        commands=ALIGN_COMMANDS,
+        commands=(*ALIGN_COMMANDS, "star"),
     )
     max_train: int | None = option(
-        None, "Use at most N training examples.", ge=1, metavar="N", commands=("barrier", "diagnose")
+        None, "Use at most N training examples.", ge=1, metavar="N", commands=("barrier", "diagnose", "star")
     )
     max_barrier: float | None = option(
         None,
@@ -215,7 +221,7 @@ class OutputOptions(Checked):
         "Output: a checkpoint (.safetensors, or a directory); demo: the folder for all it writes.",
         short="-o",
         metavar="PATH",
-        commands=("merge", "permute", "merge-many", "spec", "train", "demo"),
+        commands=("merge", "permute", "merge-many", "star", "spec", "train", "demo"),
         command_defaults={"demo": "rebasin-demo"},
     )
     save_permuted: str | None = option(None, "Also write pi(B) alone.", metavar="PATH", commands=("merge",))
@@ -223,7 +229,7 @@ class OutputOptions(Checked):
         None,
         "Write the JSON report here.",
         metavar="PATH",
-        commands=("merge", "barrier", "diagnose", "merge-many"),
+        commands=("merge", "barrier", "diagnose", "star", "merge-many"),
     )
     plot: str | None = option(
         None,
@@ -241,7 +247,7 @@ class OutputOptions(Checked):
     force: bool = option(
         False,
         "Replace existing outputs (never an input).",
-        commands=("merge", "barrier", "diagnose", "permute", "merge-many", "spec", "train", "demo"),
+        commands=("merge", "barrier", "diagnose", "star", "permute", "merge-many", "spec", "train", "demo"),
     )
     no_verify: bool = option(
         False,
@@ -281,6 +287,44 @@ class ConsoleOptions(Checked):
     )
 
 
+@dataclass(frozen=True)
+class StarOptions(Checked):
+    """How ``star`` trains a star model (Starlight): its own names, so no option of another
+    command changes meaning."""
+
+    star_steps: int = option(1000, "Optimizer steps of star training.", ge=0, commands=("star",))
+    refresh: int = option(
+        50,
+        "Steps between re-aligning the sources to the star model (weight matching).",
+        ge=1,
+        commands=("star",),
+    )
+    star_init: str = option(
+        "random",
+        "Where the star model starts: random (the model's initialization, seeded) or a checkpoint.",
+        flag="--init",
+        metavar="PATH|random",
+        commands=("star",),
+    )
+    star_lr: float = option(1e-3, "Adam learning rate of star training.", gt=0.0, commands=("star",))
+    held_out: tuple[str, ...] = option(
+        (),
+        "A model not trained on, whose barrier to the star model is reported (repeatable).",
+        metavar="PATH",
+        commands=("star",),
+    )
+    average: int | None = option(
+        None,
+        "Also evaluate the Bayesian model average of K random points of the star domain.",
+        ge=1,
+        metavar="K",
+        commands=("star",),
+    )
+    resume: bool = option(
+        False, "Continue from the state file kept beside the output (OUT.star-state.pt).", commands=("star",)
+    )
+
+
 STAGES: dict[str, type] = {
     "run": RunOptions,
     "model": ModelOptions,
@@ -289,6 +333,7 @@ STAGES: dict[str, type] = {
     "merge": MergeOptions,
     "evaluate": EvalOptions,
     "train": TrainOptions,
+    "star": StarOptions,
     "output": OutputOptions,
     "console": ConsoleOptions,
 }

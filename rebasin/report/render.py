@@ -408,6 +408,41 @@ def diagnosis_summary(report: Mapping[str, Any]) -> None:
         wrote(written)
 
 
+def star_summary(report: Mapping[str, Any]) -> None:
+    """The star model's barriers to the sources and held-out models beside the sources' pairwise
+    ones; the model average, when measured; the files."""
+    b = report["barriers"]
+    st = report["star"]
+    t = Table(title=f"star model after {st['steps']} steps: {b['measure']}", title_justify="left")
+    for col, just in (("path", "left"), ("naive", "right"), ("aligned", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in b["star_to_sources"]:
+        t.add_row(f"star -> {one_line(r['model'])} (source)", f"{r['naive']:.4f}", f"{r['aligned']:.4f}")
+    for r in b["star_to_held_out"]:
+        t.add_row(f"star -> {one_line(r['model'])} (held out)", f"{r['naive']:.4f}", f"{r['aligned']:.4f}")
+    for r in b["between_sources"]:
+        t.add_row(f"{one_line(r['a'])} -> {one_line(r['b'])}", f"{r['naive']:.4f}", f"{r['aligned']:.4f}")
+    out.print(t)
+    means = b["mean_aligned"]
+    parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items() if v is not None]
+    out.print("mean aligned barrier: " + ", ".join(parts), soft_wrap=True)
+    if "average" in report:
+        a = report["average"]
+        for key, label in (
+            ("star_domain_average", f"star-domain average of {a['points']} points"),
+            ("sources_ensemble", "ensemble of the sources"),
+            ("star_model", "star model alone"),
+        ):
+            m = a[key]
+            out.print(
+                f"{label}: test acc {100 * m['acc']:.1f}%, ECE {m['ece']:.4f}, NLL {m['nll']:.4f}",
+                soft_wrap=True,
+            )
+    written = [f for fs in report.get("output", {}).get("files", {}).values() for f in fs]
+    if written:
+        wrote(written)
+
+
 def train_summary(report: Mapping[str, Any]) -> None:
     """One line: what was trained, how well, where it went."""
     m, t = report["metrics"], report["train"]
