@@ -139,7 +139,14 @@ def _barriers(
     def pair(a: Any, b: Any) -> dict[str, float]:
         perm = match(a, b, spec, method="weight", seed=run.seed).perm
         paths = curves(run, ev, a, b, permute(b, spec, perm), progress)["paths"]
-        return {"naive": _barrier(paths, "naive"), "aligned": _barrier(paths, "aligned")}
+        test = paths["naive"]["loss"]["test"]
+        return {
+            "naive": _barrier(paths, "naive"),
+            "aligned": _barrier(paths, "aligned"),
+            "loss_start": test[0],
+            "loss_end": test[-1],
+            "aligned_midpoint_loss": paths["aligned"]["loss"]["test"][len(test) // 2],
+        }
 
     to_sources = [pair(star, c.state) | {"model": c.name} for c in sources]
     to_held = [pair(star, c.state) | {"model": c.name} for c in held]
