@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    seeds, epochs, steps, alphas = (range(3), 1, 10, 3) if args.quick else (range(6), 20, args.steps, 11)
+    seeds, epochs, steps, alphas = (range(4), 1, 10, 3) if args.quick else (range(6), 20, args.steps, 11)
     arch = {"in_features": 40, "hidden": 256, "depth": 2, "num_classes": 10}
     paths = []
     for seed in seeds:
