@@ -16,19 +16,24 @@ from rebasin.commands.train import train_checkpoint
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    ap.add_argument("--resnet", action="store_true", help="BatchNorm ResNet-20s on the digits images instead")
     ap.add_argument("--out", type=Path, default=Path("rebasin-examples/map"))
     ap.add_argument("--plot", type=Path, default=None, help="write the heatmap here")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds, epochs, alphas = (range(3), 1, 3) if args.quick else (range(5), 20, 11)
-    arch = {"in_features": 40, "hidden": 256, "depth": 2, "num_classes": 10}
+    name, arch, data = "mlp", {"in_features": 40, "hidden": 256, "depth": 2, "num_classes": 10}, "mnist1d"
+    if args.resnet:
+        name, arch, data = "resnet20", {"width": 2, "in_channels": 1, "num_classes": 10}, "digits"
     paths = []
     for seed in seeds:
-        p = args.out / f"mlp_s{seed}.safetensors"
-        train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
+        p = args.out / f"{name}_s{seed}.safetensors"
+        train_checkpoint(
+            name, arch, data, p, seed=seed, epochs=epochs, lr=3e-3 if args.resnet else 1e-3, force=True
+        )
         paths.append(p)
     for reference in (None, str(paths[0])):
-        values = {"data": "mnist1d", "alphas": alphas, "method": "weight", "reference": reference}
+        values = {"data": data, "alphas": alphas, "method": "weight", "reference": reference}
         if args.plot is not None and reference is None:
             values |= {"plot": str(args.plot), "force": True}
         rep = barrier_map(paths, build_options({k: v for k, v in values.items() if v is not None}, "barrier"))

@@ -20,21 +20,26 @@ from rebasin.commands.train import train_checkpoint
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    ap.add_argument("--resnet", action="store_true", help="BatchNorm ResNet-20s on the digits images instead")
     ap.add_argument("--out", type=Path, default=Path("rebasin-examples/diagnose"))
     ap.add_argument("--plot", type=Path, default=None, help="write the first pair's figure here")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds, epochs, alphas = (range(2), 1, 3) if args.quick else (range(5), 20, 11)
-    arch = {"in_features": 40, "hidden": 256, "depth": 3, "num_classes": 10}
+    name, arch, data = "mlp", {"in_features": 40, "hidden": 256, "depth": 3, "num_classes": 10}, "mnist1d"
+    if args.resnet:
+        name, arch, data = "resnet20", {"width": 2, "in_channels": 1, "num_classes": 10}, "digits"
     paths = []
     for seed in seeds:
-        p = args.out / f"mlp_s{seed}.safetensors"
-        train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
+        p = args.out / f"{name}_s{seed}.safetensors"
+        train_checkpoint(
+            name, arch, data, p, seed=seed, epochs=epochs, lr=3e-3 if args.resnet else 1e-3, force=True
+        )
         paths.append(p)
     points = []
     print(f"{'pair':<8} {'layer':<7} {'before':>7} {'after':>7} {'layer barrier':>14} {'whole path':>11}")
     for j in range(1, len(paths)):
-        values = {"data": "mnist1d", "alphas": alphas, "method": "weight"}
+        values = {"data": data, "alphas": alphas, "method": "weight"}
         if args.plot is not None and j == 1:
             values |= {"plot": str(args.plot), "force": True}
         d = diagnose_checkpoints(paths[0], paths[j], build_options(values, "diagnose"))["diagnosis"]

@@ -18,20 +18,25 @@ from rebasin.commands.train import train_checkpoint
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    ap.add_argument("--resnet", action="store_true", help="BatchNorm ResNet-20s on the digits images instead")
     ap.add_argument("--out", type=Path, default=Path("rebasin-examples/star"))
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds, epochs, steps, alphas = (range(4), 1, 10, 3) if args.quick else (range(6), 20, args.steps, 11)
-    arch = {"in_features": 40, "hidden": 256, "depth": 2, "num_classes": 10}
+    name, arch, data = "mlp", {"in_features": 40, "hidden": 256, "depth": 2, "num_classes": 10}, "mnist1d"
+    if args.resnet:
+        name, arch, data = "resnet20", {"width": 2, "in_channels": 1, "num_classes": 10}, "digits"
     paths = []
     for seed in seeds:
-        p = args.out / f"mlp_s{seed}.safetensors"
-        train_checkpoint("mlp", arch, "mnist1d", p, seed=seed, epochs=epochs, force=True)
+        p = args.out / f"{name}_s{seed}.safetensors"
+        train_checkpoint(
+            name, arch, data, p, seed=seed, epochs=epochs, lr=3e-3 if args.resnet else 1e-3, force=True
+        )
         paths.append(p)
     sources, held = paths[:-2], paths[-2:]
     values = {
-        "data": "mnist1d",
+        "data": data,
         "alphas": alphas,
         "star_steps": steps,
         "refresh": 50,

@@ -107,3 +107,31 @@ def test_report_lists_sources_held_out_and_pairs(
     if extra:
         assert set(rep["average"]) == {"points", "star_domain_average", "sources_ensemble", "star_model"}
         assert 0.0 <= rep["average"]["star_domain_average"]["ece"] <= 1.0
+
+
+def test_with_one_source_training_walks_the_path_to_it(trained_mlp_pair: tuple[Path, Path]) -> None:
+    """Each step's loss is the task loss at a point of the segment from the star model to the
+    aligned source: replayed independently, the first step's point gives the same loss."""
+    import numpy as np
+
+    from rebasin.permutation import permute
+
+    source = dict(load_checkpoint(trained_mlp_pair[1]).state)
+    spec = infer_spec(source)
+    args = {"in_features": 40, "hidden": 128, "depth": 2, "num_classes": 10}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)
+    loss, _ = task_loss_fns(lambda: build_model("mlp", **args), source, x, y, batch_size=32)
+    torch.manual_seed(9)
+    init = build_model("mlp", **args).state_dict()
+
+    def align(star, src):
+        return match(star, src, spec).perm
+
+    _, losses = train_star(init, [source], spec, loss, align, StarConfig(1, 1, 1e-3, 4))
+    rng = np.random.default_rng(4)
+    assert int(rng.integers(1)) == 0
+    alpha = float(rng.random())
+    aligned = permute(source, spec, align(init, source))
+    point = {k: (1 - alpha) * v.float() + alpha * aligned[k].float() for k, v in init.items()}
+    assert losses[0] == float(loss(point, 0))
