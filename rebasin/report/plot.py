@@ -51,15 +51,7 @@ def plot_curves(
     bn = evaluation.get("bn", "none")
     model = evaluation.get("model", {}).get("name", "")
     fig.suptitle(title or f"linear mode connectivity: {model} on {data} (BatchNorm: {bn})")
-    png = Path(path)
-    svg = png.with_suffix(".svg")
-
-    try:
-        write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))
-        write_with(svg, lambda t: fig.savefig(t, format="svg"))
-    finally:
-        plt.close(fig)
-    return [png, svg]
+    return _save(fig, path)
 
 
 def plot_map(pairwise: Mapping[str, Any], path: str | os.PathLike[str]) -> list[Path]:
@@ -100,14 +92,7 @@ def plot_map(pairwise: Mapping[str, Any], path: str | os.PathLike[str]) -> list[
     assert image is not None
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle(f"pairwise loss barriers of {n} models (basins below {pairwise['basin_threshold']})")
-    png = Path(path)
-    svg = png.with_suffix(".svg")
-    try:
-        write_with(png, lambda t: fig.savefig(t, dpi=120, format="png"))
-        write_with(svg, lambda t: fig.savefig(t, format="svg"))
-    finally:
-        plt.close(fig)
-    return [png, svg]
+    return _save(fig, path)
 
 
 def plot_diagnosis(diagnosis: Mapping[str, Any], path: str | os.PathLike[str]) -> list[Path]:
@@ -155,6 +140,13 @@ def plot_diagnosis(diagnosis: Mapping[str, Any], path: str | os.PathLike[str]) -
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     ax.set_title("where the alignment holds, and where the barrier sits")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> list[Path]:
+    """Write the figure to ``path`` (PNG) and as SVG beside it, each atomically; close it."""
+    import matplotlib.pyplot as plt
+
     png = Path(path)
     svg = png.with_suffix(".svg")
     try:
