@@ -18,6 +18,7 @@ read, decomposed and dropped one at a time; large matrices take a seeded randomi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -61,8 +62,13 @@ def agreement(a: torch.Tensor, b: torch.Tensor, k: int, seed: int = 0) -> dict[s
 
 
 def weight_tensors(spec: PermutationSpec, shapes: Mapping[str, Sequence[int]]) -> list[str]:
-    """The permuted tensors with two or more axes, in the spec's order."""
-    return [p for p in spec.axes_to_perm if len(shapes[p]) >= 2 and min(shapes[p]) > 1]
+    """The permuted tensors that are matrices with one row per output unit (two or more axes,
+    more than one row and one column: 1x1 convolutions count, vectors do not), in spec order."""
+    return [
+        p
+        for p in spec.axes_to_perm
+        if len(shapes[p]) >= 2 and shapes[p][0] > 1 and math.prod(shapes[p][1:]) > 1
+    ]
 
 
 def layer_of(name: str) -> str:
