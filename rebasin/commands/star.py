@@ -112,7 +112,16 @@ def _init(init: str, ev: Any, a: Any, seed: int) -> dict[str, torch.Tensor]:
     if init == "random":  # its own seed stream: not the initialization of a source trained with --seed
         torch.manual_seed(seed * 7919 + 104729)
         model = ev.make_model()
-        return {k: v.detach().to(a.state[k].dtype) for k, v in model.state_dict().items() if k in a.state}
+        if hasattr(model, "init_weights"):  # Hugging Face models are built uninitialized, to be loaded
+            model.init_weights()
+        own = {k: v.detach() for k, v in model.state_dict().items()}
+        missing = sorted(set(a.state) - set(own))
+        if missing:
+            raise ConfigError(
+                f"--init random: the model has no tensor '{missing[0]}' of the sources",
+                "start from a checkpoint: --init PATH",
+            )
+        return {k: own[k].to(a.state[k].dtype) for k in a.state}
     ck = load_checkpoint(init)
     missing = sorted(set(a.state) - set(ck.state))
     if missing:

@@ -135,3 +135,42 @@ def test_with_one_source_training_walks_the_path_to_it(trained_mlp_pair: tuple[P
     aligned = permute(source, spec, align(init, source))
     point = {k: (1 - alpha) * v.float() + alpha * aligned[k].float() for k, v in init.items()}
     assert losses[0] == float(loss(point, 0))
+
+
+def test_a_star_language_model_loads_in_transformers(tmp_path: Path) -> None:
+    """Hugging Face sources: the random init is a properly initialized model (they are built
+    uninitialized for loading), and the star model loads with the model's own library."""
+    import numpy as np
+    import transformers
+    from helpers import tiny
+
+    folders = []
+    for i in (0, 1):
+        tiny("gpt2", i).save_pretrained(tmp_path / f"lm{i}")
+        folders.append(tmp_path / f"lm{i}")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (96, 16), generator=g).numpy()
+    tokens = tmp_path / "tokens.npz"
+    np.savez(tokens, input_ids=ids[:64], input_ids_test=ids[64:])
+    out = tmp_path / "star"
+    code, stdout, err = run(
+        "star",
+        *folders,
+        "-o",
+        out,
+        "--data",
+        tokens,
+        "--star-steps",
+        "5",
+        "--refresh",
+        "5",
+        "--alphas",
+        "3",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["star"]["loss_last"] is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids[64:])).logits
+    assert bool(torch.isfinite(logits).all())
