@@ -17,7 +17,7 @@ from typing import Any
 from rebasin.commands.cluster import connect
 from rebasin.commands.pair import barrier_checkpoints
 from rebasin.commands.resolve import resolve_run
-from rebasin.commands.stages import Timings, align, curves, evaluator, finish, outputs_of, run_spec
+from rebasin.commands.stages import Timings, align, curves, evaluator, finish_with_plot, run_spec
 from rebasin.core.errors import ConfigError
 from rebasin.core.types import PathLike, Progress
 from rebasin.options import Options
@@ -79,11 +79,7 @@ def barrier_map(
     }
     report["pairs"] = sorted(rows, key=lambda r: (r["i"], r["j"]))
     report["timings"] = timings.total()
-    with outputs_of(run):  # the plot and the report as one
-        if opts.output.plot:
-            files = plot_map(report["map"], opts.output.plot)
-            report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
-        return finish(report, run)
+    return finish_with_plot(report, run, lambda path: plot_map(report["map"], path))
 
 
 def basins(matrix: Sequence[Sequence[float]], threshold: float) -> list[list[int]]:

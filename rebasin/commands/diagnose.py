@@ -12,9 +12,8 @@ from rebasin.commands.stages import (
     Timings,
     align,
     evaluator,
-    finish,
+    finish_with_plot,
     output_group_note,
-    outputs_of,
     pair_report,
     run_spec,
 )
@@ -46,11 +45,7 @@ def diagnose_checkpoints(
     with timings("diagnose_s"):
         report["diagnosis"] = diagnose(run, spec, result.perm, ev, progress)
     report["timings"] = timings.total()
-    with outputs_of(run):  # the plot and the report as one
-        if opts.output.plot:
-            files = plot_diagnosis(report["diagnosis"], opts.output.plot)
-            report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
-        return finish(report, run)
+    return finish_with_plot(report, run, lambda path: plot_diagnosis(report["diagnosis"], path))
 
 
 def diagnose(run: Any, spec: Any, perm: Any, ev: Any, progress: Progress | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from rebasin.commands.stages import (
     curves,
     evaluator,
     finish,
+    finish_with_plot,
     output_group_note,
     outputs_of,
     pair_report,
@@ -127,8 +128,4 @@ def barrier_checkpoints(
         report["method"] = {"name": "none"}
     report["evaluation"] = curves(run, ev, a.state, b.state, b_aligned, progress)
     report["timings"] = timings.total()
-    with outputs_of(run):  # the plot and the report as one
-        if opts.output.plot:
-            files = plot_curves(report["evaluation"], opts.output.plot)
-            report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
-        return finish(report, run)
+    return finish_with_plot(report, run, lambda path: plot_curves(report["evaluation"], path))

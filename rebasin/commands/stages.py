@@ -4,8 +4,9 @@ the evaluator, the matching, the curves, the report's shared sections."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rebasin.checkpoint.atomic import Replaced
@@ -146,6 +147,15 @@ def finish(report: dict[str, Any], run: Run) -> dict[str, Any]:
                 source=str(path),
             ) from None
     return report
+
+
+def finish_with_plot(report: dict[str, Any], run: Run, draw: Callable[[str], list[Path]]) -> dict[str, Any]:
+    """The plot (``--plot``: ``draw(path)`` writes it) and the report, as one output."""
+    with outputs_of(run):
+        if run.options.output.plot:
+            files = draw(run.options.output.plot)
+            report.setdefault("output", {}).setdefault("files", {})["plot"] = [str(f) for f in files]
+        return finish(report, run)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rebasin.checkpoint.state import shape_of
 from rebasin.core.types import Permutation, Progress
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import PermutationSpec
@@ -82,8 +83,8 @@ class Agreements:
 
     def __init__(self, spec: PermutationSpec, shapes: Mapping[str, Sequence[int]], k: int, seed: int = 0):
         self.k, self.seed = k, seed
-        self.wanted = set(weight_tensors(spec, shapes))
         self.order = weight_tensors(spec, shapes)
+        self.wanted = set(self.order)
         self.rows: dict[str, dict[str, Any]] = {}
 
     def add(self, name: str, a: torch.Tensor, b: torch.Tensor, pib: torch.Tensor) -> None:
@@ -111,7 +112,7 @@ def gather(
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """:class:`Agreements` over every weight tensor, reading one tensor of each model at a time."""
-    shapes = {p: tuple(a[p].shape) for p in spec.axes_to_perm}
+    shapes = {p: shape_of(a, p) for p in spec.axes_to_perm}  # from headers: no extra read
     acc = Agreements(spec, shapes, k, seed)
     names = acc.order
     for i, p in enumerate(names):
