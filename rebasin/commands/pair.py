@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rebasin.commands.diagnose import with_layers
+from rebasin.commands.pleas import pleas_checkpoints
 from rebasin.commands.resolve import resolve_run
 from rebasin.commands.stages import (
     Timings,
@@ -27,6 +28,7 @@ from rebasin.core.types import PathLike, Progress
 from rebasin.evaluate.diagnose import Agreements
 from rebasin.merge import Distances, LastRead, interpolate
 from rebasin.options import Options
+from rebasin.options.build import PLEAS
 from rebasin.permutation import permute
 from rebasin.report.document import input_info, new_report
 from rebasin.report.plot import plot_curves
@@ -44,6 +46,8 @@ def merge_checkpoints(
     With evaluation options, also measure the naive and aligned paths and apply the BatchNorm mode
     (reset or REPAIR) to the merged checkpoint."""
     opts = options or Options()
+    if opts.method == PLEAS:  # a new model of another width, not an alignment
+        return pleas_checkpoints(a_path, b_path, out, opts, progress)
     out = out if out is not None else opts.output.output
     timings = Timings()
     with timings("load_s"):

@@ -37,6 +37,7 @@ from rebasin.core.errors import ConfigError
 from rebasin.core.types import PathLike
 from rebasin.evaluate.setup import NO_DATA, DataPlan, EvalPlan
 from rebasin.matching.registry import Matcher
+from rebasin.models.reshape import check_recorded
 from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recorded_data
 from rebasin.options import Options
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
@@ -112,6 +113,8 @@ def option_inputs(opts: Options) -> list[Path]:
         opts.model.model,
         opts.model.config,
         opts.evaluate.reference,
+        opts.pleas.data_b,
+        opts.pleas.data_free,
         None if opts.star.star_init == "random" else opts.star.star_init,
     ):
         if not isinstance(value, str):
@@ -156,6 +159,7 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     model = choose_model(opts.model.model, opts.model.model_args, a.metadata, a.name, a.config)
     if model.ref is not None and model.source != "--model":  # sizes read from a file: bounded
         check_sizes(model.ref.config, model.ref.args, a.shapes, a.name)
+        check_recorded(model.ref.shapes, a.shapes, a.name)
     matcher = opts.matcher if command in ("merge", "barrier", "diagnose") else None
     evaluation = _evaluation(command, opts, a, model)
     needs = matcher is not None and matcher.needs_data()

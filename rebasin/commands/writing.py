@@ -3,8 +3,9 @@ folders keep their config and tokenizer files; tied heads are stored once)."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ import torch
 
 from rebasin._version import __version__
 from rebasin.checkpoint import Checkpoint, LazyStateDict, copy_model_files, save_checkpoint
+from rebasin.checkpoint.atomic import file_mode
 from rebasin.checkpoint.state import info_of
+from rebasin.core.errors import ConfigError
 from rebasin.core.types import Progress
 from rebasin.models.resolve import trusted_records
 
@@ -37,15 +40,33 @@ def write_checkpoint(
     shard: int | None,
     progress: Callable[[int, int], None] | None = None,
     gate: Callable[[], object] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``state`` like the input ``like``: into a directory, a Hugging Face input's
-    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it.
+    config, tokenizer and other non-weight files come along, so ``from_pretrained`` loads it
+    (``config``: the output's own config.json instead of the input's).
     ``gate()`` runs before the output is put in place (see ``save_checkpoint``)."""
     if like.config is not None:
         state = _untie(state, like)
     src = like.model_dir
-    extra = (lambda staged: copy_model_files(src, staged)) if src is not None else None
-    return save_checkpoint(state, out, meta, shard_size=shard, progress=progress, extra=extra, gate=gate)
+    if config is not None and (src is None or Path(out).suffix):
+        raise ConfigError(
+            "the output's config.json changes (its widths): write it to a folder",
+            "pass -o DIR",
+            source=str(out),
+        )
+
+    def extra(staged: Path) -> list[str]:
+        assert src is not None
+        names = copy_model_files(src, staged)
+        if config is not None:
+            (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.chmod(staged / "config.json", file_mode())
+            names = sorted({*names, "config.json"})
+        return names
+
+    files = extra if src is not None else None
+    return save_checkpoint(state, out, meta, shard_size=shard, progress=progress, extra=files, gate=gate)
 
 
 _TIED = (

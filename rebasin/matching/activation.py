@@ -58,17 +58,15 @@ class _Moments:
 OBJECTIVE = "summed correlation of matched units"
 
 
-def activation_matching(
+def correlations(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
     spec: PermutationSpec,
     features: Features,
-    backend: str = "auto",
     progress: Progress | None = None,
-) -> MatchResult:
-    """Permutation of ``b``'s units maximizing their correlation with ``a``'s, per group."""
-    backend = resolve_backend(backend)
-    t0 = time.perf_counter()
+) -> tuple[dict[str, np.ndarray], int]:
+    """Per group, the Pearson correlation of A's units (rows) with B's (columns) over the data,
+    and the number of batches; groups no module outputs are absent."""
     moments = {g: _Moments(n) for g, n in spec.sizes.items()}
     batches = 0
     for fa, fb in zip(features(a), features(b), strict=True):
@@ -82,8 +80,38 @@ def activation_matching(
         batches += 1
         if progress:
             progress("collecting activations", batches, batches)
-    # a unit (tied head groups) is activation-matched only when every group in it has taps
-    missing = {g for g, m in moments.items() if m.count == 0}
+    return {g: m.correlation() for g, m in moments.items() if m.count}, batches
+
+
+def activation_matching(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    features: Features,
+    backend: str = "auto",
+    progress: Progress | None = None,
+) -> MatchResult:
+    """Permutation of ``b``'s units maximizing their correlation with ``a``'s, per group."""
+    t0 = time.perf_counter()
+    costs, batches = correlations(a, b, spec, features, progress)
+    return assign_correlations(a, b, spec, costs, backend, {"batches": batches}, t0)
+
+
+def assign_correlations(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    costs: Mapping[str, np.ndarray],
+    backend: str = "auto",
+    options: Mapping[str, object] | None = None,
+    t0: float | None = None,
+) -> MatchResult:
+    """The permutation that maximizes each group's summed correlation (one assignment per
+    group); a unit (tied head groups) is activation-matched only when every group in it has
+    correlations, the rest by weight matching with the matched groups held."""
+    backend = resolve_backend(backend)
+    t0 = time.perf_counter() if t0 is None else t0
+    missing = {g for g in spec.sizes if g not in costs}
     by_weights = {g for unit in spec.units if not missing.isdisjoint(unit) for g in unit}
     if len(by_weights) == len(spec.sizes):
         raise MatchError(
@@ -91,7 +119,7 @@ def activation_matching(
             "use --method weight, sinkhorn or ste"
         )
     perm, groups = {}, {}
-    costs = {g: m.correlation() for g, m in moments.items() if g not in by_weights}
+    costs = {g: c for g, c in costs.items() if g not in by_weights}
     solved = solve_groups(costs, spec, backend)
     for g, c in costs.items():
         p = solved[g]
@@ -115,6 +143,6 @@ def activation_matching(
         groups=groups,
         objective_name=OBJECTIVE,
         maximize=True,
-        options={"backend": backend, "batches": batches, "weight_matched": sorted(by_weights)},
+        options={"backend": backend, **(options or {}), "weight_matched": sorted(by_weights)},
         seconds=time.perf_counter() - t0,
     )

@@ -22,6 +22,7 @@ from rebasin.core.fields import parse_json_object
 from rebasin.core.usercode import brief, call_user, import_object, is_code_ref
 from rebasin.data import list_data
 from rebasin.models.registry import build_model, list_models
+from rebasin.models.reshape import SHAPES_KEY, recorded_shapes, resize_modules
 
 ARCH_KEY = "rebasin.arch"
 ARGS_KEY = "rebasin.arch_args"
@@ -36,6 +37,8 @@ class ModelRef:
     args: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     """A Hugging Face config.json: the model is built from it (``name`` is ``hf:ARCHITECTURE``)."""
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Tensors built at another shape than the factory gives them (a widening merge's record)."""
 
     def build(self) -> nn.Module:
         """A fresh model."""
@@ -59,6 +62,9 @@ class ModelRef:
             raise ConfigError(
                 f"the model factory '{self.name}' returned a {type(model).__name__}, not a torch.nn.Module"
             )
+        if self.shapes:
+            shapes = dict(self.shapes)
+            return lambda: resize_modules(call_user(self.name, "the model factory", fn, **args), shapes)
         return lambda: call_user(self.name, "the model factory", fn, **args)
 
     def metadata(self) -> dict[str, str]:
@@ -66,7 +72,10 @@ class ModelRef:
         built-in models (a file never names code to import; see :func:`trusted_records`)."""
         if self.name not in list_models():
             return {}
-        return {ARCH_KEY: self.name, ARGS_KEY: json.dumps(self.args, sort_keys=True)}
+        out = {ARCH_KEY: self.name, ARGS_KEY: json.dumps(self.args, sort_keys=True)}
+        if self.shapes:
+            out[SHAPES_KEY] = json.dumps({k: list(v) for k, v in self.shapes}, sort_keys=True)
+        return out
 
 
 CODE_HINT = "rebasin never imports code a file names; if you trust it, pass it yourself: {flag} {name}"
@@ -116,7 +125,7 @@ def recorded_data(metadata: Mapping[str, str], source: str) -> str | None:
 def trusted_records(metadata: Mapping[str, str]) -> dict[str, str]:
     """The architecture and data records of ``metadata`` that later commands may use (built-in
     names only): what outputs carry forward, so a refused record never spreads."""
-    keys = [ARCH_KEY, ARGS_KEY] if _built_in(metadata, ARCH_KEY) else []
+    keys = [ARCH_KEY, ARGS_KEY, SHAPES_KEY] if _built_in(metadata, ARCH_KEY) else []
     keys += [DATA_KEY] if _built_in(metadata, DATA_KEY) else []
     return {k: metadata[k] for k in keys if k in metadata}
 
@@ -137,14 +146,15 @@ def resolve_model(
     """The model to use: the ``--model`` given, else the architecture recorded in ``metadata``,
     else the Hugging Face ``config`` found beside the weights."""
     args = parse_model_args(model_args) if isinstance(model_args, str | type(None)) else dict(model_args)
+    shapes = tuple(sorted(recorded_shapes(metadata).items()))
     if model:
-        ref = ModelRef(model, args)
+        ref = ModelRef(model, args, shapes=shapes)
     elif ARCH_KEY not in metadata and config is not None:
         arch = (config.get("architectures") or [str(config.get("model_type", "model"))])[0]
         return ModelRef(f"hf:{arch}", {}, dict(config))
     elif ARCH_KEY in metadata:
         name, recorded = recorded_arch(metadata, source) or ("", {})
-        ref = ModelRef(name, {**recorded, **args})
+        ref = ModelRef(name, {**recorded, **args}, shapes=shapes)
     else:
         raise ConfigError(
             "no model definition: the checkpoint records no architecture",

@@ -18,6 +18,7 @@ from rebasin.options.stages import (
     MethodOptions,
     ModelOptions,
     OutputOptions,
+    PleasOptions,
     RunOptions,
     SpecOptions,
     StarOptions,
@@ -26,6 +27,10 @@ from rebasin.options.stages import (
 
 NO_ALIGNMENT = "none"
 """The ``--method`` value that aligns nothing (``barrier``, plan items that measure a barrier)."""
+PLEAS = "pleas"
+"""The ``merge --method`` that makes a new model of another width (not a matcher)."""
+PLEAS_MATCHER = "activation"
+"""How a PLeaS merge matches the units before it chooses which to merge."""
 
 
 def all_options() -> list[OptionInfo]:
@@ -71,6 +76,7 @@ class Options:
     match: Matcher | None = None
     """The configured matcher; None: the method's defaults (none at all for ``none``)."""
     merge: MergeOptions = field(default_factory=MergeOptions)
+    pleas: PleasOptions = field(default_factory=PleasOptions)
     evaluate: EvalOptions = field(default_factory=EvalOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     star: StarOptions = field(default_factory=StarOptions)
@@ -78,7 +84,7 @@ class Options:
     console: ConsoleOptions = field(default_factory=ConsoleOptions)
 
     def __post_init__(self) -> None:
-        if self.match is not None:  # a configured matcher names its method
+        if self.match is not None and self.method != PLEAS:  # a configured matcher names its method
             object.__setattr__(self, "method", self.match.name)
 
     @property
@@ -92,7 +98,9 @@ class Options:
         alignment."""
         if not self.align:
             return None
-        return self.match if self.match is not None else make_matcher(self.method, {})
+        if self.match is not None:
+            return self.match
+        return make_matcher(PLEAS_MATCHER if self.method == PLEAS else self.method, {})
 
 
 def build_options(values: Mapping[str, Any], command: str, style: str = "cli") -> Options:
@@ -122,7 +130,11 @@ def build_options(values: Mapping[str, Any], command: str, style: str = "cli") -
             raise ConfigError(f"{info.label(style)} does not apply to method '{NO_ALIGNMENT}' (no alignment)")
         matcher = None
     else:
-        matcher = make_matcher(method, given, style)
+        matcher = make_matcher(PLEAS_MATCHER if method == PLEAS else method, given, style)
+    if method != PLEAS:
+        for info in options_of(PleasOptions, "pleas"):
+            if getattr(stages["pleas"], info.name) != info.default:
+                raise ConfigError(f"{info.label(style)} applies to --method pleas only")
     return Options(
         run=stages["run"],
         model=stages["model"],
@@ -130,6 +142,7 @@ def build_options(values: Mapping[str, Any], command: str, style: str = "cli") -
         method=method,
         match=matcher,
         merge=stages["merge"],
+        pleas=stages["pleas"],
         evaluate=stages["evaluate"],
         train=stages["train"],
         star=stages["star"],

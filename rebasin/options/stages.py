@@ -126,7 +126,7 @@ class MethodOptions(Checked):
         "How to find the permutation (docs/algorithms.md); barrier: none draws the naive path only.",
         choices=_methods,
         commands=("merge", "barrier", "diagnose"),
-        extra_choices={"barrier": ("none",), "batch": ("none",)},
+        extra_choices={"barrier": ("none",), "batch": ("none",), "merge": ("pleas",)},
     )
 
 
@@ -139,6 +139,58 @@ class MergeOptions(Checked):
     )
     max_rounds: int = option(
         20, "Most MergeMany rounds over all models.", ge=1, commands=("merge-many",), plan=False
+    )
+
+
+@dataclass(frozen=True)
+class PleasOptions(Checked):
+    """A PLeaS merge (``merge --method pleas``): a new model of a chosen width from A and B,
+    partially matched and refitted layer by layer by least squares."""
+
+    width: float | None = option(
+        None,
+        "--method pleas: merged width as a multiple of A's, for every group PLeaS widens "
+        "(1.0: every unit merged; 2.0: none, the ensemble).",
+        ge=1.0,
+        le=2.0,
+        commands=("merge",),
+        default_text="1.5",
+    )
+    group_width: tuple[str, ...] = option(
+        (),
+        "--method pleas: the width of the groups matching GROUP (a glob, as --freeze takes); "
+        "repeatable; a transformer's residual stream widens only when named.",
+        metavar="GROUP=W",
+        commands=("merge",),
+    )
+    budget_params: int | None = option(
+        None,
+        "--method pleas: pick the widest uniform width whose merged model has at most N parameters "
+        "(instead of --width).",
+        ge=1,
+        metavar="N",
+        commands=("merge",),
+    )
+    task_heads: str = option(
+        "shared",
+        "--method pleas: shared (one label space: the logits are merged) or separate (both "
+        "classifier heads kept: the merged model returns A's task's logits, then B's).",
+        choices=("shared", "separate"),
+        commands=("merge",),
+    )
+    data_b: str | None = option(
+        None,
+        "--method pleas: B's task's data (as --data takes); the features come from both data sets.",
+        metavar="DATA",
+        commands=("merge",),
+        default_text="--data",
+    )
+    data_free: str | None = option(
+        None,
+        "--method pleas: take the features for matching and least squares from this data's inputs "
+        "instead of the tasks' (the data-free variant); --data then only evaluates.",
+        metavar="SOURCE",
+        commands=("merge",),
     )
 
 
@@ -331,6 +383,7 @@ STAGES: dict[str, type] = {
     "spec": SpecOptions,
     "method": MethodOptions,
     "merge": MergeOptions,
+    "pleas": PleasOptions,
     "evaluate": EvalOptions,
     "train": TrainOptions,
     "star": StarOptions,

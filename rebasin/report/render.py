@@ -94,6 +94,9 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def merge_summary(report: Mapping[str, Any]) -> None:
     """Tables for a merge: inputs, groups (objective before/after, units moved), distances."""
+    if "pleas" in report:
+        pleas_summary(report)
+        return
     m = report["match"]
     spec = report["spec"]
     t = Table(
@@ -137,6 +140,39 @@ def merge_summary(report: Mapping[str, Any]) -> None:
     err.print(f"groups moved: {moved} of {len(m['groups'])}{kept}", soft_wrap=True)
     for note in spec.get("notes", []):
         err.print(f"note: {note}", soft_wrap=True)
+    for kind, files in report["output"]["files"].items():
+        err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
+
+
+def pleas_summary(report: Mapping[str, Any]) -> None:
+    """Tables for a PLeaS merge: units merged and kept per group, the least-squares fit per
+    layer, and each task's accuracy for A, B, the aligned average, the ensemble and PLeaS."""
+    pl = report["pleas"]
+    t = Table(title="PLeaS: units per group", title_justify="left")
+    for col in ("group", "size", "width", "merged", "kept (each)", "merged size"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for g, s in pl["groups"].items():
+        sizes = (s["size"], s["merged"], s["kept"], s["merged_size"])
+        t.add_row(g, str(sizes[0]), f"{s['width']:.3g}", *(str(v) for v in sizes[1:]))
+    err.print(t)
+    t = Table(title="least squares, layer by layer (relative residual)", title_justify="left")
+    for col in ("layer", "rows", "placed average", "fitted"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for f in pl["layers"]:
+        t.add_row(f["layer"], str(f["rows"]), _fmt(f["residual_before"]), _fmt(f["residual_after"]))
+    err.print(t)
+    if report.get("tasks"):
+        names = ("a", "b", "average", "ensemble", "pleas")
+        t = Table(title="test accuracy per task", title_justify="left")
+        t.add_column("task")
+        for n in names:
+            t.add_column({"a": "A", "b": "B"}.get(n, n), justify="right")
+        for task, row in report["tasks"].items():
+            t.add_row(task.upper() + "'s", *(f"{row[n]['acc']:.4f}" if n in row else "-" for n in names))
+        err.print(t)
+    params = pl["parameters"]
+    ratio = params["merged"] / params["a"]
+    err.print(f"parameters: A {params['a']}, merged {params['merged']} ({ratio:.2f}x)")
     for kind, files in report["output"]["files"].items():
         err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
 
