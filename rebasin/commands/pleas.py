@@ -77,8 +77,8 @@ def pleas_checkpoints(
     with timings("spec_s"):
         spec, source, frozen = run_spec(run)
     tasks = _tasks(run, opts, a, ref)
-    x = _feature_inputs(run, opts, tasks)
     factory = ref.factory()
+    x = _feature_inputs(run, opts, tasks, factory())
     with outputs_of(run):
         with timings("match_s"):
             feats = activation_features(
@@ -115,7 +115,7 @@ def pleas_checkpoints(
                 "a": model_a,
                 "b": model_b,
                 "average": builder.model(axis_layouts(spec, {}, extra), x if _bn(run) else None),
-                "ensemble": builder.model(axis_layouts(spec, _apart(spec), extra)),
+                "ensemble": _Ensemble(model_a, model_b),
                 "pleas": merged,
             }
             scores = _scores(models, tasks, extra)
@@ -186,11 +186,21 @@ def _tasks(run: Run, opts: Options, a: Checkpoint, ref: ModelRef) -> list[Task]:
     return out
 
 
-def _feature_inputs(run: Run, opts: Options, tasks: list[Task]) -> torch.Tensor:
-    """The inputs the matching and the least squares run on: the data-free source's, else every
-    task's training inputs."""
-    if opts.pleas.data_free:
-        return load_data(opts.pleas.data_free, run.seed).x_train
+def _feature_inputs(run: Run, opts: Options, tasks: list[Task], probe: nn.Module) -> torch.Tensor:
+    """The inputs the matching and the least squares run on: the data-free source's (checked on
+    the model), else every task's training inputs."""
+    source = opts.pleas.data_free
+    if source:
+        x = load_data(source, run.seed).x_train
+        try:
+            with torch.no_grad():
+                probe.eval()(x[:2])
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            raise ConfigError(
+                f"--data-free {source}: its inputs (shape {tuple(x.shape[1:])}) do not fit the model",
+                "give a source whose inputs have the shape of the tasks' inputs",
+            ) from None
+        return x
     xs = [t.data.x_train for t in tasks]
     if len({tuple(x.shape[1:]) for x in xs}) > 1:
         raise ConfigError(
@@ -268,12 +278,6 @@ def _layouts(
             )
         out[g] = Layout.of(choose_merged(costs[g], perm[g], k), n)
     return out
-
-
-def _apart(spec: PermutationSpec) -> dict[str, Layout]:
-    """Every group that can widen kept apart (width 2.0): the ensemble."""
-    from_widths = group_widths(spec, 2.0)
-    return {g: Layout.of(torch.arange(0), n) for g, n in spec.sizes.items() if from_widths[g] == 2.0}
 
 
 class _Builder:
@@ -354,6 +358,21 @@ def _in_mlp(name: str) -> bool:
     return any(t in name for t in MLP_NAMES)
 
 
+class _Ensemble(nn.Module):
+    """The ensemble of A and B: the mean of their logits (twice the compute of either)."""
+
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (_logits(self.a(x)) + _logits(self.b(x))) * 0.5
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
 class _Logits(nn.Module):
     """A model's logits cut to one task's head."""
 
@@ -362,26 +381,25 @@ class _Logits(nn.Module):
         self.model, self.part = model, part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        out = out.logits if hasattr(out, "logits") else out
-        return out[..., self.part]
+        return _logits(self.model(x))[..., self.part]
 
 
 def _scores(
     models: Mapping[str, nn.Module], tasks: list[Task], extra: Mapping[tuple[str, int], Layout]
 ) -> dict[str, Any]:
     """Each task's test loss and accuracy per model. With separate heads, A answers only A's
-    task, B only B's, and the merged models answer each with that task's head."""
+    task, B only B's (the ensemble is each task's own model), and the merged models answer each
+    with that task's head."""
     out: dict[str, Any] = {}
     n = next(iter(extra.values())).kept if extra else 0
     for i, task in enumerate(tasks):
         x, y = task.data.x_test, task.data.y_test
         row = {}
         for name, model in models.items():
-            if extra and name in ("a", "b"):
-                if name != task.name:
+            if extra and name in ("a", "b", "ensemble"):  # each task answered by its own model
+                if name != "ensemble" and name != task.name:
                     continue
-                m: nn.Module = model
+                m: nn.Module = models[task.name] if name == "ensemble" else model
             else:
                 m = _Logits(model, slice(i * n, (i + 1) * n)) if extra else model
             r = evaluate(m, x, y, task=task.data.task)

@@ -96,10 +96,16 @@ def check_data_fits(model: nn.Module, data: Dataset, model_name: str) -> None:
         )
 
 
+def transposed_dense(m: nn.Module) -> bool:
+    """A dense layer stored (inputs, outputs): Hugging Face's ``Conv1D`` (GPT-2)."""
+    return type(m).__name__ == "Conv1D" and not isinstance(m, nn.Conv1d)
+
+
 def channel_rows(m: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """A module's output as (rows, channels): channels are the last axis for dense layers,
     LayerNorm and embeddings, axis 1 for convolutions and Batch/GroupNorm."""
-    axis = out.dim() - 1 if isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding) else 1
+    last = isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding) or transposed_dense(m)
+    axis = out.dim() - 1 if last else 1
     return out.detach().movedim(axis, -1).reshape(-1, out.shape[axis])
 
 
@@ -122,8 +128,8 @@ def activation_features(
         model.eval()
         taps = []
         for name, m in model.named_modules():
-            e = spec.entry(f"{name}.weight", 0) if name else None
-            # only layers whose weight axis 0 is their output axis (not e.g. GPT-2's Conv1D)
+            # the axis of the weight that indexes the layer's outputs (1 for GPT-2's Conv1D)
+            e = spec.entry(f"{name}.weight", int(transposed_dense(m))) if name else None
             kinds = (
                 nn.Linear,
                 nn.Conv1d,
@@ -133,7 +139,7 @@ def activation_features(
                 nn.LayerNorm,
                 nn.GroupNorm,
             )
-            if isinstance(e, Axis) and e.inner == 1 and isinstance(m, kinds):
+            if isinstance(e, Axis) and e.inner == 1 and (isinstance(m, kinds) or transposed_dense(m)):
                 taps.append((name, m, e.group))
         if not taps:
             raise ConfigError(f"no module of model '{model_name}' outputs a permuted group", source=source)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rebasin.evaluate.metrics import transposed_dense
 from rebasin.spec.core import Axis, PermutationSpec, parts
 
 
@@ -105,8 +106,7 @@ def output_axes(model: nn.Module) -> dict[str, int]:
     out = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        transposed = type(module).__name__ == "Conv1D" and not isinstance(module, nn.Conv1d)
-        if transposed or isinstance(module, FEATURES_LAST):
+        if transposed_dense(module) or isinstance(module, FEATURES_LAST):
             out[f"{prefix}weight"] = 1
     return out
 

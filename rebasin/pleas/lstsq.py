@@ -23,6 +23,7 @@ from torch import nn
 from rebasin.core.errors import ConfigError
 from rebasin.core.types import Progress
 from rebasin.data.core import batches
+from rebasin.evaluate.metrics import transposed_dense
 from rebasin.evaluate.repair import reset_batchnorm
 from rebasin.pleas.layout import AxisLayouts, Layout
 
@@ -58,14 +59,18 @@ def _kind(m: nn.Module) -> str | None:
         return "dense"
     if isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
         return "conv"
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
+    if transposed_dense(m):
         return "dense_t"
     return None
 
 
 def layer_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """The layers :func:`fit_layers` refits, in the order one forward pass calls them; a layer
-    called more than once (shared) is left as it is."""
+    called more than once, or whose weight another module shares (a head tied to the input
+    embedding), is left as it is."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
     calls: list[str] = []
     handles = [
         m.register_forward_hook(lambda mod, i, o, name=name: calls.append(name))
@@ -78,7 +83,8 @@ def layer_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    return [n for n in dict.fromkeys(calls) if calls.count(n) == 1]
+    shared = {n for n in calls if owners.get(weight_of(model.get_submodule(n)).data_ptr(), 0) > 1}
+    return [n for n in dict.fromkeys(calls) if calls.count(n) == 1 and n not in shared]
 
 
 class _Reached(Exception):
