@@ -34,6 +34,7 @@ from rebasin.matching.auto import NOMINAL_FLOPS
 from rebasin.matching.costs import sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
 from rebasin.options import Options
+from rebasin.options.build import PLEAS
 from rebasin.spec.core import PermutationSpec
 
 NOT_CHECKED = "that every weight is finite (it needs the tensor data; the real run reads it first)"
@@ -85,6 +86,16 @@ def plan_run(run: Run) -> dict[str, Any]:
         out["method_text"] = f"{run.matcher.describe()}{data}; options {shown}"
     elif run.command == "barrier":
         out["method_text"] = "none: the naive path only"
+    if run.options.method == PLEAS:
+        p = run.options.pleas
+        width = f"budget {p.budget_params} parameters" if p.budget_params else f"width {p.width or 1.5}"
+        out["method"] = "pleas"
+        out["method_text"] = (
+            f"pleas at {width}: units matched by activation correlations, the best-correlated "
+            "merged, then least squares layer by layer"
+        )
+        out["evaluation"] = "each task's test accuracy: A, B, average, ensemble, PLeaS"
+        out["verification"] = "none: a PLeaS merge is a new model, not a permutation of B"
     out["not_checked"] = NOT_CHECKED
     out["estimate"] = estimate(run, spec)
     return out

@@ -61,7 +61,8 @@ def pleas_checkpoints(
 ) -> dict[str, Any]:
     """Merge A and B into a model of the chosen width (PLeaS); write it to ``out`` (if given);
     return the report: units merged and kept per group, the least-squares residual per layer,
-    and each task's accuracy for A, B, the aligned average, the ensemble and the PLeaS model."""
+    and each task's accuracy for A, B, the aligned average, the ensemble, the placed partial
+    merge before least squares, and the PLeaS model."""
     opts = options or Options()
     p = opts.pleas
     if p.budget_params is not None and p.width is not None:
@@ -99,6 +100,7 @@ def pleas_checkpoints(
         laid = axis_layouts(spec, layouts, extra)
         builder = _Builder(ref, a_state, b_aligned, out_axes, a.name)
         with timings("fit_s"):
+            placed = builder.model(laid, x if _bn(run) else None)  # before least squares
             merged = builder.model(laid)
             fits = fit_layers(
                 merged,
@@ -116,6 +118,7 @@ def pleas_checkpoints(
                 "b": model_b,
                 "average": builder.model(axis_layouts(spec, {}, extra), x if _bn(run) else None),
                 "ensemble": _Ensemble(model_a, model_b),
+                "placed": placed,
                 "pleas": merged,
             }
             scores = _scores(models, tasks, extra)
@@ -133,7 +136,11 @@ def pleas_checkpoints(
                 for g, n in spec.sizes.items()
             },
             "task_heads": p.task_heads,
-            "parameters": {"a": a.num_parameters(), "merged": _count(builder.shapes(laid))},
+            "parameters": {
+                "a": a.num_parameters(),
+                "merged": _count(builder.shapes(laid)),
+                "merged_nonzero": sum(int(v.count_nonzero()) for v in merged.state_dict().values()),
+            },
             "layers": [f.to_dict() for f in fits],
         }
         report["tasks"] = scores

@@ -40,6 +40,7 @@ from rebasin.matching.registry import Matcher
 from rebasin.models.reshape import check_recorded
 from rebasin.models.resolve import ModelChoice, check_sizes, choose_model, recorded_data
 from rebasin.options import Options
+from rebasin.options.build import PLEAS
 from rebasin.verify.plan import VerifyPlan, cut_for, skipped
 
 EVALUATES = ("barrier", "merge", "diagnose", "star")
@@ -131,6 +132,11 @@ def resolve_run(command: str, opts: Options, paths: Sequence[PathLike], out: Pat
     check_device(opts.run.device)
     if command == "merge" and not opts.align:
         raise ConfigError("method 'none' aligns nothing: it applies to barriers, not merges")
+    if command != "merge" and opts.method == PLEAS:
+        raise ConfigError(
+            "method 'pleas' makes a new model of another width: it applies to merges, not barriers",
+            "give the merge an output (-o), then measure the merged model",
+        )
     outputs = command_outputs(command, opts, out)
     guard_outputs(outputs, [*paths, *option_inputs(opts)], opts.output.force)
     existed = frozenset(str(o.path) for o in outputs if os.path.lexists(o.path))

@@ -126,7 +126,7 @@ class MethodOptions(Checked):
         "How to find the permutation (docs/algorithms.md); barrier: none draws the naive path only.",
         choices=_methods,
         commands=("merge", "barrier", "diagnose"),
-        extra_choices={"barrier": ("none",), "batch": ("none",), "merge": ("pleas",)},
+        extra_choices={"barrier": ("none",), "batch": ("none", "pleas"), "merge": ("pleas",)},
     )
 
 

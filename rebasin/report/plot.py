@@ -143,6 +143,27 @@ def plot_diagnosis(diagnosis: Mapping[str, Any], path: str | os.PathLike[str]) -
     return _save(fig, path)
 
 
+def plot_widths(panels: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str]) -> list[Path]:
+    """Accuracy against merged width, one panel per setting: ``panels[title]`` maps a method to
+    ``{"widths": [...], "acc": [...]}`` (one point for a method of one width); PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), constrained_layout=True)
+    for ax, (title, methods) in zip(axes if len(panels) > 1 else [axes], panels.items(), strict=True):
+        for name, m in methods.items():
+            style = "o-" if len(m["widths"]) > 1 else "s"
+            ax.plot(m["widths"], m["acc"], style, label=name, markersize=7)
+        ax.set_title(title)
+        ax.set_xlabel("merged width (x A's)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | os.PathLike[str]) -> list[Path]:
     """Write the figure to ``path`` (PNG) and as SVG beside it, each atomically; close it."""
     import matplotlib.pyplot as plt

@@ -162,17 +162,20 @@ def pleas_summary(report: Mapping[str, Any]) -> None:
         t.add_row(f["layer"], str(f["rows"]), _fmt(f["residual_before"]), _fmt(f["residual_after"]))
     err.print(t)
     if report.get("tasks"):
-        names = ("a", "b", "average", "ensemble", "pleas")
+        names = ("a", "b", "average", "ensemble", "placed", "pleas")
         t = Table(title="test accuracy per task", title_justify="left")
         t.add_column("task")
         for n in names:
-            t.add_column({"a": "A", "b": "B"}.get(n, n), justify="right")
+            t.add_column({"a": "A", "b": "B", "placed": "no l.sq."}.get(n, n), justify="right")
         for task, row in report["tasks"].items():
             t.add_row(task.upper() + "'s", *(f"{row[n]['acc']:.4f}" if n in row else "-" for n in names))
         err.print(t)
     params = pl["parameters"]
     ratio = params["merged"] / params["a"]
-    err.print(f"parameters: A {params['a']}, merged {params['merged']} ({ratio:.2f}x)")
+    err.print(
+        f"parameters: A {params['a']}, merged {params['merged']} ({ratio:.2f}x; "
+        f"{params['merged_nonzero']} nonzero: a unit kept from one model reads none of the other's)"
+    )
     for kind, files in report["output"]["files"].items():
         err.print(f"wrote {kind}: {', '.join(files)}", soft_wrap=True)
 
