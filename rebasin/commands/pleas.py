@@ -23,7 +23,7 @@ from rebasin.data import load_data
 from rebasin.data.core import Dataset
 from rebasin.evaluate.metrics import activation_features, evaluate
 from rebasin.evaluate.repair import reset_batchnorm
-from rebasin.evaluate.setup import for_head
+from rebasin.evaluate.setup import for_head, has_task_head
 from rebasin.matching.activation import assign_correlations, correlations
 from rebasin.models.fit import load_into
 from rebasin.models.reshape import SHAPES_KEY, changed_shapes, resize_modules
@@ -181,10 +181,13 @@ class Task:
 
 def _tasks(run: Run, opts: Options, a: Checkpoint, ref: ModelRef) -> list[Task]:
     """A's task on ``--data`` and, with ``--data-b``, B's task on it (as the model's head reads
-    it). Without ``--data`` (data-free, no evaluation) there is none."""
+    it). Without ``--data`` (data-free), or for a model without a task head (``BertModel``: its
+    inputs still give the features), none is scored."""
     seed = run.seed
     if not opts.evaluate.data:
         return []
+    if not has_task_head(ref):
+        return [Task("", load_data(opts.evaluate.data, seed))]
     out = [Task("a", for_head(load_data(opts.evaluate.data, seed), a, ref, seed))]
     if opts.pleas.data_b:
         out.append(Task("b", for_head(load_data(opts.pleas.data_b, seed), a, ref, seed)))
@@ -345,10 +348,14 @@ class _Builder:
         return model.eval()
 
     def state_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's tensors under the checkpoint's names, in A's dtypes."""
+        """The model's tensors under the checkpoint's names, in A's dtypes; a tensor the model
+        does not persist (a buffer such as a stored ``position_ids``) is A's, as the file had it."""
         key_map = getattr(model, "rebasin_key_map", None) or {}
         own = model.state_dict()
-        return {k: own[key_map.get(k, k)].detach().to(v.dtype).contiguous() for k, v in self.a.items()}
+        return {
+            k: own[key_map.get(k, k)].detach().to(v.dtype).contiguous() if key_map.get(k, k) in own else v
+            for k, v in self.a.items()
+        }
 
     def records(self, laid: AxisLayouts, widths: Mapping[str, float]) -> dict[str, str]:
         """What the output records so later commands rebuild it: the shapes that differ from
@@ -399,7 +406,7 @@ def _scores(
     with that task's head."""
     out: dict[str, Any] = {}
     n = next(iter(extra.values())).kept if extra else 0
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(t for t in tasks if t.name):  # a task without a head is not scored
         x, y = task.data.x_test, task.data.y_test
         row = {}
         for name, model in models.items():

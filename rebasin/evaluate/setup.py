@@ -76,12 +76,19 @@ MASKED = ("ForMaskedLM",)
 MASK_RATE = 0.15
 
 
+def has_task_head(ref: ModelRef) -> bool:
+    """Whether the model answers a task (any built-in or user model; a Hugging Face class named
+    ``...For<Task>`` or ``...LMHead...``), rather than returning features (``BertModel``)."""
+    head = ref.name.removeprefix("hf:")
+    return ref.config is None or re.search(r"(For[A-Z]\w*|LMHead\w*)$", head) is not None
+
+
 def for_head(data: Any, a: Checkpoint, ref: ModelRef, seed: int) -> Any:
     """The data as the model's head reads it: token ids without labels are a causal LM's next
     tokens, or a masked LM's masked tokens (15% of the positions, seeded); a Hugging Face model
     without a task head cannot measure a barrier, and says what it needs."""
     head = ref.name.removeprefix("hf:") if ref.config is not None else ""
-    if ref.config is not None and not re.search(r"(For[A-Z]\w*|LMHead\w*)$", head):
+    if not has_task_head(ref):
         raise ConfigError(
             f"{head} has no task head, so it has no loss to measure a barrier with: the barrier "
             "needs the model with its head (config.json architectures ...ForMaskedLM, "

@@ -279,3 +279,35 @@ def test_bad_calls_are_one_line(trained_mlp_pair: tuple[Path, Path], tmp_path: P
         "give a source whose inputs have the shape of the tasks' inputs",
     )
     assert not out.exists()
+
+
+def test_a_headless_model_with_a_stored_buffer_keeps_its_function(tmp_path: Path) -> None:
+    """As on the published all-MiniLM-L6-v2 (BertModel, ``embeddings.position_ids`` stored): PLeaS
+    of a model and a permutation of it computes the model's features at any width."""
+    t = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    small = {"num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24, "hidden_size": 16}
+    t.BertModel(t.BertConfig(vocab_size=30, max_position_embeddings=16, **small)).save_pretrained(
+        tmp_path / "a"
+    )
+    weights = load_file(tmp_path / "a" / "model.safetensors")
+    weights["embeddings.position_ids"] = torch.arange(16).unsqueeze(0)
+    save_file(weights, tmp_path / "a" / "model.safetensors", metadata={"format": "pt"})
+    assert run("permute", tmp_path / "a", "--seed", "1", "-o", tmp_path / "b", "--quiet")[0] == 0
+    g = np.random.default_rng(0)
+    data = tmp_path / "tok.npz"
+    ids = g.integers(0, 30, (40, 8))
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
+    out = tmp_path / "merged"
+    rep = _pleas(tmp_path / "a", tmp_path / "b", out, "--data", data, "--width", "1.5")
+    assert rep["tasks"] == {}  # no task head: nothing to score
+    assert torch.equal(
+        load_file(out / "model.safetensors")["embeddings.position_ids"], weights["embeddings.position_ids"]
+    )
+    x = torch.from_numpy(ids[:4])
+    with torch.no_grad():
+        want = t.BertModel.from_pretrained(tmp_path / "a").eval()(x).last_hidden_state
+        got = t.BertModel.from_pretrained(out).eval()(x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
