@@ -32,10 +32,11 @@ class Timings(dict[str, float]):
         self._t0 = time.perf_counter()
 
     @contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
+    def __call__(self, key: str, add: bool = False) -> Iterator[None]:
+        """Time the block as ``key`` (``add``: on top of what ``key`` already holds)."""
         t = time.perf_counter()
         yield
-        self[key] = round(time.perf_counter() - t, 4)
+        self[key] = round(time.perf_counter() - t + (self.get(key, 0.0) if add else 0.0), 4)
 
     def total(self) -> dict[str, float]:
         return {**self, "total_s": round(time.perf_counter() - self._t0, 4)}
