@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,27 +44,12 @@ from rebasin.permutation import permute
 from rebasin.report.plot import plot_widths
 from rebasin.spec import infer_spec
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from pleas_merge import split_digits  # the example's split: digits 0-4 and 5-9
+
 WIDTHS = (1.0, 1.25, 1.5, 2.0)
 ARGS = {"in_features": 64, "hidden": 128, "depth": 2}
 EPOCHS = 30
-
-
-def _split(folder: Path) -> tuple[Path, Path]:
-    """Digits 0-4 and 5-9 as two data files (labels 0-4 each), from the built-in digits split."""
-    d = load_data("digits", 0)
-    paths = []
-    for name, lo in (("low", 0), ("high", 5)):
-        keep, keep_t = (d.y_train >= lo) & (d.y_train < lo + 5), (d.y_test >= lo) & (d.y_test < lo + 5)
-        path = folder / f"digits_{name}.npz"
-        np.savez(
-            path,
-            x=d.x_train[keep].numpy(),
-            y=(d.y_train[keep] - lo).numpy(),
-            x_test=d.x_test[keep_t].numpy(),
-            y_test=(d.y_test[keep_t] - lo).numpy(),
-        )
-        paths.append(path)
-    return paths[0], paths[1]
 
 
 def _wm_average(
@@ -140,7 +126,7 @@ def main() -> None:
             p = folder / f"mnist1d{seed}.safetensors"
             train_checkpoint("mlp", mnist_args, "mnist1d", p, seed=seed, epochs=EPOCHS)
             one_d.append(p)
-        low, high = _split(folder)
+        low, high = split_digits(folder)
         split = []
         for seed, data in ((13, low), (14, high)):
             p = folder / f"task{seed}.safetensors"
@@ -148,8 +134,10 @@ def main() -> None:
             split.append(p)
         results = {
             "(a) digits, two seeds": _setting(same[0], same[1], ["digits"], False),
-            "(a) MNIST-1D, two seeds": _setting(*one_d, ["mnist1d"], False, mnist_args),
-            "(b) digits 0-4 and 5-9, separate heads": _setting(*split, [str(low), str(high)], True),
+            "(a) MNIST-1D, two seeds": _setting(one_d[0], one_d[1], ["mnist1d"], False, mnist_args),
+            "(b) digits 0-4 and 5-9, separate heads": _setting(
+                split[0], split[1], [str(low), str(high)], True
+            ),
         }
     for title, rows in results.items():
         print(f"\n{title}")
