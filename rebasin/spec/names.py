@@ -470,7 +470,9 @@ def transformer_spec(
         for ln in ("ln1", "ln2"):
             axes[f"{p}.{ln}.weight"] = [Axis(res)]
             axes[f"{p}.{ln}.bias"] = [Axis(res)]
-        att = _transformer_attention(i, d, (config or {}).get("num_attention_heads"), sizes, heads)
+        inner = shapes.get(f"{p}.attn.qkv.weight", (3 * d,))[0] // 3  # heads x head dim (a PLeaS
+        # merge may widen the residual stream and leave the heads as they were)
+        att = _transformer_attention(i, inner, (config or {}).get("num_attention_heads"), sizes, heads)
         axes[f"{p}.attn.qkv.weight"] = [att[0], Axis(res)]
         axes[f"{p}.attn.proj.weight"] = [Axis(res), att[1]]
         if att[0] is not None and f"{p}.attn.qkv.bias" in shapes:

@@ -192,6 +192,13 @@ def test_a_transformer_widens_its_mlp_blocks_only(tmp_path: Path) -> None:
     sizes = {g: s["merged_size"] for g, s in rep["pleas"]["groups"].items()}
     assert sizes["P_blocks.0.mlp"] == 48 and sizes["P_residual"] == 16
     assert _model_of(out)(torch.randn(2, 40)).shape == (2, 10)
+    wide = tmp_path / "wide.safetensors"  # the residual stream widens when named; heads stay
+    rep = _pleas(a, b, wide, "--data", "mnist1d", "--group-width", "P_residual=1.5")
+    assert rep["pleas"]["groups"]["P_residual"]["merged_size"] == 24
+    assert rep["pleas"]["groups"]["P_blocks.0.attn.qk"]["merged_size"] == 16
+    assert _model_of(wide)(torch.randn(2, 40)).shape == (2, 10)
+    code, _, err = run("spec", wide, "--json")  # names still give its groups
+    assert code == 0, err
 
 
 def test_a_hugging_face_model_records_its_width_in_config(tmp_path: Path) -> None:
