@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -261,13 +262,7 @@ def _widths(
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    total = 0
-    for s in shapes.values():
-        n = 1
-        for d in s:
-            n *= d
-        total += n
-    return total
+    return sum(math.prod(s) for s in shapes.values())
 
 
 def _layouts(
