@@ -14,12 +14,16 @@ files): when the neighbours moved k of a member's columns, the cost is updated b
 reused; past :data:`UPDATE_SHARE` of the columns it is recomputed. Members no other group
 touches are computed once.
 
-On CUDA, half-precision inputs (bfloat16, float16) are multiplied in TF32, which holds their
-mantissas exactly, so the products equal float32 ones up to the order of summation.
+Half-precision inputs are multiplied at the hardware's half-precision rate where that is exact:
+on CUDA, bfloat16 and float16 in TF32 (which holds their mantissas); on CPUs with bfloat16 matrix
+units (AMX, AVX512-BF16), bfloat16 as bfloat16 with float32 accumulation. The products equal
+float32 ones up to the order of summation. Updates multiply differences of weights, which are not
+half-precision values, in plain float32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
@@ -113,6 +117,11 @@ class CostModel:
     def work(self, unit: tuple[str, ...]) -> float:
         """Multiply-adds of the unit's cost products, computed in full (for progress and estimates)."""
         return sum(self._work(g, self.members[g]) for g in unit) / self.sketch
+
+    def reach(self, unit: tuple[str, ...]) -> float:
+        """Multiply-adds of the costs a move of ``unit`` makes stale: its neighbours' products."""
+        near = set().union(*(self.spec.neighbours[g] for g in unit)) - set(unit)
+        return sum(self._work(g, self.members[g]) for g in near)
 
     def unit_costs(self, unit: tuple[str, ...], perm: Permutation) -> dict[str, np.ndarray]:
         """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment)."""
@@ -224,12 +233,11 @@ class CostModel:
         ra, rb = self._operands(g, m)
         scale = ra.shape[1] / len(new)
         a_cols = at if len(new) == ra.shape[1] else self._sketch_columns(m, ra.shape[1]).to(self.device)[at]
-        with _exact_half_products(ra.dtype, self.device):
-            for lo, hi in _blocks(len(at), n):
-                d = take(rb, 1, new[at[lo:hi]]).float()
-                d -= take(rb, 1, old[at[lo:hi]])
-                c.addmm_(take(ra, 1, a_cols[lo:hi]).float(), d.T, alpha=scale)
-                del d
+        for lo, hi in _blocks(len(at), n):  # plain float32: the differences are not half-precision
+            d = take(rb, 1, new[at[lo:hi]]).float()
+            d -= take(rb, 1, old[at[lo:hi]])
+            c.addmm_(take(ra, 1, a_cols[lo:hi]).float(), d.T, alpha=scale)
+            del d
         self.products["update"] += n * n * len(at)
 
     def _sketch_columns(self, m: Member, k: int) -> torch.Tensor:
@@ -251,14 +259,14 @@ class CostModel:
         t0 = time.perf_counter()
         self._phase = "objective"
         totals = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in perms]
+        scratch: dict[torch.dtype, torch.Tensor] = {}
         try:
             for p in self.params:
                 x = self.tensor("a", p).reshape(-1)
                 tb = self.tensor("b", p)
                 for total, perm in zip(totals, perms, strict=True):
                     y = permute_tensor(tb, self.spec.axes_to_perm[p], perm).reshape(-1)
-                    for i in range(0, x.numel(), _CHUNK):  # a block at a time: bounded memory
-                        total += _dot(x[i : i + _CHUNK], y[i : i + _CHUNK])
+                    total += _dot(x, y, scratch)
         finally:
             self._phase = "products"
         self.seconds["objective"] += time.perf_counter() - t0
@@ -371,15 +379,23 @@ def _is_identity(cols: torch.Tensor) -> bool:
     return bool(torch.equal(cols, torch.arange(len(cols), device=cols.device)))
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``<x, y>`` summed in float64. Products of 2-byte floats are exact in float32 (at most 22
-    significant bits; weights never come near its range's ends), 3x faster than upcasting both
-    to float64 first."""
-    if x.element_size() == 2 and y.element_size() == 2:
-        p = x.float()
-        p.mul_(y)
-        return p.sum(dtype=torch.float64)
-    return torch.dot(x.double(), y.double())
+def _dot(x: torch.Tensor, y: torch.Tensor, scratch: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """``<x, y>`` of two flat tensors, summed in float64 a block of :data:`_CHUNK` at a time in a
+    buffer kept in ``scratch`` (fresh blocks would each be a new memory map: about 2x slower).
+    Products of 2-byte floats are exact in float32 (at most 22 significant bits; weights never
+    come near its range's ends), 3x faster than in float64."""
+    dtype = torch.float32 if x.element_size() == 2 and y.element_size() == 2 else torch.float64
+    buf = scratch.get(dtype)
+    if buf is None or buf.numel() < min(_CHUNK, x.numel()):
+        buf = scratch[dtype] = torch.empty(min(_CHUNK, x.numel()), dtype=dtype, device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, x.numel(), _CHUNK):
+        k = min(_CHUNK, x.numel() - i)
+        p = buf[:k]
+        p.copy_(x[i : i + k])
+        p.mul_(y[i : i + k])
+        total += p.sum(dtype=torch.float64)
+    return total
 
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:
@@ -395,16 +411,48 @@ def _blocks(cols: int, rows: int) -> Iterator[tuple[int, int]]:
 
 @contextmanager
 def _exact_half_products(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
-    """TF32 products on CUDA for bfloat16/float16 inputs (exact for their mantissas)."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    """Float32 products of half-precision weights at the hardware's half-precision rate, exactly:
+    on CUDA, bfloat16/float16 in TF32 (10-bit mantissas hold theirs); on a CPU with bfloat16
+    matrix units (oneDNN: AMX, AVX512-BF16), bfloat16 with bfloat16 inputs and float32
+    accumulation (their own values: no rounding), about 3x a float32 product. Only for operands
+    that are the stored half-precision values themselves, upcast."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+        return
+    if device.type != "cpu" or dtype != torch.bfloat16 or not _cpu_bf16_products():
         yield
         return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    with _CPU_PRECISION_LOCK:
+        matmul = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (torch 2.9+, not in older stubs)
+        before_cpu = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before_cpu
+
+
+_CPU_PRECISION_LOCK = threading.Lock()
+
+
+@functools.cache
+def _cpu_bf16_products() -> bool:
+    """Whether float32 products on the CPU may take bfloat16 inputs (oneDNN with bfloat16
+    hardware, and a torch with the precision setting)."""
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        matmul = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (torch 2.9+)
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(matmul, "fp32_precision")
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _unit_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:

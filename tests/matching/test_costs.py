@@ -108,3 +108,30 @@ def test_kept_products_leave_the_result_unchanged(monkeypatch, memory: int) -> N
         assert kept.objective == fresh.objective
     back = permute(planted, spec, kept.perm)
     assert all(torch.equal(back[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama"])
+def test_bfloat16_costs_equal_float64_products(name: str) -> None:
+    """Costs of bfloat16 weights (at the CPU's bfloat16 rate where it has one) equal the float64
+    products of the same values, to float32 summation order."""
+    a, b, spec = pair(name)
+    a, b = ({k: v.to(torch.bfloat16) for k, v in sd.items()} for sd in (a, b))
+    half = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=1 << 30, scratch=False)
+    a64, b64 = ({k: v.double() for k, v in sd.items()} for sd in (a, b))
+    exact = CostModel(a64, b64, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+    perm = random_permutation(spec, 0)
+    for step, k in enumerate([0, 3, 0]):  # computed, updated (float32 differences), reused
+        perm = partly_moved(perm, k, step)
+        for g in spec.sizes:
+            got, want = half.cost(g, perm), exact.cost(g, perm)
+            scale = max(1.0, float(np.abs(want).max()))
+            assert np.abs(got - want).max() <= 1e-5 * scale, (g, step)
+    half.close()
+
+
+def test_reach_is_the_work_of_the_neighbours_costs() -> None:
+    a, b, spec = pair("mlp")
+    model = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+    for g in spec.sizes:
+        near = [h for h in spec.neighbours[g] if h != g]
+        assert model.reach((g,)) == sum(model.work((h,)) for h in near)
