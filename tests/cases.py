@@ -81,7 +81,9 @@ CASES = [
     Case(
         "vgg-1d",
         "vgg",
-        lambda: build_model("vgg", channels=(8, "M", 8), conv_dim=1, image_size=16),
+        # 16 channels: at 8, weight matching's descent stops short of the planted permutation on
+        # about 3 in 100 planted pairs, whatever the order of its groups (a local optimum)
+        lambda: build_model("vgg", channels=(16, "M", 16), conv_dim=1, image_size=16),
         (4, 16),
     ),
     Case("resnet20-bn", "resnet", lambda: build_model("resnet20", width=1), (2, 3, 8, 8)),
