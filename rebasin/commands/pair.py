@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rebasin._memory import reusing_freed_memory
 from rebasin.commands.diagnose import with_layers
 from rebasin.commands.pleas import pleas_checkpoints
 from rebasin.commands.resolve import resolve_run
@@ -73,7 +74,7 @@ def merge_checkpoints(
                     report["evaluation"] = curves(run, ev, a_state, b.state, b_aligned, progress)
             common = provenance(run, spec, source, result.method) | ({"bn": ev.bn} if run.evaluation else {})
             alpha, shard, written = opts.merge.alpha, parse_size(opts.output.shard_size), {}
-            with timings("write_s"):
+            with timings("write_s"), reusing_freed_memory():
                 if out is not None:
                     fix_bn = run.evaluation is not None and ev.bn != "none"
                     merged = (
