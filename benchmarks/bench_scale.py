@@ -5,8 +5,10 @@ A from a seeded generator, B either A with a random permutation of every group p
 (residual stream, MLP units, kv heads with their query groups: the answer is known) or an
 independent draw. Then runs ``rebasin merge A B -o OUT --method weight --json`` in a child process
 and prints per shape: parameters, merge wall time, seconds of matching and of its first sweep,
-sweeps, the child's peak RSS, the first sweep's GEMM throughput beside plain ``torch.matmul`` at
-the same shapes, and (planted pairs) whether the permutation came back exactly (pi(B) == A).
+sweeps, the child's peak RSS, the seconds one full sweep's products take as plain float32
+``torch.matmul`` and at the bfloat16 rate the matcher uses (exact for bfloat16 weights; the same
+as float32 where the hardware has no bfloat16 units), the first sweep's throughput beside plain
+float32 at the same shapes, and (planted pairs) whether the permutation came back exactly (pi(B) == A).
 
     python benchmarks/bench_scale.py --shapes tiny small [--pair planted|independent]
         [--device cuda] [--dir /tmp/scale] [--extra ARGS]
@@ -30,6 +32,7 @@ import torch
 
 from rebasin.checkpoint import LazyStateDict, save_checkpoint
 from rebasin.checkpoint.state import TensorInfo
+from rebasin.matching.costs import _exact_half_products
 from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec import infer_spec
 from rebasin.spec.core import PermutationSpec
@@ -127,8 +130,10 @@ def make_pair(root: Path, name: str, pair: str) -> tuple[Path, Path, Permutation
 
 def gemm_seconds(
     spec: PermutationSpec, shapes: dict[str, tuple[int, ...]], device: str
-) -> tuple[float, float]:
-    """Seconds of the plain float32 matmuls one full sweep does, and their multiply-adds."""
+) -> tuple[float, float, float]:
+    """Seconds of the matmuls one full sweep does, in plain float32 and at the rate the matcher
+    uses for bfloat16 weights (their exact half-precision rate where the hardware has one), and
+    their multiply-adds."""
     work: dict[tuple[int, int], int] = {}
     for g, members in spec.groups.items():
         n = spec.sizes[g]
@@ -138,9 +143,8 @@ def gemm_seconds(
                 numel *= d
             key = (n, numel // n)
             work[key] = work.get(key, 0) + 1
-    total_s = total_flops = 0.0
-    for (n, k), count in work.items():
-        x, y = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
+
+    def timed(x: torch.Tensor, y: torch.Tensor) -> float:
         x @ y.T  # warm-up
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -148,10 +152,19 @@ def gemm_seconds(
         x @ y.T
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        total_s += (time.perf_counter() - t) * count
+        return time.perf_counter() - t
+
+    plain_s = half_s = total_flops = 0.0
+    dev = torch.device(device)
+    for (n, k), count in work.items():
+        x, y = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
+        plain_s += timed(x, y) * count
+        x, y = x.bfloat16().float(), y.bfloat16().float()
+        with _exact_half_products(torch.bfloat16, dev):
+            half_s += timed(x, y) * count
         total_flops += 2.0 * n * n * k * count
         del x, y
-    return total_s, total_flops
+    return plain_s, half_s, total_flops
 
 
 PEAK = (
@@ -182,11 +195,16 @@ def read_rate(folders: tuple[Path, ...]) -> tuple[float, int]:
 
 
 def phases(
-    prof: dict, timings: dict, folders: tuple[Path, Path, Path], gemm_rate: float, sweep_flops: float
+    prof: dict,
+    timings: dict,
+    folders: tuple[Path, Path, Path],
+    gemm_rate: float,
+    half_rate: float,
+    sweep_flops: float,
 ) -> None:
     """Each phase in seconds beside its physical bound measured in this run: products against
-    plain matmuls at the same shapes, reads against plain reads of the files, the write against
-    one read of the output."""
+    plain float32 matmuls at the same shapes and against the bfloat16 rate, reads against plain
+    reads of the files, the write against one read of the output."""
     if not prof:
         return
     rate, pair_bytes = read_rate(folders[:2])
@@ -195,6 +213,7 @@ def phases(
     reads = prof["products_read_bytes"] + prof["objective_read_bytes"] + prof["scratch_read_bytes"]
     rows = [
         ("products", prof["products_s"], flops / gemm_rate, f"{flops / sweep_flops:.2f} sweeps of products"),
+        ("  at bf16 rate", prof["products_s"], flops / half_rate, "bound: the same at the bfloat16 rate"),
         ("  reads in them", None, reads / rate, f"pair read {reads / pair_bytes:.2f} times (+ scan, write)"),
         ("assignments", prof["assign_s"], None, ""),
         ("objective", prof["objective_s"], prof["objective_read_bytes"] / rate, ""),
@@ -202,7 +221,8 @@ def phases(
     ]
     saved = prof["saved_madds"] / max(prof["full_madds"] + prof["update_madds"] + prof["saved_madds"], 1)
     print(
-        f"  phases (read rate {rate / 1e9:.2f} GB/s, matmul {gemm_rate / 1e9:.0f} GFLOP/s; "
+        f"  phases (read rate {rate / 1e9:.2f} GB/s, matmul {gemm_rate / 1e9:.0f} GFLOP/s float32, "
+        f"{half_rate / 1e9:.0f} bfloat16; "
         f"updates saved {saved:.0%} of the products' work):"
     )
     for label, took, bound, note in rows:
@@ -224,8 +244,8 @@ def main() -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     print(f"device {args.device}, bfloat16 checkpoints, {args.pair} pairs, in {root}")
-    cols = ("params", "wall s", "match s", "sweep1 s", "sweeps", "RSS GB", "+check")
-    cols += ("GEMM s", "GFLOP/s", "plain")
+    cols: tuple[str, ...] = ("params", "wall s", "match s", "sweep1 s", "sweeps", "RSS GB", "+check")
+    cols += ("GEMM s", "GEMM16 s", "GFLOP/s", "plain")
     print(f"{'shape':<10} " + " ".join(f"{c:>8}" for c in cols) + "  recovered", flush=True)
     for name in args.shapes:
         t = time.perf_counter()
@@ -248,7 +268,7 @@ def main() -> None:
         trace = m["restarts"][m["best_restart"]]
         sweep1 = trace["seconds_per_sweep"][0]
         shapes = llama_shapes(SHAPES[name])
-        gemm_s, flops = gemm_seconds(spec, shapes, args.device)
+        gemm_s, half_s, flops = gemm_seconds(spec, shapes, args.device)
         params = f"{sum(torch.Size(v).numel() for v in shapes.values()) / 1e9:.2f}B"
         ok = "-" if args.pair != "planted" else ("exactly" if rep["distance"]["l2_after"] == 0 else "NO")
         row = (
@@ -260,12 +280,13 @@ def main() -> None:
             f"{rss:.2f}",
             f"{worker:.2f}",
             f"{gemm_s:.1f}",
+            f"{half_s:.1f}",
             f"{flops / sweep1 / 1e9:.0f}",
             f"{flops / gemm_s / 1e9:.0f}",
         )
         print(f"{name:<10} " + " ".join(f"{c:>8}" for c in row) + f"  {ok}", flush=True)
         print(f"  timings {rep['timings']}; sweeps {trace['seconds_per_sweep']}", file=sys.stderr, flush=True)
-        phases(m.get("profile") or {}, rep["timings"], (a, b, out), flops / gemm_s, flops)
+        phases(m.get("profile") or {}, rep["timings"], (a, b, out), flops / gemm_s, flops / half_s, flops)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(out)])
 
