@@ -48,7 +48,7 @@ def return_freed_tensors() -> bool:
     return _fixed
 
 
-REUSE_THRESHOLD = 512 << 20
+REUSE_THRESHOLD = 256 << 20
 """The mmap threshold inside :func:`reusing_freed_memory`."""
 
 _fixed = False
