@@ -7,11 +7,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from cases import CASES
+from helpers import tiny
 
 from rebasin.matching import match
 from rebasin.matching.assignment import solve_assignment
 from rebasin.models import build_model
-from rebasin.permutation import permute
+from rebasin.permutation import permute, random_permutation
 from rebasin.spec import infer_spec
 
 
@@ -176,3 +178,21 @@ def test_sketched_first_phase_ends_at_a_fixed_point_of_the_exact_method(planted:
     # exact weight matching from its answer moves nothing
     exact = match(a, permute(b, spec, r.perm), spec)
     assert all(torch.equal(p, torch.arange(len(p))) for p in exact.perm.values())
+
+
+@pytest.mark.parametrize("family", ["cases", "gpt2", "llama"])
+def test_reach_first_sweep_recovers_planted_permutations(monkeypatch, family: str) -> None:
+    """The first sweep by reach (large models) recovers planted permutations exactly, on tiny
+    models of every family with the size threshold lowered to zero."""
+    monkeypatch.setattr("rebasin.matching.weight.REACH_FIRST_WORK", 0.0)
+    if family == "cases":
+        states = [(c.make(0).state_dict(), None) for c in CASES]
+    else:
+        model = tiny(family, 0)
+        states = [(dict(model.state_dict()), model.config.to_dict())]
+    for state, config in states:
+        spec = infer_spec(state, config=config)
+        b = dict(permute(state, spec, random_permutation(spec, 7)))
+        result = match(state, b, spec, seed=1)
+        back = permute(b, spec, result.perm)
+        assert all(torch.equal(back[k], state[k]) for k in spec.params)
