@@ -11,7 +11,7 @@ from typing import Any
 
 from rebasin.checkpoint.atomic import Replaced
 from rebasin.commands.cluster import RayMap, connect
-from rebasin.commands.inputs import check_dtypes, check_finite
+from rebasin.commands.inputs import check_all_finite, check_dtypes
 from rebasin.commands.resolve import Run
 from rebasin.core.errors import CheckpointError
 from rebasin.core.types import PathLike, Progress
@@ -53,8 +53,8 @@ def run_spec(run: Run, check_data: bool = True, show: bool = False) -> tuple[Per
     spec, frozen = freeze_groups(spec, patterns)
     for ck in run.checkpoints:
         check_dtypes(ck, spec)
-        if check_data:
-            check_finite(ck)
+    if check_data:
+        check_all_finite(run.checkpoints)
     return spec, source, frozen
 
 
@@ -62,8 +62,8 @@ def check_unaligned(run: Run, check_data: bool = True) -> None:
     """The checks of the weights when nothing is aligned (no spec): floating point and finite."""
     for ck in run.checkpoints:
         check_dtypes(ck)
-        if check_data:
-            check_finite(ck)
+    if check_data:
+        check_all_finite(run.checkpoints)
 
 
 def evaluator(run: Run) -> Any:

@@ -450,3 +450,18 @@ def test_bad_alpha(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:
         ["merge", a, b, "-o", tmp_path / "o.safetensors", "--alpha", "1.5"],
         "--alpha must lie in [0, 1], got 1.5",
     )
+
+
+def test_non_finite_weights_in_both_name_the_first(write_st: Callable[..., Path], tmp_path: Path) -> None:
+    """The two checkpoints are scanned at once; the error is still the first checkpoint's."""
+    sd = build_model("mlp", in_features=20, hidden=32).state_dict()
+    bad_a, bad_b = sd["net.2.weight"].clone(), sd["net.0.weight"].clone()
+    bad_a[-1, -1], bad_b[0, 0] = float("inf"), float("nan")
+    a = write_st({**sd, "net.2.weight": bad_a}, "a.safetensors")
+    b = write_st({**sd, "net.0.weight": bad_b}, "b.safetensors")
+    for _ in range(3):
+        expect_error(
+            ["merge", a, b, "-o", tmp_path / "o.safetensors"],
+            f"{a}: tensor 'net.2.weight' contains Inf values",
+        )
+    no_leftovers(tmp_path, "o.safetensors")
