@@ -53,6 +53,19 @@ def test_planted_permutation_comes_back_exactly_through_the_streamed_path(kind: 
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_the_report_gives_the_bytes_each_phase_read(tmp_path: Path) -> None:
+    """The scan reads each input file once, whole; the write pass reads every tensor of both."""
+    a, b, _ = planted_pair("llama", tmp_path)
+    files = sum(f.stat().st_size for d in (a, b) for f in d.glob("*.safetensors"))
+    code, stdout, stderr = run("merge", a, b, "-o", tmp_path / "m", "--method", "weight", "--json")
+    assert code == 0, stderr
+    read = json.loads(stdout)["read_bytes"]
+    assert read["spec"] == files
+    assert files * 0.9 < read["write"] <= files  # the tensors: the files less their headers
+    profile = json.loads(stdout)["match"]["profile"]
+    assert read["match"] == profile["products_read_bytes"] + profile["objective_read_bytes"]
+
+
 def test_files_and_memory_give_bit_identical_merges(tmp_path: Path) -> None:
     """``rebasin merge`` on bfloat16 folders == the library on the same tensors held in memory."""
     a, b, planted = planted_pair("llama", tmp_path, torch.bfloat16)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,20 @@ def header_locations(
     return out
 
 
+_read_total = [0]
+_read_lock = threading.Lock()
+
+
+def bytes_read() -> int:
+    """Bytes of safetensors files this process has read so far (tensors and scans, all threads)."""
+    return _read_total[0]
+
+
+def _count(n: int) -> None:
+    with _read_lock:
+        _read_total[0] += n
+
+
 def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
     """The tensor at ``loc``, in a buffer of its own (read through ``fd`` when given, else a
     descriptor of its own). Raises OSError on a short read."""
@@ -71,6 +86,7 @@ def read_tensor(loc: Location, fd: int | None = None) -> torch.Tensor:
     finally:
         if own:
             os.close(fd)
+    _count(n)
     return out.view(loc.dtype).reshape(loc.shape)
 
 
@@ -110,3 +126,4 @@ def _hash_range(fd: int, lo: int, hi: int, h: Any) -> None:
             break
         h.update(chunk)
         lo += len(chunk)
+        _count(len(chunk))

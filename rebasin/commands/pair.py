@@ -59,7 +59,8 @@ def merge_checkpoints(
     with outputs_of(run):  # every output as one: a later failure puts the earlier back
         with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
             ev = evaluator(run)
-            result = align(run, spec, ev, progress)
+            with timings("match_s"):  # for its reads: the seconds are the matcher's own
+                result = align(run, spec, ev, progress)
             timings["match_s"] = round(result.seconds, 4)
             check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
             a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
@@ -104,6 +105,7 @@ def merge_checkpoints(
                 report["diagnosis"] = with_layers(seen.result(), seen.k, run, ev, b_aligned, progress)
         report["output"] = {"alpha": alpha, "files": written}
         report["timings"] = timings.total()
+        report["read_bytes"] = timings.read_bytes
         return finish(report, run)
 
 

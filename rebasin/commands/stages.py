@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rebasin.checkpoint.atomic import Replaced
+from rebasin.checkpoint.reader import bytes_read
 from rebasin.commands.cluster import RayMap, connect
 from rebasin.commands.inputs import check_all_finite, check_dtypes
 from rebasin.commands.resolve import Run
@@ -25,18 +26,25 @@ from rebasin.spec.core import PermutationSpec
 
 
 class Timings(dict[str, float]):
-    """Seconds per phase, as the report's ``timings`` section gives them."""
+    """Seconds per phase, as the report's ``timings`` section gives them, and the bytes of
+    checkpoint files each phase read (``read_bytes``: safetensors files, by this process)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._t0 = time.perf_counter()
+        self.read_bytes: dict[str, int] = {}
 
     @contextmanager
     def __call__(self, key: str, add: bool = False) -> Iterator[None]:
         """Time the block as ``key`` (``add``: on top of what ``key`` already holds)."""
-        t = time.perf_counter()
-        yield
-        self[key] = round(time.perf_counter() - t + (self.get(key, 0.0) if add else 0.0), 4)
+        t, r = time.perf_counter(), bytes_read()
+        try:
+            yield
+        finally:
+            self[key] = round(time.perf_counter() - t + (self.get(key, 0.0) if add else 0.0), 4)
+            phase = key.removesuffix("_s")
+            if n := bytes_read() - r + (self.read_bytes.get(phase, 0) if add else 0):
+                self.read_bytes[phase] = n
 
     def total(self) -> dict[str, float]:
         return {**self, "total_s": round(time.perf_counter() - self._t0, 4)}
