@@ -197,6 +197,7 @@ def read_rate(folders: tuple[Path, ...]) -> tuple[float, int]:
 def phases(
     prof: dict,
     timings: dict,
+    read_bytes: dict,
     folders: tuple[Path, Path, Path],
     gemm_rate: float,
     half_rate: float,
@@ -230,6 +231,9 @@ def phases(
         b_s = "-" if bound is None else f"{bound:.1f} s"
         ratio = f"{took / bound:.1f}x" if took is not None and bound else "-"
         print(f"    {label:<16} {t_s:>9}  bound {b_s:>8}  {ratio:>6}  {note}")
+    times = ", ".join(f"{k} {v / pair_bytes:.2f}" for k, v in read_bytes.items())
+    total = sum(read_bytes.values()) / pair_bytes
+    print(f"  the pair's files read (times, the report's read_bytes): {times}; {total:.2f} in all")
 
 
 def main() -> None:
@@ -286,7 +290,8 @@ def main() -> None:
         )
         print(f"{name:<10} " + " ".join(f"{c:>8}" for c in row) + f"  {ok}", flush=True)
         print(f"  timings {rep['timings']}; sweeps {trace['seconds_per_sweep']}", file=sys.stderr, flush=True)
-        phases(m.get("profile") or {}, rep["timings"], (a, b, out), flops / gemm_s, flops / half_s, flops)
+        rates = (flops / gemm_s, flops / half_s, flops)
+        phases(m.get("profile") or {}, rep["timings"], rep.get("read_bytes", {}), (a, b, out), *rates)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(out)])
 
