@@ -119,10 +119,6 @@ def check_all_finite(cks: Sequence[Checkpoint]) -> None:
     core busy: a pair scans in about half the time, one tensor of each in memory). The error
     raised is the one a scan in order would raise: the first failing checkpoint's; a failure
     stops the scans of the checkpoints after it."""
-    if len(cks) < 2:
-        for ck in cks:
-            check_finite(ck)
-        return
     stops = [threading.Event() for _ in cks]
 
     def scan(i: int) -> None:

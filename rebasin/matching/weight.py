@@ -28,6 +28,7 @@ member at a time in their stored dtype, and upcast a block of columns at a time 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,67 +81,66 @@ def weight_matching(
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
-    with reusing_freed_memory():  # tensor after tensor: the same pages, not fresh ones
-        model = CostModel(a, b, spec, torch.device(device), buffers)
-        try:
-            deadline = t0 + time_budget if time_budget is not None else None
-            search = _Search(model, backend, tol, progress, deadline)
-            best: _Run | None = None
-            traces: list[RestartTrace] = []
-            best_k = 0
-            for k in range(restarts):
-                run_seed = [int(seed), k]
-                rng = np.random.default_rng(run_seed)
-                if init is not None and k == 0:
-                    start, how = {g: v.clone() for g, v in init.items()}, "given"
-                elif k == 0:
-                    start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
-                else:
-                    start = random_permutation(spec, int(rng.integers(2**62)))
-                    how = "random"
-                label = f"weight matching (run {k + 1}/{restarts}"
-                run = _phased(search, start, rng, max_iter, label, sketch)
-                traces.append(
-                    RestartTrace(
-                        run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds
-                    )
-                )
-                if best is None or run.history[-1] > best.history[-1]:
-                    best, best_k = run, k
-                if search.stopped:
-                    break
-            assert best is not None
-            perm = best.perm
-            if traces[0].init == "identity":
-                at_identity = traces[0].objective_per_sweep[0]
+    with (
+        reusing_freed_memory(),  # tensor after tensor: the same pages, not fresh ones
+        contextlib.closing(CostModel(a, b, spec, torch.device(device), buffers)) as model,
+    ):
+        deadline = t0 + time_budget if time_budget is not None else None
+        search = _Search(model, backend, tol, progress, deadline)
+        best: _Run | None = None
+        traces: list[RestartTrace] = []
+        best_k = 0
+        for k in range(restarts):
+            run_seed = [int(seed), k]
+            rng = np.random.default_rng(run_seed)
+            if init is not None and k == 0:
+                start, how = {g: v.clone() for g, v in init.items()}, "given"
+            elif k == 0:
+                start, how = {g: torch.arange(n) for g, n in spec.sizes.items()}, "identity"
             else:
-                at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
-            return MatchResult(
-                perm=perm,
-                objective_identity=at_identity,
-                objective=best.history[-1],
-                groups={g: best.group_stats(g, model) for g in spec.sizes},
-                objective_name=OBJECTIVE,
-                maximize=True,
-                history=best.history,
-                converged=best.converged,
-                restarts=traces,
-                best_restart=best_k,
-                options={
-                    "max_iter": max_iter,
-                    "restarts": restarts,
-                    "seed": seed,
-                    "device": device,
-                    "backend": backend,
-                    "time_budget": time_budget,
-                    "sketch": sketch,
-                },
-                seconds=time.perf_counter() - t0,
-                stopped=search.stopped,
-                profile={**model.profile(), "assign_s": round(search.assign_s, 4)},
+                start = random_permutation(spec, int(rng.integers(2**62)))
+                how = "random"
+            label = f"weight matching (run {k + 1}/{restarts}"
+            run = _phased(search, start, rng, max_iter, label, sketch)
+            traces.append(
+                RestartTrace(
+                    run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds
+                )
             )
-        finally:
-            model.close()
+            if best is None or run.history[-1] > best.history[-1]:
+                best, best_k = run, k
+            if search.stopped:
+                break
+        assert best is not None
+        perm = best.perm
+        if traces[0].init == "identity":
+            at_identity = traces[0].objective_per_sweep[0]
+        else:
+            at_identity = model.objective({g: torch.arange(n) for g, n in spec.sizes.items()})
+        return MatchResult(
+            perm=perm,
+            objective_identity=at_identity,
+            objective=best.history[-1],
+            groups={g: best.group_stats(g, model) for g in spec.sizes},
+            objective_name=OBJECTIVE,
+            maximize=True,
+            history=best.history,
+            converged=best.converged,
+            restarts=traces,
+            best_restart=best_k,
+            options={
+                "max_iter": max_iter,
+                "restarts": restarts,
+                "seed": seed,
+                "device": device,
+                "backend": backend,
+                "time_budget": time_budget,
+                "sketch": sketch,
+            },
+            seconds=time.perf_counter() - t0,
+            stopped=search.stopped,
+            profile={**model.profile(), "assign_s": round(search.assign_s, 4)},
+        )
 
 
 def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
