@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 
 from rebasin.checkpoint import LazyStateDict, StateDict
 from rebasin.checkpoint.state import info_of
 from rebasin.core.types import Permutation
+from rebasin.matching.costs import param_dot
 from rebasin.permutation import permute_tensor
 from rebasin.spec.core import PermutationSpec
 
@@ -92,12 +93,18 @@ class Distances:
         spec: PermutationSpec,
         perm: Permutation,
         observe: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        dots: Collection[str] = (),
     ):
         """``observe(name, a, b, pi_b)``, when given, sees every floating-point tensor the pass
-        reads (``merge --diagnose`` gathers its figures there)."""
+        reads (``merge --diagnose`` gathers its figures there). The pass also takes
+        ``<A, pi(B)>`` of the parameters named in ``dots`` (:attr:`dots`: the exact objective
+        weight matching left to it, :attr:`MatchResult.unsettled`)."""
         self.a, self.b, self.spec, self.perm, self.observe = a, b, spec, perm, observe
         self._before: dict[str, float] = {}
         self._after: dict[str, float] = {}
+        self._want = set(dots)
+        self.dots: dict[str, float] = {}
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def aligned(self) -> StateDict:
         """pi(B), lazily, measuring both distances of every floating-point tensor it produces."""
@@ -111,12 +118,15 @@ class Distances:
             ta = self.a[key]
             self._before[key] = _squared_distance(ta, tb)
             self._after[key] = _squared_distance(ta, pib)
+            if key in self._want:
+                self.dots[key] = param_dot(ta, pib, self._scratch)
             if self.observe is not None:
                 self.observe(key, ta, tb, pib)
         return pib
 
     def result(self) -> dict[str, float]:
-        """``{"l2_before": ..., "l2_after": ...}`` over every floating-point tensor."""
+        """``{"l2_before": ..., "l2_after": ...}`` over every floating-point tensor (and every
+        dot of :attr:`dots` taken)."""
         for k in self.b:
             if k not in self._after:
                 self._get(k)

@@ -66,6 +66,23 @@ def test_the_report_gives_the_bytes_each_phase_read(tmp_path: Path) -> None:
     assert read["match"] == profile["products_read_bytes"] + profile["objective_read_bytes"]
 
 
+def test_the_merge_takes_the_exact_objectives_from_the_scan_and_the_write(tmp_path: Path) -> None:
+    """Weight matching's exact objective at the start comes from the scan's reads and at the
+    end from the write pass's: the same bits as the library's own, and no read of its own."""
+    a, b, _ = planted_pair("llama", tmp_path, torch.bfloat16)
+    code, stdout, stderr = run("merge", a, b, "-o", tmp_path / "m", "--method", "weight", "--json")
+    assert code == 0, stderr
+    got = json.loads(stdout)["match"]
+    spec = describe_spec(a)[0]
+    ref = match(load_checkpoint(a).state, load_checkpoint(b).state, spec, method="weight")
+    assert got["objective"] == ref.objective and got["history"] == ref.history
+    assert got["objective_identity"] == ref.objective_identity
+    state = load_checkpoint(a).state
+    one_read = 2 * sum(state[p].numel() * state[p].element_size() for p in spec.cost_params())
+    # at least the start's read saved (the end's too, unless a sweep within rounding took it)
+    assert ref.profile["objective_read_bytes"] - got["profile"]["objective_read_bytes"] >= one_read
+
+
 def test_files_and_memory_give_bit_identical_merges(tmp_path: Path) -> None:
     """``rebasin merge`` on bfloat16 folders == the library on the same tensors held in memory."""
     a, b, planted = planted_pair("llama", tmp_path, torch.bfloat16)

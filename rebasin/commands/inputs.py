@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from rebasin.checkpoint import Checkpoint, LazyStateDict, natural_key
 from rebasin.checkpoint.state import TensorInfo
 from rebasin.core.errors import CheckpointError, ConfigError
+from rebasin.matching.costs import param_dot
 from rebasin.models.fit import tolerated
 from rebasin.spec.core import PermutationSpec
 
@@ -96,9 +97,14 @@ def check_dtypes(ck: Checkpoint, spec: PermutationSpec | None = None) -> None:
             )
 
 
-def check_finite(ck: Checkpoint, stop: threading.Event | None = None) -> None:
+def check_finite(
+    ck: Checkpoint,
+    stop: threading.Event | None = None,
+    also: Callable[[str, torch.Tensor], None] | None = None,
+) -> None:
     """Float tensors must be finite (one read of the files, which also gives their SHA-256).
-    A set ``stop`` ends the scan early (:class:`_Stopped`)."""
+    A set ``stop`` ends the scan early (:class:`_Stopped`); ``also(name, tensor)`` sees every
+    tensor after its check."""
 
     def finite(k: str, t: torch.Tensor) -> None:
         if stop is not None and stop.is_set():
@@ -106,6 +112,8 @@ def check_finite(ck: Checkpoint, stop: threading.Event | None = None) -> None:
         if t.is_floating_point() and t.numel() and not _all_finite(t):
             what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(f"tensor '{k}' contains {what} values", source=ck.name)
+        if also is not None:
+            also(k, t)
 
     ck.scan(finite)
 
@@ -114,27 +122,94 @@ class _Stopped(Exception):
     """A scan ended because an earlier checkpoint's failed."""
 
 
-def check_all_finite(cks: Sequence[Checkpoint]) -> None:
+def check_all_finite(cks: Sequence[Checkpoint], dots: Collection[str] = ()) -> dict[str, float]:
     """:func:`check_finite` on every checkpoint, two at a time (the SHA-256 of a file keeps a
     core busy: a pair scans in about half the time, one tensor of each in memory). The error
     raised is the one a scan in order would raise: the first failing checkpoint's; a failure
-    stops the scans of the checkpoints after it."""
+    stops the scans of the checkpoints after it.
+
+    For a pair, returns ``<A_p, B_p>`` (:func:`param_dot`) of the parameters named in ``dots``
+    that the two scans met in the same order (:class:`_Meeting`): weight matching's objective at
+    the start, without a pass of its own."""
     stops = [threading.Event() for _ in cks]
+    meeting = _Meeting(dots) if len(cks) == 2 and dots else None
 
     def scan(i: int) -> None:
         try:
-            check_finite(cks[i], stops[i])
+            check_finite(cks[i], stops[i], meeting.hook(i) if meeting else None)
         except _Stopped:
             pass
         except BaseException:
             for later in stops[i + 1 :]:
                 later.set()
             raise
+        finally:
+            if meeting:
+                meeting.leave(i)
 
     with ThreadPoolExecutor(2, thread_name_prefix="rebasin-scan") as pool:
         done = [pool.submit(scan, i) for i in range(len(cks))]
         for f in done:
             f.result()
+    return meeting.dots if meeting else {}
+
+
+class _Meeting:
+    """Where the scans of A and B meet to take ``<A_p, B_p>`` of the named parameters, holding at
+    most one tensor each beyond the one being read. A scan that finds a tensor waiting for it
+    takes the product; else it leaves its own and reads on, and waits before leaving a second.
+    Checkpoints written by the same code store their tensors in the same order, so neither waits
+    long. When both would wait (different orders) or the other scan has ended, they stop
+    meeting: what was taken stands, matching reads the rest."""
+
+    def __init__(self, names: Collection[str]):
+        self.names = set(names)
+        self.dots: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._left: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._waiting = [False, False]
+        self._gone = [False, False]
+        self._over = False
+        self._scratch: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+
+    def hook(self, i: int) -> Callable[[str, torch.Tensor], None]:
+        return lambda k, t: self._meet(i, k, t)
+
+    def _meet(self, i: int, k: str, t: torch.Tensor) -> None:
+        if k not in self.names:
+            return
+        other = 1 - i
+        with self._cond:
+            if self._over:
+                return
+            mate = self._left[other].pop(k, None)
+            if mate is None:
+                while self._left[i] and not self._over:
+                    if self._waiting[other] or self._gone[other]:
+                        self._stop()
+                        break
+                    self._waiting[i] = True
+                    self._cond.wait()
+                    self._waiting[i] = False
+                if not self._over:
+                    self._left[i][k] = t
+                return
+            self._cond.notify_all()
+        a, b = (t, mate) if i == 0 else (mate, t)
+        value = param_dot(a, b, self._scratch[i])
+        with self._cond:
+            self.dots[k] = value
+
+    def leave(self, i: int) -> None:
+        with self._cond:
+            self._gone[i] = True
+            if self._waiting[1 - i]:
+                self._stop()
+
+    def _stop(self) -> None:
+        self._over = True
+        self._left = [{}, {}]
+        self._cond.notify_all()
 
 
 def _all_finite(t: torch.Tensor) -> bool:

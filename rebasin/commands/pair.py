@@ -55,19 +55,21 @@ def merge_checkpoints(
         run = resolve_run("merge", opts, [a_path, b_path], out)
     a, b = run.checkpoints
     with timings("spec_s"):
-        spec, source, frozen = run_spec(run)
+        spec, source, frozen, dots = run_spec(run)
     with outputs_of(run):  # every output as one: a later failure puts the earlier back
         with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
             ev = evaluator(run)
             with timings("match_s"):  # for its reads: the seconds are the matcher's own
-                result = align(run, spec, ev, progress)
+                result = align(run, spec, ev, progress, dots, settle_later=True)  # settled by the write pass
             timings["match_s"] = round(result.seconds, 4)
             check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
             a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
             seen = (
                 Agreements(spec, a.shapes, opts.evaluate.top_k, run.seed) if opts.evaluate.diagnose else None
             )
-            distances = Distances(a_state, b.state, spec, result.perm, seen.add if seen else None)
+            distances = Distances(
+                a_state, b.state, spec, result.perm, seen.add if seen else None, result.unsettled
+            )
             b_aligned = distances.aligned()  # measures both distances as the merge reads it
             report = pair_report(run, spec, source, frozen, result)
             if run.evaluation is not None:
@@ -100,6 +102,8 @@ def merge_checkpoints(
             report["notes"] = notes
         with timings("distance_s"):  # what the write did not already read
             report["distance"] = distances.result()
+        result = result.settle(distances.dots)  # the exact objective, from the write pass's reads
+        report["match"] = result.to_dict()
         if seen is not None:  # the agreements came with the write pass; the layers' paths need data
             with timings("diagnose_s"):
                 report["diagnosis"] = with_layers(seen.result(), seen.k, run, ev, b_aligned, progress)
@@ -120,9 +124,9 @@ def barrier_checkpoints(
     ev = evaluator(run)
     b_aligned = None
     if run.matcher is not None:
-        spec, source, frozen = run_spec(run)
+        spec, source, frozen, dots = run_spec(run)
         with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
-            result = align(run, spec, ev, progress)
+            result = align(run, spec, ev, progress, dots)
             report = pair_report(run, spec, source, frozen, result)
             b_aligned = permute(b.state, spec, result.perm)
             report["equivalence"] = check(result.perm)

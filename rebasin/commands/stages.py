@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rebasin.checkpoint.atomic import Replaced
 from rebasin.checkpoint.reader import bytes_read
@@ -50,20 +50,33 @@ class Timings(dict[str, float]):
         return {**self, "total_s": round(time.perf_counter() - self._t0, 4)}
 
 
-def run_spec(run: Run, check_data: bool = True, show: bool = False) -> tuple[PermutationSpec, str, list[str]]:
+class Scoped(NamedTuple):
+    """What :func:`run_spec` settles: the spec, where it came from, the groups held out, and the
+    identity dots the scan took for the matcher (:attr:`MatchProblem.dots`)."""
+
+    spec: PermutationSpec
+    source: str
+    frozen: list[str]
+    dots: dict[str, float]
+
+
+def run_spec(run: Run, check_data: bool = True, show: bool = False) -> Scoped:
     """The run's spec (frozen groups held out), with the weights it touches checked: floating
     point in every checkpoint (from headers) and, unless ``check_data`` is off (a dry run),
-    finite (one read of the files, which also gives their SHA-256). A spec that needs a config
-    the checkpoint lacks is an error, except when it is only shown (``show``: ``rebasin spec``)."""
+    finite (one read of the files, which also gives their SHA-256; for a pair matched on the CPU,
+    also ``<A_p, B_p>`` of the weighed parameters). A spec that needs a config the checkpoint
+    lacks is an error, except when it is only shown (``show``: ``rebasin spec``)."""
     a = run.checkpoints[0]
     spec, source = choose_spec(run.options.spec.spec, a, run.model, run.known_data)
     patterns = run.options.spec.freeze if show else check_config(spec, a, run.options.spec.freeze)
     spec, frozen = freeze_groups(spec, patterns)
     for ck in run.checkpoints:
         check_dtypes(ck, spec)
+    dots: dict[str, float] = {}
     if check_data:
-        check_all_finite(run.checkpoints)
-    return spec, source, frozen
+        pair = run.matcher is not None and len(run.checkpoints) == 2 and run.device == "cpu"
+        dots = check_all_finite(run.checkpoints, spec.cost_params(()) if pair else ())
+    return Scoped(spec, source, frozen, dots)
 
 
 def check_unaligned(run: Run, check_data: bool = True) -> None:
@@ -81,12 +94,23 @@ def evaluator(run: Run) -> Any:
     return make_evaluator(run.checkpoints[0], run.model.need(), run.data, run.seed, run.device)
 
 
-def align(run: Run, spec: PermutationSpec, ev: Any, progress: Progress | None) -> MatchResult:
-    """Run the matcher on A and B, with the data side where the run gives it one."""
+def align(
+    run: Run,
+    spec: PermutationSpec,
+    ev: Any,
+    progress: Progress | None,
+    dots: dict[str, float] | None = None,
+    settle_later: bool = False,
+) -> MatchResult:
+    """Run the matcher on A and B, with the data side where the run gives it one (``dots`` and
+    ``settle_later``: see :class:`MatchProblem`)."""
     assert run.matcher is not None
     a, b = run.checkpoints[:2]
     data = EvaluatorData(ev, a, spec, run.seed) if run.matcher_data else None
-    return run.matcher.match(MatchProblem(a.state, b.state, spec, data, run.seed, run.device), progress)
+    problem = MatchProblem(
+        a.state, b.state, spec, data, run.seed, run.device, dots=dots, settle_later=settle_later
+    )
+    return run.matcher.match(problem, progress)
 
 
 def curves(

@@ -41,7 +41,7 @@ from rebasin.checkpoint.state import shape_of
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation
 from rebasin.permutation import permute_tensor, take
-from rebasin.spec.core import Member, PermutationSpec
+from rebasin.spec.core import Member, PermutationSpec, parts
 
 BLOCK_BYTES = 64 << 20
 """Largest float32 block of a member's columns upcast at once for a product."""
@@ -72,7 +72,12 @@ class CostModel:
         buffers: Collection[str] = (),
         memory_bytes: int | None = None,
         scratch: bool = True,
+        known: Mapping[str, float] | None = None,
     ):
+        """``known``: :func:`param_dot` of parameters of A and B as stored, taken by a pass that
+        read both anyway (the input scan): the objective uses them wherever every axis of the
+        parameter is unmoved, instead of reading it. Only on the CPU, where they were taken (the
+        same bits)."""
         self.spec = spec
         self.device = device
         weighed = spec.cost_params(buffers)
@@ -103,6 +108,7 @@ class CostModel:
         self.seconds = {"products": 0.0, "objective": 0.0}
         self.bytes_read = {"products": 0, "objective": 0}
         self._phase = "products"
+        self._known = dict(known or {}) if device.type == "cpu" else {}
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
@@ -255,18 +261,29 @@ class CostModel:
         return self.objectives([perm])[0]
 
     def objectives(self, perms: Sequence[Permutation]) -> list[float]:
-        """:meth:`objective` of several permutations, reading each tensor once for all."""
+        """:meth:`objective` of several permutations, reading each tensor once for all (and not
+        at all where its value is known for every one of them)."""
         t0 = time.perf_counter()
         self._phase = "objective"
         totals = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in perms]
+        moved = [{g for g, v in perm.items() if not _is_identity(v)} for perm in perms]
         scratch: dict[torch.dtype, torch.Tensor] = {}
         try:
             for p in self.params:
-                x = self.tensor("a", p).reshape(-1)
+                axes = self.spec.axes_to_perm[p]
+                groups = {a.group for e in axes for a in parts(e)}
+                todo = []
+                for total, perm, gone in zip(totals, perms, moved, strict=True):
+                    if p in self._known and groups.isdisjoint(gone):
+                        total += self._known[p]
+                    else:
+                        todo.append((total, perm))
+                if not todo:
+                    continue
+                x = self.tensor("a", p)
                 tb = self.tensor("b", p)
-                for total, perm in zip(totals, perms, strict=True):
-                    y = permute_tensor(tb, self.spec.axes_to_perm[p], perm).reshape(-1)
-                    total += _dot(x, y, scratch)
+                for total, perm in todo:
+                    total += param_dot(x, permute_tensor(tb, axes, perm), scratch)
         finally:
             self._phase = "products"
         self.seconds["objective"] += time.perf_counter() - t0
@@ -379,11 +396,17 @@ def _is_identity(cols: torch.Tensor) -> bool:
     return bool(torch.equal(cols, torch.arange(len(cols), device=cols.device)))
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor, scratch: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
-    """``<x, y>`` of two flat tensors, summed in float64 a block of :data:`_CHUNK` at a time in a
-    buffer kept in ``scratch`` (a fresh block each time faults in new pages: 1.5x slower).
-    Products of 2-byte floats are exact in float32 (at most 22 significant bits; weights never
-    come near its range's ends), 3x faster than in float64."""
+def param_dot(
+    a: torch.Tensor, b: torch.Tensor, scratch: dict[torch.dtype, torch.Tensor] | None = None
+) -> float:
+    """``<a, b>`` of one parameter of A and of (permuted) B as the exact objective sums it: in
+    float64, a block of :data:`_CHUNK` at a time in a buffer kept in ``scratch`` (a fresh block
+    each time faults in new pages: 1.5x slower). Every pass that takes it (the input scan, the
+    matching, the write pass) calls this, so the same tensors give the same bits. Products of
+    2-byte floats are exact in float32 (at most 22 significant bits; weights never come near its
+    range's ends), 3x faster than in float64."""
+    x, y = a.reshape(-1), b.reshape(-1).to(a.device)
+    scratch = {} if scratch is None else scratch
     dtype = torch.float32 if x.element_size() == 2 and y.element_size() == 2 else torch.float64
     buf = scratch.get(dtype)
     if buf is None or buf.numel() < min(_CHUNK, x.numel()):
@@ -395,7 +418,7 @@ def _dot(x: torch.Tensor, y: torch.Tensor, scratch: dict[torch.dtype, torch.Tens
         p.copy_(x[i : i + k])
         p.mul_(y[i : i + k])
         total += p.sum(dtype=torch.float64)
-    return total
+    return float(total)
 
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:

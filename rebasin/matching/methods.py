@@ -61,12 +61,18 @@ class WeightMatching(Matcher):
         return 0.0
 
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
-        return self.run(problem, progress=progress)
+        return self.run(problem, progress=progress, settle_later=problem.settle_later)
 
     def run(
-        self, problem: MatchProblem, init: Permutation | None = None, progress: Progress | None = None
+        self,
+        problem: MatchProblem,
+        init: Permutation | None = None,
+        progress: Progress | None = None,
+        settle_later: bool = False,
     ) -> MatchResult:
-        """:meth:`solve`, with run 0 starting at ``init`` instead of the identity when given."""
+        """:meth:`solve`, with run 0 starting at ``init`` instead of the identity when given
+        (``settle_later``: see :attr:`MatchProblem.settle_later`; the objectives of runs that
+        are compared with each other are always exact)."""
         from rebasin.matching.weight import weight_matching
 
         return weight_matching(
@@ -84,6 +90,8 @@ class WeightMatching(Matcher):
             init=init,
             time_budget=self.time_budget,
             sketch=self.sketch,
+            known=problem.dots,
+            settle_later=settle_later,
         )
 
 

@@ -99,6 +99,13 @@ class MatchProblem:
     device: str = "cpu"
     buffers: frozenset[str] = frozenset()
     """Non-parameter state beyond the running statistics found by name (permuted, never weighed)."""
+    dots: Mapping[str, float] | None = None
+    """``<A_p, B_p>`` of parameters as stored, taken on the CPU by a pass that read both (the
+    input scan, :func:`rebasin.matching.costs.param_dot`): weight matching's objective at the
+    start then reads nothing."""
+    settle_later: bool = False
+    """The caller passes over pi(B) after matching and settles the exact objective there
+    (:meth:`rebasin.matching.result.MatchResult.settle`): weight matching (one run) skips that read."""
 
     @property
     def cost_params(self) -> list[str]:

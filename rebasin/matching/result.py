@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,27 @@ class MatchResult:
     profile: dict[str, float | int] = field(default_factory=dict)
     """Where the time and the reads went (weight matching: seconds of products, assignments and
     the exact objective; bytes read; multiply-adds computed, updated and saved)."""
+    unsettled: tuple[str, ...] = ()
+    """Weight matching asked to leave its final exact objective to the caller's pass over pi(B)
+    (``settle_later``): the parameters whose ``<A, pi(B)>`` that pass takes (with
+    :func:`rebasin.matching.costs.param_dot`) for :meth:`settle`. Until then ``objective`` and
+    the last ``history`` entries are the float32 products' estimate. Empty: settled."""
+
+    def settle(self, dots: Mapping[str, float]) -> MatchResult:
+        """The result with its exact objective: ``dots`` (``<A, pi(B)>`` of each parameter in
+        :attr:`unsettled`) summed in order, as the matching would have summed them."""
+        if not self.unsettled:
+            return self
+        value = 0.0
+        for p in self.unsettled:
+            value += dots[p]
+        history = capped(self.history, value)
+        traces = list(self.restarts)
+        if traces:
+            t = traces[self.best_restart]
+            per_sweep = capped(t.objective_per_sweep, value)
+            traces[self.best_restart] = dataclasses.replace(t, objective=value, objective_per_sweep=per_sweep)
+        return dataclasses.replace(self, objective=value, history=history, restarts=traces, unsettled=())
 
     def improved(self) -> bool:
         """Whether the found permutation is at least as good as B as it is, on the method's own
@@ -97,6 +119,18 @@ class MatchResult:
             "restarts": [r.__dict__ for r in self.restarts],
             "groups": {g: s.__dict__ for g, s in self.groups.items()},
         }
+
+
+def capped(history: list[float], value: float) -> list[float]:
+    """A descent's objective per sweep ending at its exact ``value``: the estimates before it
+    are capped at it (each is within the products' rounding of its sweep's exact value, and the
+    exact values never fall)."""
+    out = [*history[:-1], value]
+    for i in range(len(out) - 2, -1, -1):
+        if out[i] <= value:
+            break
+        out[i] = value
+    return out
 
 
 def no_worse(

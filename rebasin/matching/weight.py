@@ -41,7 +41,7 @@ from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
 from rebasin.matching.assignment import resolve_backend, solve_unit
 from rebasin.matching.costs import CostModel
-from rebasin.matching.result import GroupStats, MatchResult, RestartTrace
+from rebasin.matching.result import GroupStats, MatchResult, RestartTrace, capped
 from rebasin.permutation import random_permutation
 from rebasin.spec.core import PermutationSpec
 
@@ -65,6 +65,8 @@ def weight_matching(
     buffers: Collection[str] = (),
     time_budget: float | None = None,
     sketch: int = 1,
+    known: Mapping[str, float] | None = None,
+    settle_later: bool = False,
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
@@ -76,14 +78,19 @@ def weight_matching(
     search stops at the end of the last sweep completed within it and says so (``stopped``).
     With ``sketch`` > 1, each run first descends on costs from one in ``sketch`` contracted
     columns (a fixed random subset), then goes on with exact costs from where that phase ended:
-    the result is a fixed point of the exact method, like a run without it."""
+    the result is a fixed point of the exact method, like a run without it.
+
+    Two exact float64 objectives bracket a run, each a pass over both models; callers that pass
+    over them anyway can take them along. ``known`` (:class:`CostModel`) gives the start's from
+    the input scan. ``settle_later``, with one run, leaves the end's to the caller's pass over
+    pi(B) (:attr:`MatchResult.unsettled`, :meth:`MatchResult.settle`)."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
     with (
         reusing_freed_memory(),  # tensor after tensor: the same pages, not fresh ones
-        contextlib.closing(CostModel(a, b, spec, torch.device(device), buffers)) as model,
+        contextlib.closing(CostModel(a, b, spec, torch.device(device), buffers, known=known)) as model,
     ):
         deadline = t0 + time_budget if time_budget is not None else None
         search = _Search(model, backend, tol, progress, deadline)
@@ -101,7 +108,7 @@ def weight_matching(
                 start = random_permutation(spec, int(rng.integers(2**62)))
                 how = "random"
             label = f"weight matching (run {k + 1}/{restarts}"
-            run = _phased(search, start, rng, max_iter, label, sketch)
+            run = _phased(search, start, rng, max_iter, label, sketch, settle_later and restarts == 1)
             traces.append(
                 RestartTrace(
                     run_seed, how, run.history[-1], run.sweeps, run.converged, run.history, run.seconds
@@ -140,6 +147,7 @@ def weight_matching(
             seconds=time.perf_counter() - t0,
             stopped=search.stopped,
             profile={**model.profile(), "assign_s": round(search.assign_s, 4)},
+            unsettled=tuple(model.params) if not best.exact else (),
         )
 
 
@@ -161,11 +169,18 @@ def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
 
 
 def _phased(
-    search: _Search, start: Permutation, rng: np.random.Generator, max_iter: int, label: str, sketch: int
+    search: _Search,
+    start: Permutation,
+    rng: np.random.Generator,
+    max_iter: int,
+    label: str,
+    sketch: int,
+    settle_later: bool = False,
 ) -> _Run:
-    """One run: with ``sketch`` > 1, a descent on sketched costs, then the exact one from there."""
+    """One run: with ``sketch`` > 1, a descent on sketched costs, then the exact one from there
+    (``settle_later``: the exact objective at its end is left to the caller)."""
     if sketch <= 1:
-        return search.descend(start, rng, max_iter, label)
+        return search.descend(start, rng, max_iter, label, settle_later=settle_later)
     search.model.sketch = sketch
     try:
         first = search.descend(start, rng, max_iter, f"{label}, sketch 1/{sketch}")
@@ -175,7 +190,7 @@ def _phased(
         first.converged = False
         first.stats = {}  # they came from sketched costs: the report's group figures are exact
         return first
-    run = search.descend(first.perm, rng, max_iter - first.sweeps, label, first.history[-1])
+    run = search.descend(first.perm, rng, max_iter - first.sweeps, label, first.history[-1], settle_later)
     run.history = first.history + run.history[1:]
     run.seconds = first.seconds + run.seconds
     run.sweeps += first.sweeps
@@ -192,6 +207,8 @@ class _Run:
         self.seconds: list[float] = []
         self.sweeps = 0
         self.converged = False
+        self.exact = True
+        """Whether ``history[-1]`` is the exact objective of ``perm`` (else it is left to settle)."""
         self.stats: dict[str, tuple[float, float, dict[str, torch.Tensor]]] = {}
 
     def group_stats(self, g: str, model: CostModel) -> GroupStats:
@@ -231,12 +248,14 @@ class _Search:
         max_iter: int,
         label: str,
         first: float | None = None,
+        settle_later: bool = False,
     ) -> _Run:
         """One descent from ``perm`` (whose exact objective is ``first``, when known). A sweep's
         objective is the last one plus the gains of its moves, read off the cost matrices the
         sweep computed; a sweep whose gain is within the float32 products' rounding
         (:data:`NOISE`), every sketched sweep and the run's end take the exact (float64) objective,
-        and a sweep that does not raise it is undone and ends the run."""
+        and a sweep that does not raise it is undone and ends the run (with ``settle_later``, the
+        end's exact objective is left to the caller)."""
         spec = self.model.spec
         run = _Run(perm, self.model.objective(perm) if first is None else first)
         exact = True  # whether run.history[-1] is the exact objective of run.perm
@@ -258,7 +277,7 @@ class _Search:
                     self.stopped = (
                         f"time budget reached during sweep {sweep}: the result is that of sweep {sweep - 1}"
                     )
-                    return self._finish(run, exact)
+                    return self._finish(run, exact, settle_later)
                 stage = [u for u in batch if not dirty.isdisjoint(u)]  # batch-mates never dirty each other
                 for u in stage:
                     dirty.difference_update(u)
@@ -286,25 +305,22 @@ class _Search:
                     run.history[-1] = before
                     run.history.append(before)
                     run.converged = True
-                    return self._finish(run, exact or gain > 0)
+                    return self._finish(run, exact or gain > 0, settle_later)
                 run.history.append(value)
                 exact = True
             if self.deadline is not None and time.perf_counter() > self.deadline and sweep < max_iter:
                 self.stopped = f"time budget reached after sweep {sweep}"
-                return self._finish(run, exact)
-        return self._finish(run, exact)
+                return self._finish(run, exact, settle_later)
+        return self._finish(run, exact, settle_later)
 
-    def _finish(self, run: _Run, exact: bool) -> _Run:
-        """End a run with the exact objective of its permutation. The estimates before it are
-        capped at it: each is within the products' rounding of its sweep's exact value, and the
-        exact values never fall."""
+    def _finish(self, run: _Run, exact: bool, settle_later: bool = False) -> _Run:
+        """End a run with the exact objective of its permutation (:func:`capped`), or, with
+        ``settle_later``, with its estimate, to be settled by the caller."""
         if not exact:
-            value = self.model.objective(run.perm)
-            run.history[-1] = value
-            for i in range(len(run.history) - 2, -1, -1):
-                if run.history[i] <= value:
-                    break
-                run.history[i] = value
+            if settle_later:
+                run.exact = False
+            else:
+                run.history = capped(run.history, self.model.objective(run.perm))
         return run
 
     def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> float:

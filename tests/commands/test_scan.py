@@ -50,3 +50,54 @@ def test_clean_checkpoints_pass() -> None:
     cks = [Fake(n, 5, bad=None) for n in "abc"]
     check_all_finite(cks)  # type: ignore[arg-type]
     assert [c.seen for c in cks] == [5, 5, 5]
+
+
+class Stored:
+    """A checkpoint of real tensors, scanned in a given order (optionally slowly)."""
+
+    def __init__(self, name: str, state: dict[str, torch.Tensor], order: list[str], pause: float = 0.0):
+        self.name, self.state, self.order, self.pause = name, state, order, pause
+
+    def scan(self, visit: Callable[[str, torch.Tensor], None]) -> None:
+        for k in self.order:
+            if self.pause:
+                threading.Event().wait(self.pause)
+            visit(k, self.state[k])
+
+
+def _states(n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    a = {f"t{i}": torch.randn(8, 5, generator=g).bfloat16() for i in range(n)}
+    b = {k: torch.randn(8, 5, generator=g).bfloat16() for k in a}
+    return a, b
+
+
+@pytest.mark.parametrize("slow", ["a", "b", None])
+def test_scans_in_the_same_order_take_every_dot(slow: str | None) -> None:
+    from rebasin.matching.costs import param_dot
+
+    a, b = _states(12)
+    order = list(a)
+    cks = [Stored(n, s, order, 0.01 if n == slow else 0.0) for n, s in (("a", a), ("b", b))]
+    names = [k for k in order if k != "t3"]
+    dots = check_all_finite(cks, names)  # type: ignore[arg-type]
+    assert dots == {k: param_dot(a[k], b[k]) for k in names}
+
+
+def test_scans_in_different_orders_stop_meeting_without_waiting_forever() -> None:
+    from rebasin.matching.costs import param_dot
+
+    a, b = _states(12)
+    cks = [Stored("a", a, list(a)), Stored("b", b, list(reversed(list(b))), 0.001)]
+    dots = check_all_finite(cks, list(a))  # type: ignore[arg-type]
+    assert all(v == param_dot(a[k], b[k]) for k, v in dots.items())
+    assert len(dots) < 12
+
+
+def test_a_failing_scan_still_names_its_checkpoint_when_meeting() -> None:
+    a, b = _states(6)
+    b["t4"] = torch.full((8, 5), float("nan")).bfloat16()
+    cks = [Stored("a", a, list(a), 0.01), Stored("b", b, list(b))]
+    with pytest.raises(CheckpointError) as e:
+        check_all_finite(cks, list(a))  # type: ignore[arg-type]
+    assert "tensor 't4' contains NaN values" in str(e.value) and e.value.source == "b"
