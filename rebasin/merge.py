@@ -104,7 +104,7 @@ class Distances:
         self._after: dict[str, float] = {}
         self._want = set(dots)
         self.dots: dict[str, float] = {}
-        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def aligned(self) -> StateDict:
         """pi(B), lazily, measuring both distances of every floating-point tensor it produces."""

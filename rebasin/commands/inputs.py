@@ -135,8 +135,10 @@ def check_all_finite(cks: Sequence[Checkpoint], dots: Collection[str] = ()) -> d
     meeting = _Meeting(dots) if len(cks) == 2 and dots else None
 
     def scan(i: int) -> None:
+        ok = False
         try:
             check_finite(cks[i], stops[i], meeting.hook(i) if meeting else None)
+            ok = True
         except _Stopped:
             pass
         except BaseException:
@@ -145,7 +147,7 @@ def check_all_finite(cks: Sequence[Checkpoint], dots: Collection[str] = ()) -> d
             raise
         finally:
             if meeting:
-                meeting.leave(i)
+                meeting.leave(i, ok)
 
     with ThreadPoolExecutor(2, thread_name_prefix="rebasin-scan") as pool:
         done = [pool.submit(scan, i) for i in range(len(cks))]
@@ -154,57 +156,93 @@ def check_all_finite(cks: Sequence[Checkpoint], dots: Collection[str] = ()) -> d
     return meeting.dots if meeting else {}
 
 
+PARK_BYTES = 256 << 20
+"""Bytes of tensors a scan may leave waiting for the other's (at least one tensor)."""
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class _Meeting:
-    """Where the scans of A and B meet to take ``<A_p, B_p>`` of the named parameters, holding at
-    most one tensor each beyond the one being read. A scan that finds a tensor waiting for it
-    takes the product; else it leaves its own and reads on, and waits before leaving a second.
-    Checkpoints written by the same code store their tensors in the same order, so neither waits
-    long. When both would wait (different orders) or the other scan has ended, they stop
-    meeting: what was taken stands, matching reads the rest."""
+    """Where the scans of A and B meet to take ``<A_p, B_p>`` of the named parameters. A scan
+    that finds the other's tensor waiting for it has a pair: the scan with fewer bytes of
+    products so far takes it (now, or at its next tensor), so both scans carry half. Else it
+    leaves its own and reads on, and waits before leaving more than :data:`PARK_BYTES` (at
+    least one tensor). Checkpoints written by the same code store their tensors in the same
+    order, so neither waits long. When both would wait (different orders) or the other scan has
+    ended, they stop meeting: what was taken stands, matching reads the rest."""
 
     def __init__(self, names: Collection[str]):
         self.names = set(names)
         self.dots: dict[str, float] = {}
         self._cond = threading.Condition()
         self._left: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._pairs: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[], []]
+        self._load = [0, 0]
         self._waiting = [False, False]
         self._gone = [False, False]
         self._over = False
-        self._scratch: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._scratch: list[dict[str, torch.Tensor]] = [{}, {}]
 
     def hook(self, i: int) -> Callable[[str, torch.Tensor], None]:
         return lambda k, t: self._meet(i, k, t)
 
     def _meet(self, i: int, k: str, t: torch.Tensor) -> None:
-        if k not in self.names:
-            return
-        other = 1 - i
-        with self._cond:
-            if self._over:
-                return
-            mate = self._left[other].pop(k, None)
-            if mate is None:
-                while self._left[i] and not self._over:
-                    if self._waiting[other] or self._gone[other]:
-                        self._stop()
-                        break
-                    self._waiting[i] = True
-                    self._cond.wait()
-                    self._waiting[i] = False
-                if not self._over:
-                    self._left[i][k] = t
-                return
-            self._cond.notify_all()
-        a, b = (t, mate) if i == 0 else (mate, t)
-        value = param_dot(a, b, self._scratch[i])
-        with self._cond:
-            self.dots[k] = value
+        if k in self.names:
+            with self._cond:
+                self._place(i, k, t)
+        self._take(i)
 
-    def leave(self, i: int) -> None:
+    def _place(self, i: int, k: str, t: torch.Tensor) -> None:
+        """Pair ``t`` with the other's tensor ``k``, or leave it for the other (under the lock)."""
+        other = 1 - i
+        if self._over:
+            return
+        mate = self._left[other].pop(k, None)
+        if mate is not None:
+            self._waiting[other] = False  # free to leave its next one, whether awake yet or not
+            self._cond.notify_all()
+            a, b = (t, mate) if i == 0 else (mate, t)
+            j = i if self._gone[other] or self._load[i] <= self._load[other] else other
+            self._load[j] += _nbytes(t)
+            self._pairs[j].append((k, a, b))
+            return
+        while self._left[i] and not self._over and self._parked(i) + _nbytes(t) > PARK_BYTES:
+            if (self._waiting[other] and self._left[other]) or self._gone[other]:
+                self._stop()
+                return
+            self._waiting[i] = True
+            self._cond.wait()
+            self._waiting[i] = False
+        if not self._over:
+            self._left[i][k] = t
+
+    def _take(self, i: int) -> None:
+        """The products of the pairs given to scan ``i``."""
+        with self._cond:
+            pairs, self._pairs[i] = self._pairs[i], []
+        for k, a, b in pairs:
+            value = param_dot(a, b, self._scratch[i])
+            with self._cond:
+                self.dots[k] = value
+
+    def _parked(self, i: int) -> int:
+        return sum(_nbytes(t) for t in self._left[i].values())
+
+    def leave(self, i: int, ok: bool) -> None:
+        """Scan ``i`` has ended (``ok``: it read everything; then it takes its last pairs)."""
+        if ok:
+            self._take(i)
         with self._cond:
             self._gone[i] = True
             if self._waiting[1 - i]:
                 self._stop()
+            left, self._pairs[i] = self._pairs[i], []
+            if left and not self._gone[1 - i]:  # given to it while it was leaving
+                self._pairs[1 - i].extend(left)
+        if ok:
+            self._take(i)  # pairs it could not hand on
 
     def _stop(self) -> None:
         self._over = True

@@ -84,14 +84,21 @@ def test_scans_in_the_same_order_take_every_dot(slow: str | None) -> None:
     assert dots == {k: param_dot(a[k], b[k]) for k in names}
 
 
-def test_scans_in_different_orders_stop_meeting_without_waiting_forever() -> None:
+@pytest.mark.parametrize("room", [0, None])
+def test_scans_in_different_orders_stop_meeting_without_waiting_forever(
+    monkeypatch, room: int | None
+) -> None:
+    """With room for one waiting tensor each, reversed orders stop meeting; with room for all
+    of them, every dot is taken all the same."""
     from rebasin.matching.costs import param_dot
 
+    if room is not None:
+        monkeypatch.setattr("rebasin.commands.inputs.PARK_BYTES", room)
     a, b = _states(12)
     cks = [Stored("a", a, list(a)), Stored("b", b, list(reversed(list(b))), 0.001)]
     dots = check_all_finite(cks, list(a))  # type: ignore[arg-type]
     assert all(v == param_dot(a[k], b[k]) for k, v in dots.items())
-    assert len(dots) < 12
+    assert len(dots) < 12 if room == 0 else len(dots) == 12
 
 
 def test_a_failing_scan_still_names_its_checkpoint_when_meeting() -> None:
