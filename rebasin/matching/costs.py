@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,13 +112,16 @@ class CostModel:
         self.seconds = {"products": 0.0, "objective": 0.0}
         self.bytes_read = {"products": 0, "objective": 0}
         self._phase = "products"
+        self._lock = threading.Lock()
+        self._reader: ThreadPoolExecutor | None = None
         self._known = dict(known or {}) if device.type == "cpu" else {}
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
         src = self._a if side == "a" else self._b
         t = src[p]
-        self.bytes_read[self._phase] += t.numel() * t.element_size()
+        with self._lock:
+            self.bytes_read[self._phase] += t.numel() * t.element_size()
         return t.to(device=self.device)
 
     def _work(self, g: str, members: Collection[Member]) -> float:
@@ -177,8 +181,8 @@ class CostModel:
         moved = sum(len(s) for s in changed.values())
         if moved > UPDATE_SHARE * sum(self._width(m) for m in moving):
             return None
-        for m, cols in changed.items():
-            self._update(value, g, m, cols, maps[m], self._columns(m, before[m]))
+        for m, ra, rb in self._operand_stream(g, list(changed)):
+            self._update(value, ra, rb, g, m, changed[m], maps[m], self._columns(m, before[m]))
         self.products["reused"] += self._work(g, moving) / self.sketch - self.spec.sizes[g] * moved
         if stale:
             self.kept.put(g, self.sketch, value, orders)
@@ -188,6 +192,31 @@ class CostModel:
         """A's and B's (unpermuted) rows of the member, one per unit of ``g``."""
         n = self.spec.sizes[g]
         return _unit_rows(self.tensor("a", m.param), m, n), _unit_rows(self.tensor("b", m.param), m, n)
+
+    def _operand_stream(
+        self, g: str, members: Sequence[Member]
+    ) -> Iterator[tuple[Member, torch.Tensor, torch.Tensor]]:
+        """Each member with its operands (:meth:`_operands`), the next member's read in a thread
+        while the caller computes with these: reads from disk overlap the products, at the cost
+        of one member's tensors more in memory."""
+        if len(members) < 2:
+            for m in members:
+                yield m, *self._operands(g, m)
+            return
+        with self._lock:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="rebasin-read")
+            pool = self._reader
+        ahead = pool.submit(self._operands, g, members[0])
+        try:
+            for i, m in enumerate(members):
+                ra, rb = ahead.result()
+                if i + 1 < len(members):
+                    ahead = pool.submit(self._operands, g, members[i + 1])
+                yield m, ra, rb
+                del ra, rb
+        finally:
+            ahead.cancel()
 
     def _order(self, g: str, m: Member, perm: Permutation) -> torch.Tensor:
         """The member's contracted columns in pi(B), as the columns of B they hold, without
@@ -218,8 +247,8 @@ class CostModel:
     def _sum_products(self, g: str, maps: Mapping[Member, torch.Tensor]) -> torch.Tensor:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        for m, cols in maps.items():
-            ra, rb = self._operands(g, m)
+        for m, ra, rb in self._operand_stream(g, list(maps)):
+            cols = maps[m]
             scale = ra.shape[1] / len(cols)
             sketched = len(cols) < ra.shape[1]
             if sketched:
@@ -234,12 +263,19 @@ class CostModel:
         return c
 
     def _update(
-        self, c: torch.Tensor, g: str, m: Member, at: torch.Tensor, new: torch.Tensor, old: torch.Tensor
+        self,
+        c: torch.Tensor,
+        ra: torch.Tensor,
+        rb: torch.Tensor,
+        g: str,
+        m: Member,
+        at: torch.Tensor,
+        new: torch.Tensor,
+        old: torch.Tensor,
     ) -> None:
-        """Add to ``c`` the change of the member's product when its columns ``at`` (positions in
-        the column maps) moved from ``old`` to ``new``."""
+        """Add to ``c`` the change of a member's product (operands ``ra``, ``rb``) when its
+        columns ``at`` (positions in the column maps) moved from ``old`` to ``new``."""
         n = self.spec.sizes[g]
-        ra, rb = self._operands(g, m)
         scale = ra.shape[1] / len(new)
         a_cols = at if len(new) == ra.shape[1] else self._sketch_columns(m, ra.shape[1]).to(self.device)[at]
         for lo, hi in _blocks(len(at), n):  # plain float32: the differences are not half-precision
@@ -311,8 +347,11 @@ class CostModel:
         }
 
     def close(self) -> None:
-        """Drop the kept products and remove their scratch files."""
+        """Drop the kept products and remove their scratch files; stop the reader thread."""
         self.kept.close()
+        if self._reader is not None:
+            self._reader.shutdown(cancel_futures=True)
+            self._reader = None
 
 
 class ProductCache:
