@@ -207,6 +207,8 @@ class _Run:
         self.seconds: list[float] = []
         self.sweeps = 0
         self.converged = False
+        self.moved: dict[str, int] = {}
+        """Units each group's last solve moved (a solve that moved few starts from its answer)."""
         self.exact = True
         """Whether ``history[-1]`` is the exact objective of ``perm`` (else it is left to settle)."""
         self.stats: dict[str, tuple[float, float, dict[str, torch.Tensor]]] = {}
@@ -328,7 +330,10 @@ class _Search:
         (0 when kept as it was)."""
         spec = self.model.spec
         t0 = time.perf_counter()
-        new = solve_unit(costs, spec.heads, self.backend)
+        near = {
+            g: run.perm[g].numpy() for g in costs if run.moved.get(g, spec.sizes[g]) <= spec.sizes[g] * NEAR
+        }
+        new = solve_unit(costs, spec.heads, self.backend, near)
         self.assign_s += time.perf_counter() - t0
         old_val = new_val = 0.0
         for g, c in costs.items():
@@ -336,6 +341,8 @@ class _Search:
             old_val += float(c[rows, run.perm[g].numpy()].sum(dtype=np.float64))
             new_val += float(c[rows, new[g]].sum(dtype=np.float64))
         better = new_val > old_val + self.tol * max(1.0, abs(old_val))
+        for g in unit:
+            run.moved[g] = int((new[g] != run.perm[g].numpy()).sum()) if better else 0
         if better:
             for g in unit:
                 run.perm[g] = torch.from_numpy(new[g])
@@ -368,6 +375,11 @@ second of products on a CPU core; a 0.16B-parameter LLaMA shape does 3.5e11, a 3
 NOISE = 1e-6
 """Gain of a sweep, relative to the objective, below which the float32 products cannot be
 trusted to tell an improvement: such a sweep is checked on the exact objective."""
+
+NEAR = 0.25
+"""Share of a group's units its last solve may have moved for the next solve to start from the
+group's permutation (:func:`solve_assignment`'s ``near``: 1.5-2x faster near the optimum, much
+slower far from it; measured on trained 3 x 512 MLP costs)."""
 
 AHEAD = 1
 """Units whose costs are computed ahead, in a worker thread, while the current one is solved."""
