@@ -103,12 +103,20 @@ def align(
     settle_later: bool = False,
 ) -> MatchResult:
     """Run the matcher on A and B, with the data side where the run gives it one (``dots`` and
-    ``settle_later``: see :class:`MatchProblem`)."""
+    ``settle_later``: see :class:`MatchProblem`; on the CPU only, where the pass that settles
+    sums as matching does)."""
     assert run.matcher is not None
     a, b = run.checkpoints[:2]
     data = EvaluatorData(ev, a, spec, run.seed) if run.matcher_data else None
     problem = MatchProblem(
-        a.state, b.state, spec, data, run.seed, run.device, dots=dots, settle_later=settle_later
+        a.state,
+        b.state,
+        spec,
+        data,
+        run.seed,
+        run.device,
+        dots=dots,
+        settle_later=settle_later and run.device == "cpu",
     )
     return run.matcher.match(problem, progress)
 
