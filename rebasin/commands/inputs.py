@@ -164,10 +164,6 @@ PARK_BYTES = 256 << 20
 """Bytes of tensors a scan may leave waiting for the other's (at least one tensor)."""
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class _Meeting:
     """Where the scans of A and B meet to take ``<A_p, B_p>`` of the named parameters. A scan
     that finds the other's tensor waiting for it has a pair: the scan with fewer bytes of
@@ -209,10 +205,10 @@ class _Meeting:
             self._cond.notify_all()
             a, b = (t, mate) if i == 0 else (mate, t)
             j = i if self._gone[other] or self._load[i] <= self._load[other] else other
-            self._load[j] += _nbytes(t)
+            self._load[j] += t.nbytes
             self._pairs[j].append((k, a, b))
             return
-        while self._left[i] and not self._over and self._parked(i) + _nbytes(t) > PARK_BYTES:
+        while self._left[i] and not self._over and self._parked(i) + t.nbytes > PARK_BYTES:
             if (self._waiting[other] and self._left[other]) or self._gone[other]:
                 self._stop()
                 return
@@ -232,7 +228,7 @@ class _Meeting:
                 self.dots[k] = value
 
     def _parked(self, i: int) -> int:
-        return sum(_nbytes(t) for t in self._left[i].values())
+        return sum(t.nbytes for t in self._left[i].values())
 
     def leave(self, i: int, ok: bool) -> None:
         """Scan ``i`` has ended (``ok``: it read everything; then it takes its last pairs)."""

@@ -260,7 +260,6 @@ class _Search:
         end's exact objective is left to the caller)."""
         spec = self.model.spec
         run = _Run(perm, self.model.objective(perm) if first is None else first)
-        exact = True  # whether run.history[-1] is the exact objective of run.perm
         dirty = set(spec.sizes)  # groups whose cost may have changed since last solved
         full = sum(self.model.work(u) for u in spec.units) * self.model.sketch
         reach = [self.model.reach(u) if full >= REACH_FIRST_WORK else 0.0 for u in spec.units]
@@ -279,7 +278,7 @@ class _Search:
                     self.stopped = (
                         f"time budget reached during sweep {sweep}: the result is that of sweep {sweep - 1}"
                     )
-                    return self._finish(run, exact, settle_later)
+                    return self._finish(run, settle_later)
                 stage = [u for u in batch if not dirty.isdisjoint(u)]  # batch-mates never dirty each other
                 for u in stage:
                     dirty.difference_update(u)
@@ -292,11 +291,11 @@ class _Search:
             last = run.history[-1]
             if gain > 0 and self.model.sketch == 1 and gain > NOISE * max(1.0, abs(last)):
                 run.history.append(last + gain)
-                exact = False
+                run.exact = False
             else:
                 if gain == 0:
                     before = value = last
-                elif exact:
+                elif run.exact:
                     before, value = last, self.model.objective(run.perm)
                 else:  # both exact values in one read
                     before, value = self.model.objectives([start, run.perm])
@@ -307,22 +306,21 @@ class _Search:
                     run.history[-1] = before
                     run.history.append(before)
                     run.converged = True
-                    return self._finish(run, exact or gain > 0, settle_later)
+                    run.exact = run.exact or gain > 0
+                    return self._finish(run, settle_later)
                 run.history.append(value)
-                exact = True
+                run.exact = True
             if self.deadline is not None and time.perf_counter() > self.deadline and sweep < max_iter:
                 self.stopped = f"time budget reached after sweep {sweep}"
-                return self._finish(run, exact, settle_later)
-        return self._finish(run, exact, settle_later)
+                return self._finish(run, settle_later)
+        return self._finish(run, settle_later)
 
-    def _finish(self, run: _Run, exact: bool, settle_later: bool = False) -> _Run:
+    def _finish(self, run: _Run, settle_later: bool = False) -> _Run:
         """End a run with the exact objective of its permutation (:func:`capped`), or, with
         ``settle_later``, with its estimate, to be settled by the caller."""
-        if not exact:
-            if settle_later:
-                run.exact = False
-            else:
-                run.history = capped(run.history, self.model.objective(run.perm))
+        if not run.exact and not settle_later:
+            run.history = capped(run.history, self.model.objective(run.perm))
+            run.exact = True
         return run
 
     def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> float:
