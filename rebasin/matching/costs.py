@@ -14,6 +14,15 @@ files): when the neighbours moved k of a member's columns, the cost is updated b
 reused; past :data:`UPDATE_SHARE` of the columns it is recomputed. Members no other group
 touches are computed once.
 
+What moved a lot is paid for while it is in memory. One group shares more tensors with the
+others than any (a transformer's residual stream: every layer's). The tensors of a unit that
+shares some with it are held from the unit's products to its assignment (up to
+:data:`HOLD_BYTES`); when the assignment moved the unit, that group's products of them, stale past
+an update, are computed at once under the new order into its *fresh* cost
+(:meth:`CostModel.solved`). Its next cost sums them and reads only the members no solve covered:
+on a planted TinyLlama-shape pair the residual stream's second cost reads nothing, where it read
+the whole model.
+
 Half-precision inputs are multiplied at the hardware's half-precision rate where that is exact:
 on CUDA, bfloat16 and float16 in TF32 (which holds their mantissas); on CPUs with bfloat16 matrix
 units (AMX, AVX512-BF16), bfloat16 as bfloat16 with float32 accumulation. The products equal
@@ -38,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rebasin.checkpoint.state import shape_of
+from rebasin.checkpoint.state import shape_of, tensor_info
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation
 from rebasin.permutation import permute_tensor, take
@@ -62,6 +71,17 @@ MEMORY_BYTES = 16 << 20
 
 SCRATCH_RESERVE = 4 << 30
 """Free disk space that scratch files for kept products never take."""
+
+HOLD_BYTES = 768 << 20
+"""Largest size of a unit's tensors (A and B, as stored) held from its products to its
+assignment, for its neighbours' products (:meth:`CostModel.solved`)."""
+
+FRESH_BYTES = 256 << 20
+"""Largest fresh cost (:meth:`CostModel.solved`) kept in memory: 4 n^2 bytes for a group of n."""
+
+
+Held = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""A unit's tensors of A and B as read, by parameter (:meth:`CostModel.unit_costs`)."""
 
 
 class CostModel:
@@ -115,6 +135,16 @@ class CostModel:
         self._lock = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None
         self._known = dict(known or {}) if device.type == "cpu" else {}
+        self._shared: dict[str, list[tuple[str, Member]]] = {}  # param -> its moving members
+        for g, ms in self.members.items():
+            for m in ms:
+                if m in self._moving:
+                    self._shared.setdefault(m.param, []).append((g, m))
+        self.gather = self._gathering()
+        """The group whose fresh cost its neighbours' solves fill (:meth:`solved`), or None."""
+        self._held: dict[tuple[str, ...], Held] = {}
+        self._pending: list[tuple[Held, Permutation]] = []
+        self._fresh: dict[str, tuple[torch.Tensor, dict[Member, torch.Tensor]]] = {}
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
@@ -137,28 +167,34 @@ class CostModel:
         return sum(self._work(g, self.members[g]) for g in near)
 
     def unit_costs(self, unit: tuple[str, ...], perm: Permutation) -> dict[str, np.ndarray]:
-        """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment)."""
-        return {g: self.cost(g, perm) for g in unit}
+        """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment). The
+        tensors read for them are held for :meth:`solved` when a neighbour has use for them."""
+        self._gather()
+        hold: Held | None = {} if self._holds(unit) else None
+        costs = {g: self.cost(g, perm, hold) for g in unit}
+        if hold:
+            with self._lock:
+                self._held[unit] = hold
+        return costs
 
-    def cost(self, g: str, perm: Permutation) -> np.ndarray:
-        """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied)."""
+    def cost(self, g: str, perm: Permutation, hold: Held | None = None) -> np.ndarray:
+        """``C[i, j] = <A unit i, B unit j>`` summed over the group's members (others applied).
+        ``hold`` collects the tensors read, by parameter."""
+        self._gather()
         t0 = time.perf_counter()
         moving = [m for m in self.members[g] if m in self._moving]
         orders = {m: self._order(g, m, perm) for m in moving}
-        c = self._kept_cost(g, moving, orders) if moving else None
+        with self._lock:
+            fresh = self._fresh.pop(g, None)
+        c = self._kept_cost(g, perm, moving, orders, fresh, hold) if moving else None
         if c is None:
             n = self.spec.sizes[g]
             c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-            key = f"{g}/{self.sketch}"
-            if key not in self._fixed:  # members no other group touches: their product never changes
-                fixed = [m for m in self.members[g] if m not in self._moving]
-                maps = {m: self._columns(m, self._order(g, m, perm)) for m in fixed}
-                self._fixed[key] = self._sum_products(g, maps) if fixed else None
-            fixed_part = self._fixed[key]
+            fixed_part = self._fixed_part(g, perm)
             if fixed_part is not None:
                 c += fixed_part
             if moving:
-                c += self._sum_products(g, {m: self._columns(m, orders[m]) for m in moving})
+                c += self._sum_products(g, {m: self._columns(m, orders[m]) for m in moving}, hold)
                 self.kept.put(g, self.sketch, c, orders)
         out = c.cpu().numpy()  # float32: the assignment upcasts once, sums run in float64
         if not np.isfinite(out).all():
@@ -166,53 +202,236 @@ class CostModel:
         self.seconds["products"] += time.perf_counter() - t0
         return out
 
+    def _fixed_part(self, g: str, perm: Permutation) -> torch.Tensor | None:
+        """The product of the members no other group touches: it never changes (computed once)."""
+        key = f"{g}/{self.sketch}"
+        if key not in self._fixed:
+            fixed = [m for m in self.members[g] if m not in self._moving]
+            maps = {m: self._columns(m, self._order(g, m, perm)) for m in fixed}
+            self._fixed[key] = self._sum_products(g, maps) if fixed else None
+        return self._fixed[key]
+
     def _kept_cost(
-        self, g: str, moving: list[Member], orders: dict[Member, torch.Tensor]
+        self,
+        g: str,
+        perm: Permutation,
+        moving: list[Member],
+        orders: dict[Member, torch.Tensor],
+        fresh: tuple[torch.Tensor, dict[Member, torch.Tensor]] | None,
+        hold: Held | None,
     ) -> torch.Tensor | None:
-        """The group's kept cost, updated by the columns that moved since it was computed; None
-        when it is not kept or too many columns moved (then it is recomputed in full)."""
+        """The group's cost from what is kept: its kept cost updated by the columns that moved
+        since it was computed, or its fresh cost (:meth:`solved`) with the members it lacks
+        computed in full and those that moved since updated, whichever multiplies less; None
+        when neither beats computing it in full."""
+        n = self.spec.sizes[g]
+        full = self._work(g, moving) / self.sketch
+        plans: list[tuple[float, str]] = []
+        kept_orders = self.kept.orders(g, self.sketch)
+        if kept_orders is not None:
+            moved = self._moved_columns(moving, orders, kept_orders)
+            if moved <= UPDATE_SHARE * sum(self._width(m) for m in moving):
+                plans.append((n * moved, "kept"))
+        if fresh is not None:
+            have = {m: o for m, o in fresh[1].items() if m in orders}
+            lack = [m for m in moving if m not in have]
+            plans.append(
+                (self._work(g, lack) / self.sketch + n * self._moved_columns(have, orders, have), "fresh")
+            )
+        if not plans or min(plans)[0] >= full:
+            return None
+        if min(plans)[1] == "fresh":
+            assert fresh is not None
+            return self._fresh_cost(g, perm, moving, orders, fresh, hold)
         kept = self.kept.get(g, self.sketch, self.device)
         if kept is None:
             return None
         value, before = kept
-        stale = [m for m in moving if not torch.equal(orders[m], before[m])]
-        maps = {m: self._columns(m, orders[m]) for m in stale}
-        changed = {m: torch.nonzero(maps[m] != self._columns(m, before[m])).squeeze(1) for m in stale}
-        moved = sum(len(s) for s in changed.values())
-        if moved > UPDATE_SHARE * sum(self._width(m) for m in moving):
-            return None
-        for m, ra, rb in self._operand_stream(g, list(changed)):
-            self._update(value, ra, rb, g, m, changed[m], maps[m], self._columns(m, before[m]))
-        self.products["reused"] += self._work(g, moving) / self.sketch - self.spec.sizes[g] * moved
-        if stale:
-            self.kept.put(g, self.sketch, value, orders)
+        self._apply_moves(
+            value, g, [m for m in moving if not torch.equal(orders[m], before[m])], orders, before, hold
+        )
+        self.products["reused"] += full - n * self._moved_columns(moving, orders, before)
+        self.kept.put(g, self.sketch, value, orders)
         return value
 
-    def _operands(self, g: str, m: Member) -> tuple[torch.Tensor, torch.Tensor]:
-        """A's and B's (unpermuted) rows of the member, one per unit of ``g``."""
+    def _fresh_cost(
+        self,
+        g: str,
+        perm: Permutation,
+        moving: list[Member],
+        orders: dict[Member, torch.Tensor],
+        fresh: tuple[torch.Tensor, dict[Member, torch.Tensor]],
+        hold: Held | None,
+    ) -> torch.Tensor:
+        """The group's cost from its fresh products: the members they lack computed in full,
+        those that moved since updated, and the fixed members' product added."""
+        value, before = fresh
+        value = value.to(self.device)
+        lack = [m for m in moving if m not in before]
+        stale = [m for m in moving if m in before and not torch.equal(orders[m], before[m])]
+        self._apply_moves(value, g, stale, orders, before, hold)
+        if lack:
+            value += self._sum_products(g, {m: self._columns(m, orders[m]) for m in lack}, hold)
+        fixed_part = self._fixed_part(g, perm)
+        if fixed_part is not None:
+            value += fixed_part
+        self.products["reused"] += self._work(g, [m for m in moving if m in before]) / self.sketch
+        self.kept.put(g, self.sketch, value, orders)
+        return value
+
+    def _moved_columns(
+        self,
+        members: Collection[Member],
+        orders: Mapping[Member, torch.Tensor],
+        before: Mapping[Member, torch.Tensor],
+    ) -> int:
+        """Contracted columns of ``members`` whose B column differs between two orders."""
+        return sum(
+            int((self._columns(m, orders[m]) != self._columns(m, before[m])).sum())
+            for m in members
+            if not torch.equal(orders[m], before[m])
+        )
+
+    def _apply_moves(
+        self,
+        value: torch.Tensor,
+        g: str,
+        stale: Sequence[Member],
+        orders: Mapping[Member, torch.Tensor],
+        before: Mapping[Member, torch.Tensor],
+        hold: Held | None,
+    ) -> None:
+        """Update ``value`` by the columns of ``stale`` members that moved from ``before``."""
+        maps = {m: self._columns(m, orders[m]) for m in stale}
+        olds = {m: self._columns(m, before[m]) for m in stale}
+        for m, ra, rb in self._operand_stream(g, list(stale), hold):
+            at = torch.nonzero(maps[m] != olds[m]).squeeze(1)
+            self._update(value, ra, rb, g, m, at, maps[m], olds[m])
+
+    def _gathering(self) -> str | None:
+        """The group that shares the most bytes of tensors with other groups (a transformer's
+        residual stream), when its fresh cost fits in :data:`FRESH_BYTES`: re-reading its
+        members is what its neighbours' moves cost most. One group, so that the memory held
+        stays that of a layer, not of the model."""
+        shared = {
+            g: sum(self._bytes(m.param) for m in ms if m in self._moving) for g, ms in self.members.items()
+        }
+        best = max(sorted(shared), key=lambda g: shared[g], default=None)
+        if best is None or not shared[best] or 4 * self.spec.sizes[best] ** 2 > FRESH_BYTES:
+            return None
+        return best
+
+    def _bytes(self, p: str) -> int:
+        """Bytes of parameter ``p`` of A and B together, as stored."""
+        return 2 * self._numel[p] * tensor_info(self._a, p).dtype.itemsize
+
+    def _holds(self, unit: tuple[str, ...]) -> bool:
+        """Whether to hold the unit's tensors for :meth:`solved`: exact costs, a unit that
+        shares tensors with the gathering group (:attr:`gather`) and is not it, and tensors
+        within :data:`HOLD_BYTES`."""
+        if self.sketch != 1 or self.gather is None or self.gather in unit:
+            return False
+        params = {m.param for g in unit for m in self.members[g] if m in self._moving}
+        if not any(h == self.gather for p in params for h, _ in self._shared[p]):
+            return False
+        return sum(self._bytes(p) for p in params) <= HOLD_BYTES
+
+    def solved(self, unit: tuple[str, ...], perm: Permutation, moved: bool) -> None:
+        """The unit's assignment is done (``moved``: it changed ``perm``). Its held tensors are
+        released, or, if it moved, left for the gathering group's products of them
+        (:attr:`gather`) under ``perm``, which the next cost computes first (:meth:`_gather`),
+        in the thread that computes costs: the caller goes on to the next assignment."""
+        with self._lock:
+            held = self._held.pop(unit, None)
+            if held and moved and self.sketch == 1:
+                self._pending.append((held, dict(perm)))
+
+    def _gather(self) -> None:
+        """The gathering group's products of the tensors of units solved since the last cost,
+        each under the permutation its solve left, into the group's fresh cost, where its kept
+        cost could not be updated by them (more than :data:`UPDATE_SHARE` of a member's columns
+        moved)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                held, perm = self._pending.pop(0)
+            t0 = time.perf_counter()
+            kept = self.kept.orders(self.gather, 1) if self.gather is not None else None
+            for p, (ta, tb) in held.items():
+                for g, m in self._shared[p]:
+                    if g == self.gather:
+                        self._contribute(g, m, ta, tb, perm, kept)
+            del held
+            self.seconds["products"] += time.perf_counter() - t0
+
+    def _contribute(
+        self,
+        g: str,
+        m: Member,
+        ta: torch.Tensor,
+        tb: torch.Tensor,
+        perm: Permutation,
+        kept: dict[Member, torch.Tensor] | None,
+    ) -> None:
+        """Bring member ``m`` of group ``g`` up to ``perm`` in g's fresh cost, from its tensors."""
+        order = self._order(g, m, perm)
+        cols = self._columns(m, order)
+        if kept is not None and m in kept:
+            moved = int((cols != self._columns(m, kept[m])).sum())
+            if moved <= UPDATE_SHARE * self._width(m):
+                return  # the kept cost is updated by it, for less
         n = self.spec.sizes[g]
-        return _unit_rows(self.tensor("a", m.param), m, n), _unit_rows(self.tensor("b", m.param), m, n)
+        with self._lock:
+            fresh = self._fresh.get(g)
+            if fresh is None:
+                fresh = self._fresh[g] = (torch.zeros(n, n, dtype=torch.float32, device=self.device), {})
+        value, before = fresh
+        ra, rb = _unit_rows(ta, m, n), _unit_rows(tb, m, n)
+        if m in before:
+            if torch.equal(before[m], order):
+                return
+            old = self._columns(m, before[m])
+            self._update(value, ra, rb, g, m, torch.nonzero(cols != old).squeeze(1), cols, old)
+        else:
+            self._product_into(value, ra, rb, m, cols)
+            self.products["full"] += n * self._numel[m.param]
+        before[m] = order
+
+    def _operands(self, g: str, m: Member, hold: Held | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's (unpermuted) rows of the member, one per unit of ``g`` (the tensors kept in
+        ``hold`` by parameter, and taken from there when already read)."""
+        n = self.spec.sizes[g]
+        pair = hold.get(m.param) if hold is not None else None
+        if pair is None:
+            pair = self.tensor("a", m.param), self.tensor("b", m.param)
+            if hold is not None:
+                hold[m.param] = pair
+        return _unit_rows(pair[0], m, n), _unit_rows(pair[1], m, n)
 
     def _operand_stream(
-        self, g: str, members: Sequence[Member]
+        self,
+        g: str,
+        members: Sequence[Member],
+        hold: Held | None = None,
     ) -> Iterator[tuple[Member, torch.Tensor, torch.Tensor]]:
         """Each member with its operands (:meth:`_operands`), the next member's read in a thread
         while the caller computes with these: reads from disk overlap the products, at the cost
         of one member's tensors more in memory."""
         if len(members) < 2:
             for m in members:
-                yield m, *self._operands(g, m)
+                yield m, *self._operands(g, m, hold)
             return
         with self._lock:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="rebasin-read")
             pool = self._reader
-        ahead = pool.submit(self._operands, g, members[0])
+        ahead = pool.submit(self._operands, g, members[0], hold)
         try:
             for i, m in enumerate(members):
                 ra, rb = ahead.result()
                 if i + 1 < len(members):
-                    ahead = pool.submit(self._operands, g, members[i + 1])
+                    ahead = pool.submit(self._operands, g, members[i + 1], hold)
                 yield m, ra, rb
                 del ra, rb
         finally:
@@ -244,23 +463,35 @@ class CostModel:
             cols = cols[self._sketch_columns(m, width)]
         return cols.to(self.device)
 
-    def _sum_products(self, g: str, maps: Mapping[Member, torch.Tensor]) -> torch.Tensor:
+    def _sum_products(
+        self,
+        g: str,
+        maps: Mapping[Member, torch.Tensor],
+        hold: Held | None = None,
+    ) -> torch.Tensor:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float32, device=self.device)
-        for m, ra, rb in self._operand_stream(g, list(maps)):
-            cols = maps[m]
-            scale = ra.shape[1] / len(cols)
-            sketched = len(cols) < ra.shape[1]
-            if sketched:
-                ra = ra.index_select(1, self._sketch_columns(m, ra.shape[1]).to(self.device))
-            if sketched or not _is_identity(cols):
-                rb = take(rb, 1, cols)
-            with _exact_half_products(ra.dtype, self.device):
-                for lo, hi in _blocks(ra.shape[1], n):
-                    c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
+        for m, ra, rb in self._operand_stream(g, list(maps), hold):
+            self._product_into(c, ra, rb, m, maps[m])
             del ra, rb
         self.products["full"] += self._work(g, maps) / self.sketch
         return c
+
+    def _product_into(
+        self, c: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, m: Member, cols: torch.Tensor
+    ) -> None:
+        """Add the member's product to ``c``: A's rows ``ra`` against B's rows ``rb`` with their
+        columns ``cols`` (:meth:`_columns`)."""
+        n = c.shape[0]
+        scale = ra.shape[1] / len(cols)
+        sketched = len(cols) < ra.shape[1]
+        if sketched:
+            ra = ra.index_select(1, self._sketch_columns(m, ra.shape[1]).to(self.device))
+        if sketched or not _is_identity(cols):
+            rb = take(rb, 1, cols)
+        with _exact_half_products(ra.dtype, self.device):
+            for lo, hi in _blocks(ra.shape[1], n):
+                c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
 
     def _update(
         self,
@@ -349,6 +580,10 @@ class CostModel:
     def close(self) -> None:
         """Drop the kept products and remove their scratch files; stop the reader thread."""
         self.kept.close()
+        with self._lock:
+            self._held.clear()
+            self._pending.clear()
+            self._fresh.clear()
         if self._reader is not None:
             self._reader.shutdown(cancel_futures=True)
             self._reader = None
@@ -401,6 +636,12 @@ class ProductCache:
             n = math.isqrt(arr.size)
             return torch.from_numpy(arr.reshape(n, n)).to(device), item[2]
         return value.clone(), item[2]
+
+    def orders(self, g: str, sketch: int) -> dict[Member, torch.Tensor] | None:
+        """The column orders the kept cost was computed under (None when none is kept)."""
+        with self._lock:
+            item = self._items.get(g)
+        return item[2] if item is not None and item[0] == sketch else None
 
     def put(self, g: str, sketch: int, value: torch.Tensor, maps: dict[Member, torch.Tensor]) -> None:
         """Keep a copy of ``value`` for group ``g`` (in its place, if it has one)."""

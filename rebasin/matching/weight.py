@@ -345,6 +345,7 @@ class _Search:
             for g in unit:
                 run.perm[g] = torch.from_numpy(new[g])
                 dirty |= spec.neighbours[g]
+        self.model.solved(unit, run.perm, better)
         for g, c in costs.items():
             rows = np.arange(spec.sizes[g])
             kept = float(c[rows, run.perm[g].numpy()].sum(dtype=np.float64))

@@ -100,14 +100,68 @@ def test_kept_products_leave_the_result_unchanged(monkeypatch, memory: int) -> N
     for other in (b, planted):
         monkeypatch.setattr("rebasin.matching.costs.MEMORY_BYTES", memory)
         monkeypatch.setattr("rebasin.matching.costs.UPDATE_SHARE", 0.5)
+        monkeypatch.setattr("rebasin.matching.costs.FRESH_BYTES", 512 << 20)
         kept = match(a, other, spec, restarts=2)
         monkeypatch.setattr("rebasin.matching.costs.UPDATE_SHARE", -1.0)  # always recompute
         monkeypatch.setattr("rebasin.matching.costs.MEMORY_BYTES", 0)
+        monkeypatch.setattr("rebasin.matching.costs.FRESH_BYTES", 0)  # no neighbours' products
         fresh = match(a, other, spec, restarts=2)
         assert all(torch.equal(kept.perm[g], fresh.perm[g]) for g in spec.sizes)
         assert kept.objective == fresh.objective
     back = permute(planted, spec, kept.perm)
     assert all(torch.equal(back[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("memory", [0, 1 << 30])
+def test_neighbours_products_after_a_solve_equal_a_full_recomputation(name: str, memory: int) -> None:
+    """Units solved one after another, moving many units or few: each group's cost, from its
+    kept cost, from the products its solved neighbours computed from their tensors, or from
+    both, equals a full recomputation; the neighbours' products save reads."""
+    a, b, spec = pair(name)
+    model = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=memory, scratch=False)
+    perm = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    for g in spec.sizes:
+        model.cost(g, perm)  # kept costs at the start, where memory lets them be kept
+    for step, k in enumerate([10_000, 10_000, 1, 10_000, 0]):
+        for i, unit in enumerate(spec.units):
+            model.unit_costs(unit, perm)
+            moved = partly_moved({g: perm[g] for g in unit}, k if i % 3 else 1, 10 * step + i)
+            perm.update(moved)
+            model.solved(unit, perm, k > 0)
+        fresh = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+        for g in spec.sizes:
+            got, want = model.cost(g, perm), fresh.cost(g, perm)
+            scale = max(1.0, float(np.abs(want).max()))
+            assert np.abs(got - want).max() <= 1e-5 * scale, (g, step)
+    if any(len(m) > 1 for m in model._shared.values()):  # some tensor has two moving groups
+        assert model.products["reused"] > 0
+    model.close()
+
+
+def test_a_transformer_s_residual_stream_is_not_read_again_after_its_neighbours_moved() -> None:
+    """The residual stream's second cost, after every other unit moved, reads no tensor that
+    another group touches: their products came with the neighbours' solves."""
+    a, b, spec = pair("llama")
+    model = CostModel(a, b, spec, torch.device("cpu"))
+    perm = {g: torch.roll(torch.arange(n), 1) for g, n in spec.sizes.items()}  # every unit moves
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    residual = (model.gather,)
+    assert residual == ("residual",)
+    model.unit_costs(residual, ident)
+    for unit in spec.units:
+        if unit != residual:
+            model.unit_costs(unit, ident)
+            ident.update({g: perm[g] for g in unit})
+            model.solved(unit, ident, True)
+    before = model.bytes_read["products"]
+    got = model.unit_costs(residual, ident)
+    assert model.bytes_read["products"] == before
+    fresh = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+    for g, c in got.items():
+        want = fresh.cost(g, ident)
+        assert np.abs(c - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    model.close()
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama"])
