@@ -191,3 +191,42 @@ def test_streamed_merge_memory_does_not_grow_with_the_model(tmp_path: Path) -> N
     assert large <= 1.3 * small + 32e6 + costs.MEMORY_BYTES, (small, large)
     assert large < 0.6 * pair, (large, pair)
     assert large < 12 * 8000 * 512 * 4, large
+
+
+def test_the_scan_takes_the_residual_stream_s_first_products(tmp_path: Path, monkeypatch) -> None:
+    """Where the first sweep goes by reach (forced here at a tiny size) and the cores allow
+    (forced here too), the input scan takes the residual stream's products at the identity: matching reads less than the pair once, the
+    planted permutation comes back exactly, and the objective is the library's to float32
+    rounding (the scan sums the members in the files' order)."""
+    import transformers as t
+
+    from rebasin.matching import weight
+
+    monkeypatch.setattr(weight, "REACH_FIRST_WORK", 0)
+    monkeypatch.setattr("rebasin.commands.inputs.SCAN_PRODUCTS_THREADS", 1)
+    torch.manual_seed(0)
+    cfg = t.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=50,
+    )  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    t.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(a)
+    spec = describe_spec(a)[0]
+    ck = load_checkpoint(a)
+    planted = random_permutation(spec, 7)
+    save_checkpoint(permute(ck.state, spec, planted), b, dict(ck.metadata))
+    (b / "config.json").write_text((a / "config.json").read_text())
+    first = weight.first_products(ck.state, spec)
+    assert first is not None and first.group == "residual"
+    out, aligned = tmp_path / "m", tmp_path / "aligned"
+    code, stdout, stderr = run(
+        "merge", a, b, "-o", out, "--save-permuted", aligned, "--method", "weight", "--json"
+    )
+    assert code == 0, stderr
+    rep = json.loads(stdout)
+    pair = 2 * sum(ck.state[p].numel() * ck.state[p].element_size() for p in spec.cost_params())
+    assert rep["read_bytes"]["match"] < pair
+    want, got = load_file(a / "model.safetensors"), load_file(aligned / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    ref = match(ck.state, load_checkpoint(b).state, spec, method="weight")
+    assert abs(rep["match"]["objective"] - ref.objective) <= 1e-6 * abs(ref.objective)

@@ -152,7 +152,7 @@ def _in_reference(
     cks = list(run.checkpoints)
     r = names.index(ref) if ref in names else len(names)
     ref_ck = cks[r]
-    spec, _, _, _ = run_spec(run)
+    spec, _, _, _, _ = run_spec(run)
     ev = evaluator(dataclasses.replace(run, checkpoints=(ref_ck, *cks[:r], *cks[r + 1 :])))
     aligned_states: list[Any] = []
     status: list[bool | None] = []

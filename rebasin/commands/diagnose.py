@@ -34,10 +34,10 @@ def diagnose_checkpoints(
     timings = Timings()
     run = resolve_run("diagnose", opts, [a_path, b_path])
     b = run.checkpoints[1]
-    spec, source, frozen, dots = run_spec(run)
+    spec, source, frozen, dots, first = run_spec(run, first=True)
     ev = evaluator(run)
     with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:
-        result = align(run, spec, ev, progress, dots)
+        result = align(run, spec, ev, progress, dots, first=first)
         report = pair_report(run, spec, source, frozen, result)
         report["equivalence"] = check(result.perm)
     if notes := output_group_note(report["equivalence"], spec):

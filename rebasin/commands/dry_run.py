@@ -63,7 +63,7 @@ def plan_run(run: Run) -> dict[str, Any]:
     a = run.checkpoints[0]
     spec = None
     if run.command in ("merge", "permute", "merge-many") or run.matcher is not None:
-        spec, source, frozen, _ = run_spec(run, check_data=False)
+        spec, source, frozen, _, _ = run_spec(run, check_data=False)
     else:
         check_unaligned(run, check_data=False)
         source, frozen = "", []

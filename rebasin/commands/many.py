@@ -33,7 +33,7 @@ def merge_many_checkpoints(
         raise ConfigError("merge-many needs at least two checkpoints")
     run = resolve_run("merge-many", opts, paths, out if out is not None else opts.output.output)
     cks = run.checkpoints
-    spec, source, frozen, _ = run_spec(run)
+    spec, source, frozen, _, _ = run_spec(run)
     solver = MergeMany(max_rounds=opts.merge.max_rounds, seed=run.seed, device=run.device)
     targets = [(c, f"model {i + 1} aligned", f"model {i + 1}") for i, c in enumerate(cks)]
     with outputs_of(run):  # the model and the report as one

@@ -55,12 +55,14 @@ def merge_checkpoints(
         run = resolve_run("merge", opts, [a_path, b_path], out)
     a, b = run.checkpoints
     with timings("spec_s"):
-        spec, source, frozen, dots = run_spec(run)
+        spec, source, frozen, dots, first = run_spec(run, first=True)
     with outputs_of(run):  # every output as one: a later failure puts the earlier back
         with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
             ev = evaluator(run)
             with timings("match_s"):  # for its reads: the seconds are the matcher's own
-                result = align(run, spec, ev, progress, dots, settle_later=True)  # settled by the write pass
+                result = align(
+                    run, spec, ev, progress, dots, settle_later=True, first=first
+                )  # settled by the write pass
             timings["match_s"] = round(result.seconds, 4)
             check.submit(result.perm)  # checked beside the write: nothing is put in place before it passes
             a_state = LastRead(a.state)  # the write pass reads each tensor of A once for both uses
@@ -124,9 +126,9 @@ def barrier_checkpoints(
     ev = evaluator(run)
     b_aligned = None
     if run.matcher is not None:
-        spec, source, frozen, dots = run_spec(run)
+        spec, source, frozen, dots, first = run_spec(run, first=True)
         with Check(run.verification, run.seed, spec, [(b, "pi(B)", "B")]) as check:  # prepared beside
-            result = align(run, spec, ev, progress, dots)
+            result = align(run, spec, ev, progress, dots, first=first)
             report = pair_report(run, spec, source, frozen, result)
             b_aligned = permute(b.state, spec, result.perm)
             report["equivalence"] = check(result.perm)

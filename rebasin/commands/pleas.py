@@ -77,7 +77,7 @@ def pleas_checkpoints(
     a, b = run.checkpoints
     ref = run.model.need()
     with timings("spec_s"):
-        spec, source, frozen, _ = run_spec(run)
+        spec, source, frozen, _, _ = run_spec(run)
     tasks = _tasks(run, opts, a, ref)
     factory = ref.factory()
     x = _feature_inputs(run, opts, tasks, factory())

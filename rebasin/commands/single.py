@@ -30,7 +30,7 @@ def permute_checkpoint(
     opts = options or Options()
     run = resolve_run("permute", opts, [path], out if out is not None else opts.output.output)
     ck = run.checkpoints[0]
-    spec, source, frozen, _ = run_spec(run)
+    spec, source, frozen, _, _ = run_spec(run)
     kept: dict[str, str] = {}  # group held at the identity -> why
     if spec.output_group and len(spec.sizes) > 1:  # decided by the family, not left to the check
         kept[spec.output_group] = f"the model's output axis (a headless {spec.family} model)"
@@ -68,7 +68,7 @@ def describe_spec(path: PathLike, options: Options | None = None) -> tuple[Permu
     """The spec of a checkpoint, where it came from, and the tensors it leaves fixed."""
     opts = options or Options()
     run = resolve_run("spec", opts, [path], opts.output.output)
-    spec, source, _, _ = run_spec(run, check_data=False, show=True)
+    spec, source, _, _, _ = run_spec(run, check_data=False, show=True)
     return spec, source, spec.fixed(list(run.checkpoints[0].state))
 
 

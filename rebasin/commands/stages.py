@@ -12,12 +12,13 @@ from typing import Any, NamedTuple
 from rebasin.checkpoint.atomic import Replaced
 from rebasin.checkpoint.reader import bytes_read
 from rebasin.commands.cluster import RayMap, connect
-from rebasin.commands.inputs import check_all_finite, check_dtypes
+from rebasin.commands.inputs import check_all_finite, check_dtypes, scan_multiplies
 from rebasin.commands.resolve import Run
 from rebasin.core.errors import CheckpointError
 from rebasin.core.types import PathLike, Progress
 from rebasin.evaluate.paths import alpha_grid
 from rebasin.evaluate.setup import EvaluatorData, make_evaluator
+from rebasin.matching.costs import GroupProducts
 from rebasin.matching.registry import MatchProblem
 from rebasin.matching.result import MatchResult
 from rebasin.report.document import evaluation_report, input_info, new_report, spec_info, write_report
@@ -51,21 +52,26 @@ class Timings(dict[str, float]):
 
 
 class Scoped(NamedTuple):
-    """What :func:`run_spec` settles: the spec, where it came from, the groups held out, and the
-    identity dots the scan took for the matcher (:attr:`MatchProblem.dots`)."""
+    """What :func:`run_spec` settles: the spec, where it came from, the groups held out, and
+    what the scan took for the matcher: the identity dots (:attr:`MatchProblem.dots`) and the
+    first unit's products (:attr:`MatchProblem.first`)."""
 
     spec: PermutationSpec
     source: str
     frozen: list[str]
     dots: dict[str, float]
+    first: GroupProducts | None = None
 
 
-def run_spec(run: Run, check_data: bool = True, show: bool = False) -> Scoped:
+def run_spec(run: Run, check_data: bool = True, show: bool = False, first: bool = False) -> Scoped:
     """The run's spec (frozen groups held out), with the weights it touches checked: floating
     point in every checkpoint (from headers) and, unless ``check_data`` is off (a dry run),
     finite (one read of the files, which also gives their SHA-256; for a pair matched on the CPU,
-    also ``<A_p, B_p>`` of the weighed parameters). A spec that needs a config the checkpoint
-    lacks is an error, except when it is only shown (``show``: ``rebasin spec``)."""
+    also ``<A_p, B_p>`` of the weighed parameters, and with ``first``, for a command that
+    aligns them next and where the cores allow (:func:`scan_multiplies`), the matcher's first
+    products: :meth:`Matcher.first_products`). A spec
+    that needs a config the checkpoint lacks is an error, except when it is only shown
+    (``show``: ``rebasin spec``)."""
     a = run.checkpoints[0]
     spec, source = choose_spec(run.options.spec.spec, a, run.model, run.known_data)
     patterns = run.options.spec.freeze if show else check_config(spec, a, run.options.spec.freeze)
@@ -73,10 +79,13 @@ def run_spec(run: Run, check_data: bool = True, show: bool = False) -> Scoped:
     for ck in run.checkpoints:
         check_dtypes(ck, spec)
     dots: dict[str, float] = {}
+    products = None
     if check_data:
         pair = run.matcher is not None and len(run.checkpoints) == 2 and run.device == "cpu"
-        dots = check_all_finite(run.checkpoints, spec.cost_params(()) if pair else ())
-    return Scoped(spec, source, frozen, dots)
+        take = pair and first and run.matcher is not None and scan_multiplies()
+        products = run.matcher.first_products(a.state, spec) if take and run.matcher else None
+        dots = check_all_finite(run.checkpoints, spec.cost_params(()) if pair else (), products)
+    return Scoped(spec, source, frozen, dots, products if products is not None and products.covered else None)
 
 
 def check_unaligned(run: Run, check_data: bool = True) -> None:
@@ -101,6 +110,7 @@ def align(
     progress: Progress | None,
     dots: dict[str, float] | None = None,
     settle_later: bool = False,
+    first: GroupProducts | None = None,
 ) -> MatchResult:
     """Run the matcher on A and B, with the data side where the run gives it one (``dots`` and
     ``settle_later``: see :class:`MatchProblem`; on the CPU only, where the pass that settles
@@ -116,6 +126,7 @@ def align(
         run.seed,
         run.device,
         dots=dots,
+        first=first,
         settle_later=settle_later and run.device == "cpu",
     )
     return run.matcher.match(problem, progress)

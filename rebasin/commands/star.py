@@ -55,7 +55,7 @@ def star_checkpoints(
         raise ConfigError("star trains on data", "pass --data")
     cks = run.checkpoints
     src_cks, held_cks = cks[: len(sources)], cks[len(sources) :]
-    spec, source, _, _ = run_spec(run)
+    spec, source, _, _, _ = run_spec(run)
     ev = evaluator(run)
     loss = EvaluatorData(ev, cks[0], spec, run.seed).task_loss()
     init = _init(s.star_init, ev, cks[0], run.seed)

@@ -97,11 +97,14 @@ class CostModel:
         memory_bytes: int | None = None,
         scratch: bool = True,
         known: Mapping[str, float] | None = None,
+        first: GroupProducts | None = None,
     ):
         """``known``: :func:`param_dot` of parameters of A and B as stored, taken by a pass that
         read both anyway (the input scan): the objective uses them wherever every axis of the
-        parameter is unmoved, instead of reading it. Only on the CPU, where they were taken (the
-        same bits)."""
+        parameter is unmoved, instead of reading it. ``first``: a group's products at the
+        identity, taken by such a pass: its cost starts from them (its members they cover are
+        not read while their columns have not moved). Both only on the CPU, where they were
+        taken."""
         self.spec = spec
         self.device = device
         weighed = spec.cost_params(buffers)
@@ -145,6 +148,12 @@ class CostModel:
         self._held: dict[tuple[str, ...], Held] = {}
         self._pending: list[tuple[Held, Permutation]] = []
         self._fresh: dict[str, tuple[torch.Tensor, dict[Member, torch.Tensor]]] = {}
+        if first is not None and device.type == "cpu" and first.covered:
+            self._start_from(first)
+
+    def moving_members(self, g: str) -> list[Member]:
+        """The group's members whose tensors other groups also permute."""
+        return [m for m in self.members[g] if m in self._moving]
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
         """Parameter ``p`` of A or B on the device, as stored."""
@@ -307,6 +316,19 @@ class CostModel:
         for m, ra, rb in self._operand_stream(g, list(stale), hold):
             at = torch.nonzero(maps[m] != olds[m]).squeeze(1)
             self._update(value, ra, rb, g, m, at, maps[m], olds[m])
+
+    def _start_from(self, first: GroupProducts) -> None:
+        """Seed the group's fresh cost (and its fixed members' product, when all are covered)."""
+        g = first.group
+        ident = {h: torch.arange(k) for h, k in self.spec.sizes.items()}
+        moving = {
+            m: self._order(g, m, ident) for m in self.members[g] if m in self._moving and m in first.covered
+        }
+        if moving:
+            self._fresh[g] = (first.moving.clone(), moving)  # a run changes its own copy
+        fixed = [m for m in self.members[g] if m not in self._moving]
+        if fixed and all(m in first.covered for m in fixed):
+            self._fixed[f"{g}/1"] = first.fixed
 
     def _gathering(self) -> str | None:
         """The group that shares the most bytes of tensors with other groups (a transformer's
@@ -482,16 +504,13 @@ class CostModel:
     ) -> None:
         """Add the member's product to ``c``: A's rows ``ra`` against B's rows ``rb`` with their
         columns ``cols`` (:meth:`_columns`)."""
-        n = c.shape[0]
         scale = ra.shape[1] / len(cols)
         sketched = len(cols) < ra.shape[1]
         if sketched:
             ra = ra.index_select(1, self._sketch_columns(m, ra.shape[1]).to(self.device))
         if sketched or not _is_identity(cols):
             rb = take(rb, 1, cols)
-        with _exact_half_products(ra.dtype, self.device):
-            for lo, hi in _blocks(ra.shape[1], n):
-                c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
+        add_product(c, ra, rb, scale)
 
     def _update(
         self,
@@ -702,6 +721,45 @@ def param_dot(a: torch.Tensor, b: torch.Tensor, scratch: dict[str, torch.Tensor]
         by[:k].copy_(y[i : i + k])
         total += float(torch.dot(bx[:k], by[:k]))
     return total
+
+
+def add_product(c: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, scale: float = 1.0) -> None:
+    """``c += scale * ra @ rb.T``, a block of columns upcast at a time (half-precision weights
+    at the hardware's exact half-precision rate: :func:`_exact_half_products`)."""
+    with _exact_half_products(ra.dtype, c.device):
+        for lo, hi in _blocks(ra.shape[1], c.shape[0]):
+            c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
+
+
+class GroupProducts:
+    """One group's cost with every permutation at the identity, summed from the pairs of
+    tensors a pass over both models meets (:meth:`add`, in a fixed order): the input scan takes
+    the first cost of weight matching this way, and matching then reads none of it
+    (:class:`CostModel`'s ``first``). Members no other group touches are summed apart, as
+    matching keeps them."""
+
+    def __init__(self, group: str, n: int, members: Sequence[Member], moving: Collection[Member]):
+        self.group = group
+        self.n = n
+        self._members: dict[str, list[Member]] = {}
+        for m in members:
+            self._members.setdefault(m.param, []).append(m)
+        self._moving = set(moving)
+        self.moving = torch.zeros(self.n, self.n, dtype=torch.float32)
+        self.fixed = torch.zeros(self.n, self.n, dtype=torch.float32)
+        self.covered: set[Member] = set()
+
+    @property
+    def params(self) -> set[str]:
+        """The parameters whose tensors the group's products need."""
+        return set(self._members)
+
+    def add(self, p: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add the products of parameter ``p`` of A and B (as stored)."""
+        for m in self._members.get(p, ()):
+            target = self.moving if m in self._moving else self.fixed
+            add_product(target, _unit_rows(a, m, self.n), _unit_rows(b, m, self.n))
+            self.covered.add(m)
 
 
 def _other_axes(spec: PermutationSpec, m: Member) -> bool:

@@ -12,8 +12,14 @@ from rebasin.core.fields import EPOCHS_HELP, LR_HELP, option
 from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+
     from rebasin.core.types import Permutation, Progress
+    from rebasin.matching.costs import GroupProducts
     from rebasin.matching.result import MatchResult
+    from rebasin.spec.core import PermutationSpec
 
 EXPECTED_SWEEPS = 4
 """Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3;
@@ -60,6 +66,13 @@ class WeightMatching(Matcher):
     def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
         return 0.0
 
+    def first_products(self, a: Mapping[str, torch.Tensor], spec: PermutationSpec) -> GroupProducts | None:
+        """The first unit's products at the identity, where the first sweep goes by reach
+        (:func:`rebasin.matching.weight.first_products`); not with a sketch."""
+        from rebasin.matching.weight import first_products
+
+        return first_products(a, spec) if self.sketch == 1 else None
+
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         return self.run(problem, progress=progress, settle_later=problem.settle_later)
 
@@ -92,6 +105,7 @@ class WeightMatching(Matcher):
             sketch=self.sketch,
             known=problem.dots,
             settle_later=settle_later,
+            first=problem.first,
         )
 
 
@@ -247,6 +261,10 @@ class AutoMatch(Matcher):
         from rebasin.matching.auto import planned_candidates_flops
 
         return planned_candidates_flops(self, sweep, loss) if with_data else 0.0
+
+    def first_products(self, a: Mapping[str, torch.Tensor], spec: PermutationSpec) -> GroupProducts | None:
+        """Those of its first run, weight matching from the identity."""
+        return WeightMatching(backend=self.backend).first_products(a, spec)
 
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         from rebasin.matching.auto import auto_match

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from rebasin.core.types import Progress
+    from rebasin.matching.costs import GroupProducts
     from rebasin.matching.result import MatchResult
     from rebasin.spec.core import PermutationSpec
 
@@ -103,6 +104,9 @@ class MatchProblem:
     """``<A_p, B_p>`` of parameters as stored, taken on the CPU by a pass that read both (the
     input scan, :func:`rebasin.matching.costs.param_dot`): weight matching's objective at the
     start then reads nothing."""
+    first: GroupProducts | None = None
+    """The first unit's products at the identity, taken on the CPU by the input scan
+    (:meth:`Matcher.first_products`): weight matching's first cost then reads nothing."""
     settle_later: bool = False
     """The caller passes over pi(B) after matching and settles the exact objective there
     (:meth:`rebasin.matching.result.MatchResult.settle`): weight matching (one run) skips that read."""
@@ -157,6 +161,11 @@ class Matcher(Checked):
         """Operations it is expected to take beyond those sweeps (for ``--dry-run``), from those
         of one sweep and of one task-loss step."""
         return self.auto_flops(sweep, loss) or 0.0
+
+    def first_products(self, a: Mapping[str, torch.Tensor], spec: PermutationSpec) -> GroupProducts | None:
+        """Products a pass over both models (the input scan) may take for this method's first
+        step (:attr:`MatchProblem.first`); None: none."""
+        return None
 
     def match(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
         """Find the permutation of ``problem.b`` that aligns it with ``problem.a``; the result

@@ -40,7 +40,7 @@ from rebasin._memory import reusing_freed_memory
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
 from rebasin.matching.assignment import resolve_backend, solve_unit
-from rebasin.matching.costs import CostModel
+from rebasin.matching.costs import CostModel, GroupProducts
 from rebasin.matching.result import GroupStats, MatchResult, RestartTrace, capped
 from rebasin.permutation import random_permutation
 from rebasin.spec.core import PermutationSpec
@@ -67,6 +67,7 @@ def weight_matching(
     sketch: int = 1,
     known: Mapping[str, float] | None = None,
     settle_later: bool = False,
+    first: GroupProducts | None = None,
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
@@ -82,15 +83,18 @@ def weight_matching(
 
     Two exact float64 objectives bracket a run, each a pass over both models; callers that pass
     over them anyway can take them along. ``known`` (:class:`CostModel`) gives the start's from
-    the input scan. ``settle_later``, with one run, leaves the end's to the caller's pass over
-    pi(B) (:attr:`MatchResult.unsettled`, :meth:`MatchResult.settle`)."""
+    the input scan, and ``first`` (:func:`first_products`) the first unit's products.
+    ``settle_later``, with one run, leaves the end's to the caller's pass over pi(B)
+    (:attr:`MatchResult.unsettled`, :meth:`MatchResult.settle`)."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     backend = resolve_backend(backend)
     t0 = time.perf_counter()
     with (
         reusing_freed_memory(),  # tensor after tensor: the same pages, not fresh ones
-        contextlib.closing(CostModel(a, b, spec, torch.device(device), buffers, known=known)) as model,
+        contextlib.closing(
+            CostModel(a, b, spec, torch.device(device), buffers, known=known, first=first)
+        ) as model,
     ):
         deadline = t0 + time_budget if time_budget is not None else None
         search = _Search(model, backend, tol, progress, deadline)
@@ -149,6 +153,29 @@ def weight_matching(
             profile={**model.profile(), "assign_s": round(search.assign_s, 4)},
             unsettled=tuple(model.params) if not best.exact else (),
         )
+
+
+def first_products(
+    a: Mapping[str, torch.Tensor], spec: PermutationSpec, buffers: Collection[str] = ()
+) -> GroupProducts | None:
+    """What a pass over both models may take for weight matching's first unit: that unit's
+    products at the identity, when the first sweep goes by reach and the unit that reaches
+    farthest, alone, is the group the later sweeps gather (:attr:`CostModel.gather`: a
+    transformer's residual stream). None otherwise. From shapes alone."""
+    model = CostModel(a, a, spec, torch.device("cpu"), buffers, scratch=False)
+    try:
+        g = model.gather
+        if g is None or (g,) not in spec.units:
+            return None
+        if sum(model.work(u) for u in spec.units) < REACH_FIRST_WORK:
+            return None
+        reach = [model.reach(u) for u in spec.units]
+        if reach.count(max(reach)) > 1 or model.reach((g,)) != max(reach):
+            return None
+        members = model.members[g]
+        return GroupProducts(g, spec.sizes[g], members, model.moving_members(g))
+    finally:
+        model.close()
 
 
 def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rebasin.commands.inputs import check_all_finite
 from rebasin.core.errors import CheckpointError
+from rebasin.matching.costs import GroupProducts
+from rebasin.spec.core import Member
 
 
 class Fake:
@@ -108,3 +112,57 @@ def test_a_failing_scan_still_names_its_checkpoint_when_meeting() -> None:
     with pytest.raises(CheckpointError) as e:
         check_all_finite(cks, list(a))  # type: ignore[arg-type]
     assert "tensor 't4' contains NaN values" in str(e.value) and e.value.source == "b"
+
+
+class Located(Stored):
+    """A stored checkpoint whose tensors lie in one file in its scan order (as safetensors)."""
+
+    def __init__(self, name: str, state: dict[str, torch.Tensor], order: list[str], pause: float = 0.0):
+        super().__init__(name, state, order, pause)
+        self.files = [Path(name)]
+        self.locations = {k: SimpleNamespace(path=Path(name), begin=i) for i, k in enumerate(order)}
+
+
+def _first(a: dict[str, torch.Tensor]) -> GroupProducts:
+    """A group of 8 units over every tensor's rows; the even tensors also permuted by others."""
+    members = [Member(k, 0) for k in a]
+    return GroupProducts("g", 8, members, members[::2])
+
+
+@pytest.mark.parametrize("slow", ["a", "b", None])
+def test_the_scan_takes_the_first_unit_s_products_in_a_s_order(slow: str | None) -> None:
+    """Both files in the same order: every member's product is taken, moving and fixed apart,
+    summed in A's order (the same bits each time), and the dots all the same."""
+    a, b = _states(12)
+    order = list(a)
+    products = _first(a)
+    cks = [Located(n, s, order, 0.01 if n == slow else 0.0) for n, s in (("a", a), ("b", b))]
+    dots = check_all_finite(cks, order[:5], products)  # type: ignore[arg-type]
+    assert set(dots) == set(order[:5])
+    assert products.covered == {Member(k, 0) for k in a}
+    moving = torch.zeros(8, 8)
+    fixed = torch.zeros(8, 8)
+    for i, k in enumerate(order):
+        target = moving if i % 2 == 0 else fixed
+        target.addmm_(a[k].float(), b[k].float().T)
+    assert torch.equal(products.moving, moving) and torch.equal(products.fixed, fixed)
+
+
+def test_the_scan_takes_no_products_from_files_in_different_orders() -> None:
+    a, b = _states(6)
+    products = _first(a)
+    cks = [Located("a", a, list(a)), Located("b", b, list(reversed(list(b))))]
+    dots = check_all_finite(cks, list(a), products)  # type: ignore[arg-type]
+    assert not products.covered and len(dots) <= 6
+
+
+def test_a_failing_scan_ends_the_products_too(monkeypatch) -> None:
+    """The products wait for the scans' pairs; a failure ends them all the same (no hang), with
+    little room for queued pairs."""
+    monkeypatch.setattr("rebasin.commands.inputs.PARK_BYTES", 0)
+    a, b = _states(40)
+    b["t20"] = torch.full((8, 5), float("inf")).bfloat16()
+    products = _first(a)
+    cks = [Located("a", a, list(a), 0.001), Located("b", b, list(b))]
+    with pytest.raises(CheckpointError):
+        check_all_finite(cks, list(a), products)  # type: ignore[arg-type]
