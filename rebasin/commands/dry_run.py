@@ -31,7 +31,7 @@ from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
 from rebasin.matching.assignment import solve_assignment
 from rebasin.matching.auto import NOMINAL_FLOPS
-from rebasin.matching.costs import sweep_products
+from rebasin.matching.costs import CostModel, sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
 from rebasin.options import Options
 from rebasin.options.build import PLEAS
@@ -179,6 +179,10 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         laps = sum(assignment_seconds(n) for n in spec.sizes.values())
         n_max = max(spec.sizes.values())
         peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
+        if run.matcher is not None:  # units' tensors held from their products to their solves
+            model = CostModel(cks[0].state, cks[0].state, spec, torch.device("cpu"), scratch=False)
+            peak += model.held_bytes()
+            model.close()
         if run.matcher is not None:
             loss = 6.0 * cks[0].num_parameters() * 256  # a task-loss step: a batch of 256, both ways
             sweeps = run.matcher.planned_sweeps(run.matcher_data)
