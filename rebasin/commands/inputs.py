@@ -173,11 +173,13 @@ def _same_order(a: Checkpoint, b: Checkpoint, names: Collection[str]) -> bool:
     """Whether both scans meet ``names`` in the same order (safetensors files, from headers)."""
 
     def order(ck: Checkpoint) -> list[str] | None:
-        if ck.locations is None:
+        locs = ck.locations
+        if locs is None:
             return None
         at = {f: i for i, f in enumerate(ck.files)}
-        keys = [k for k in ck.locations if k in names]
-        return sorted(keys, key=lambda k: (at.get(ck.locations[k].path, -1), ck.locations[k].begin))  # type: ignore[index]
+        return sorted(
+            (k for k in locs if k in names), key=lambda k: (at.get(locs[k].path, -1), locs[k].begin)
+        )
 
     first = order(a)
     return first is not None and first == order(b) and set(first) == set(names)

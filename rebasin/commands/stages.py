@@ -82,8 +82,8 @@ def run_spec(run: Run, check_data: bool = True, show: bool = False, first: bool 
     products = None
     if check_data:
         pair = run.matcher is not None and len(run.checkpoints) == 2 and run.device == "cpu"
-        take = pair and first and run.matcher is not None and scan_multiplies()
-        products = run.matcher.first_products(a.state, spec) if take and run.matcher else None
+        if pair and first and run.matcher is not None and scan_multiplies():
+            products = run.matcher.first_products(a.state, spec)
         dots = check_all_finite(run.checkpoints, spec.cost_params(()) if pair else (), products)
     return Scoped(spec, source, frozen, dots, products if products is not None and products.covered else None)
 

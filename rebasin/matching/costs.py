@@ -194,7 +194,7 @@ class CostModel:
         ``hold`` collects the tensors read, by parameter."""
         self._gather()
         t0 = time.perf_counter()
-        moving = [m for m in self.members[g] if m in self._moving]
+        moving = self.moving_members(g)
         orders = {m: self._order(g, m, perm) for m in moving}
         with self._lock:
             fresh = self._fresh.pop(g, None)
@@ -324,9 +324,7 @@ class CostModel:
         """Seed the group's fresh cost (and its fixed members' product, when all are covered)."""
         g = first.group
         ident = {h: torch.arange(k) for h, k in self.spec.sizes.items()}
-        moving = {
-            m: self._order(g, m, ident) for m in self.members[g] if m in self._moving and m in first.covered
-        }
+        moving = {m: self._order(g, m, ident) for m in self.moving_members(g) if m in first.covered}
         if moving:
             self._fresh[g] = (first.moving.clone(), moving)  # a run changes its own copy
         fixed = [m for m in self.members[g] if m not in self._moving]
@@ -338,9 +336,7 @@ class CostModel:
         residual stream), when its fresh cost fits in :data:`FRESH_BYTES`: re-reading its
         members is what its neighbours' moves cost most. One group, so that the memory held
         stays that of a layer, not of the model."""
-        shared = {
-            g: sum(self._bytes(m.param) for m in ms if m in self._moving) for g, ms in self.members.items()
-        }
+        shared = {g: sum(self._bytes(m.param) for m in self.moving_members(g)) for g in self.members}
         best = max(sorted(shared), key=lambda g: shared[g], default=None)
         if best is None or not shared[best] or 4 * self.spec.sizes[best] ** 2 > FRESH_BYTES:
             return None
@@ -356,10 +352,12 @@ class CostModel:
         held = [self._unit_bytes(u) for u in self.spec.units if self._holds(u)]
         return 2 * max(held, default=0)
 
+    def _unit_params(self, unit: tuple[str, ...]) -> set[str]:
+        """The parameters of the unit's members that other groups also permute."""
+        return {m.param for g in unit for m in self.moving_members(g)}
+
     def _unit_bytes(self, unit: tuple[str, ...]) -> int:
-        return sum(
-            self._bytes(p) for p in {m.param for g in unit for m in self.members[g] if m in self._moving}
-        )
+        return sum(self._bytes(p) for p in self._unit_params(unit))
 
     def _holds(self, unit: tuple[str, ...]) -> bool:
         """Whether to hold the unit's tensors for :meth:`solved`: exact costs, a unit that
@@ -367,8 +365,7 @@ class CostModel:
         within :data:`HOLD_BYTES`."""
         if self.sketch != 1 or self.gather is None or self.gather in unit:
             return False
-        params = {m.param for g in unit for m in self.members[g] if m in self._moving}
-        if not any(h == self.gather for p in params for h, _ in self._shared[p]):
+        if not any(h == self.gather for p in self._unit_params(unit) for h, _ in self._shared[p]):
             return False
         return self._unit_bytes(unit) <= HOLD_BYTES
 
