@@ -185,11 +185,12 @@ def _same_order(a: Checkpoint, b: Checkpoint, names: Collection[str]) -> bool:
     return first is not None and first == order(b) and set(first) == set(names)
 
 
-SCAN_PRODUCTS_THREADS = 4
+SCAN_PRODUCTS_THREADS = 2
 """Threads torch may use from which the scan takes weight matching's first products
-(:func:`scan_multiplies`): beside its two hashing threads, on fewer cores the products and the
-hashing slow each other down (2 cores, planted TinyLlama-shape pair: the scan 4 -> 17 s,
-matching 46 -> 39 s, the merge 6 s slower)."""
+(:func:`scan_multiplies`): from two, the hashing overlaps them. On 2 cores, planted
+TinyLlama-shape pair, three runs each way: the scan 4.2-4.5 -> 13.1-13.8 s, matching
+48.4-50.2 -> 38.6-41.0 s, the merge the same (66.6-70.2 s either way), the pair read 2.89
+times instead of 3.89. A run held to one thread keeps its products in matching."""
 
 
 def scan_multiplies() -> bool:
@@ -199,6 +200,11 @@ def scan_multiplies() -> bool:
 
 PARK_BYTES = 256 << 20
 """Bytes of tensors a scan may leave waiting for the other's (at least one tensor)."""
+
+QUEUE_BYTES = 32 << 20
+"""Bytes of pairs the scans may queue for the first products (at least one pair). The products
+take longer than the hashing, so a longer queue would only hold memory: with 256 MiB, a
+streamed merge of a 320 MB pair peaked 70 MB higher."""
 
 
 class _Meeting:
@@ -211,7 +217,7 @@ class _Meeting:
     ended, they stop meeting: what was taken stands, matching reads the rest.
 
     The pairs ``products`` needs are also queued, in the order they were met, for
-    :meth:`multiply` (another thread); a scan waits while more than :data:`PARK_BYTES` of them
+    :meth:`multiply` (another thread); a scan waits while more than :data:`QUEUE_BYTES` of them
     are queued."""
 
     def __init__(self, names: Collection[str], products: GroupProducts | None = None):
@@ -237,7 +243,7 @@ class _Meeting:
         if k in self.names:
             with self._cond:
                 self._place(i, k, t)
-                while self._multiplying and self._queued_bytes > PARK_BYTES:
+                while self._multiplying and self._queued_bytes > QUEUE_BYTES:
                     self._cond.wait()
         self._take(i)
 

@@ -160,6 +160,7 @@ def test_a_failing_scan_ends_the_products_too(monkeypatch) -> None:
     """The products wait for the scans' pairs; a failure ends them all the same (no hang), with
     little room for queued pairs."""
     monkeypatch.setattr("rebasin.commands.inputs.PARK_BYTES", 0)
+    monkeypatch.setattr("rebasin.commands.inputs.QUEUE_BYTES", 0)
     a, b = _states(40)
     b["t20"] = torch.full((8, 5), float("inf")).bfloat16()
     products = _first(a)
