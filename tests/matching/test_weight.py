@@ -105,6 +105,29 @@ def test_a_hint_near_the_optimum_changes_nothing_but_the_speed(backend: str) -> 
         assert np.array_equal(solve_assignment(c, backend, hint), best)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "lap"])
+def test_rows_whose_best_columns_all_differ_are_solved_by_them(backend: str) -> None:
+    """Where every row's best column is a different one (aligned or planted pairs), that is the
+    optimum a full solve finds; where two rows share one, the full solve runs; an empty cost
+    has the empty permutation."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(1)
+    n = 200
+    planted = rng.permutation(n)
+    c = rng.standard_normal((n, n)).astype(np.float32)
+    c[np.arange(n), planted] += 10.0
+    assert np.array_equal(c.argmax(axis=1), planted)
+    assert np.array_equal(solve_assignment(c, backend), planted)
+    assert np.array_equal(linear_sum_assignment(c, maximize=True)[1], planted)
+    c[1, planted[0]] = c[1].max() + 1.0  # rows 0 and 1 now share their best column
+    p = solve_assignment(c, backend)
+    assert sorted(p.tolist()) == list(range(n))
+    full = c[np.arange(n), linear_sum_assignment(c, maximize=True)[1]].sum(dtype=np.float64)
+    assert c[np.arange(n), p].sum(dtype=np.float64) == pytest.approx(full, rel=1e-12)
+    assert solve_assignment(np.zeros((0, 0)), backend).shape == (0,)
+
+
 def test_progress_callback_is_called() -> None:
     a, b = pair("mlp", in_features=16, hidden=32)
     calls: list[tuple[str, float, float]] = []
