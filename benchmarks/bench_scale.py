@@ -32,7 +32,7 @@ import torch
 
 from rebasin.checkpoint import LazyStateDict, save_checkpoint
 from rebasin.checkpoint.state import TensorInfo
-from rebasin.matching.costs import _exact_half_products
+from rebasin.matching.costs import exact_half_products
 from rebasin.permutation import permute_tensor, random_permutation
 from rebasin.spec import infer_spec
 from rebasin.spec.core import PermutationSpec
@@ -160,7 +160,7 @@ def gemm_seconds(
         x, y = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
         plain_s += timed(x, y) * count
         x, y = x.bfloat16().float(), y.bfloat16().float()
-        with _exact_half_products(torch.bfloat16, dev):
+        with exact_half_products(torch.bfloat16, dev):
             half_s += timed(x, y) * count
         total_flops += 2.0 * n * n * k * count
         del x, y

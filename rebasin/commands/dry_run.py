@@ -31,7 +31,7 @@ from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
 from rebasin.matching.assignment import solve_assignment
 from rebasin.matching.auto import NOMINAL_FLOPS
-from rebasin.matching.costs import CostModel, sweep_products
+from rebasin.matching.costs import CostModel, exact_half_products, sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
 from rebasin.options import Options
 from rebasin.options.build import PLEAS
@@ -135,16 +135,22 @@ def _bytes(ck: Any) -> int:
 
 
 @cache
-def matmul_rate() -> float:
-    """Floating-point operations per second of a float32 matmul here (measured once)."""
+def matmul_rate(half: bool = False) -> float:
+    """Floating-point operations per second of a float32 matmul here (measured once); with
+    ``half``, of one whose operands are bfloat16 values, at the rate weight matching's products
+    of bfloat16 weights run (:func:`exact_half_products`: the bfloat16 units where the CPU has
+    them, else the same as float32)."""
 
     x = torch.randn(768, 768)
-    torch.mm(x, x)
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.15:
+    if half:
+        x = x.bfloat16().float()
+    with exact_half_products(torch.bfloat16 if half else x.dtype, x.device):
         torch.mm(x, x)
-        n += 1
-    return 2 * 768**3 * n / (time.perf_counter() - t)
+        t, n = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.15:
+            torch.mm(x, x)
+            n += 1
+        return 2 * 768**3 * n / (time.perf_counter() - t)
 
 
 def nominal_rate(device: str) -> float:
@@ -172,10 +178,12 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
     largest = max((math.prod(s) for c in cks for s in c.shapes.values()), default=0)
     hf = run.model.ref is not None and run.model.ref.config is not None
     seconds = START_S + 2 * pair_bytes / READ_BYTES_PER_S  # the scan, and the reads of the write pass
+    half = False  # products of bfloat16 weights on the CPU, at its bfloat16 rate
     peak = BASE_BYTES + 4 * 4 * largest  # float32 copies of a few tensors (the check runs apart)
     if spec is not None and run.command != "permute":
         weighed = spec.cost_params()
         sweep = sweep_products(spec, {k: shape_of(cks[0].state, k) for k in weighed}, weighed)
+        half = run.device == "cpu" and all(c.dtypes[k] == torch.bfloat16 for c in cks for k in weighed)
         laps = sum(assignment_seconds(n) for n in spec.sizes.values())
         n_max = max(spec.sizes.values())
         peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
@@ -189,7 +197,7 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
             extra = run.matcher.planned_flops(sweep, loss, run.matcher_data)
         else:  # merge-many: every model against the mean, each round
             sweeps, extra = EXPECTED_SWEEPS * len(cks), 0.0
-        seconds += sweeps * (sweep / matmul_rate() + laps) + extra / nominal_rate(run.device)
+        seconds += sweeps * (sweep / matmul_rate(half) + laps) + extra / nominal_rate(run.device)
     if run.data is not None:
         params = cks[0].num_parameters()
         peak += 3 * 4 * params + (HF_BYTES if hf else 0)  # the evaluation's models (float32)
@@ -205,6 +213,7 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 1),
         "peak_bytes": int(peak),
-        "basis": f"float32 matmul at {matmul_rate() / 1e9:.0f} GFLOP/s measured here, "
+        "basis": f"{'bfloat16 weights multiplied' if half else 'float32 matmul'} at "
+        f"{matmul_rate(half) / 1e9:.0f} GFLOP/s measured here, "
         f"{EXPECTED_SWEEPS} sweeps per run, reads at {READ_BYTES_PER_S / 1e6:.0f} MB/s",
     }

@@ -736,8 +736,8 @@ def param_dot(a: torch.Tensor, b: torch.Tensor, scratch: dict[str, torch.Tensor]
 
 def add_product(c: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, scale: float = 1.0) -> None:
     """``c += scale * ra @ rb.T``, a block of columns upcast at a time (half-precision weights
-    at the hardware's exact half-precision rate: :func:`_exact_half_products`)."""
-    with _exact_half_products(ra.dtype, c.device):
+    at the hardware's exact half-precision rate: :func:`exact_half_products`)."""
+    with exact_half_products(ra.dtype, c.device):
         for lo, hi in _blocks(ra.shape[1], c.shape[0]):
             c.addmm_(ra[:, lo:hi].float(), rb[:, lo:hi].float().T, alpha=scale)
 
@@ -785,7 +785,7 @@ def _blocks(cols: int, rows: int) -> Iterator[tuple[int, int]]:
 
 
 @contextmanager
-def _exact_half_products(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+def exact_half_products(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
     """Float32 products of half-precision weights at the hardware's half-precision rate, exactly:
     on CUDA, bfloat16/float16 in TF32 (10-bit mantissas hold theirs); on a CPU with bfloat16
     matrix units (oneDNN: AMX, AVX512-BF16), bfloat16 with bfloat16 inputs and float32

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from rebasin.spec.core import PermutationSpec
 
 EXPECTED_SWEEPS = 4
-"""Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3;
-trained pairs: 3-8)."""
+"""Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3, and
+2 where the first sweep goes by reach, the second computing little; trained pairs: 3-8)."""
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
 STEPS_HELP = "Optimizer steps."
 EPOCHS_TEXT = "steps (sets them when given)"
