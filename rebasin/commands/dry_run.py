@@ -187,11 +187,11 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         laps = sum(assignment_seconds(n) for n in spec.sizes.values())
         n_max = max(spec.sizes.values())
         peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
-        if run.matcher is not None:  # units' tensors held from their products to their solves
+        if run.matcher is not None:
+            # units' tensors held from their products to their solves
             model = CostModel(cks[0].state, cks[0].state, spec, torch.device("cpu"), scratch=False)
             peak += model.held_bytes()
             model.close()
-        if run.matcher is not None:
             loss = 6.0 * cks[0].num_parameters() * 256  # a task-loss step: a batch of 256, both ways
             sweeps = run.matcher.planned_sweeps(run.matcher_data)
             extra = run.matcher.planned_flops(sweep, loss, run.matcher_data)

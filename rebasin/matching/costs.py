@@ -74,8 +74,9 @@ SCRATCH_RESERVE = 4 << 30
 
 HOLD_BYTES = 192 << 20
 """Largest size of a unit's tensors (A and B, as stored) held from its products to its
-assignment, for the gathering group's products (:meth:`CostModel.solved`). Up to three units
-are held at once, so this bounds the memory it adds to about 600 MB. A TinyLlama-shape MLP unit
+assignment, for the gathering group's products (:meth:`CostModel.solved`). Up to two units
+are held at once (:meth:`CostModel.held_bytes`), so this bounds the memory it adds to about
+400 MB. A TinyLlama-shape MLP unit
 (138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is not: held there, the merge measured no
 faster on 2 cores (573-630 s against 557-569 s) and peaked at 4.9-10.4 GB against 3.8-4.1."""
 

@@ -167,15 +167,21 @@ def first_products(
         g = model.gather
         if g is None or (g,) not in spec.units:
             return None
-        if sum(model.work(u) for u in spec.units) < REACH_FIRST_WORK:
-            return None
-        reach = [model.reach(u) for u in spec.units]
-        if reach.count(max(reach)) > 1 or model.reach((g,)) != max(reach):
+        reach = _first_reach(model)
+        if not any(reach) or reach.count(max(reach)) > 1 or model.reach((g,)) != max(reach):
             return None
         members = model.members[g]
         return GroupProducts(g, spec.sizes[g], members, model.moving_members(g))
     finally:
         model.close()
+
+
+def _first_reach(model: CostModel) -> list[float]:
+    """Each unit's reach, by which the first sweep orders them (most first), where a full sweep's
+    products come to :data:`REACH_FIRST_WORK`; all 0 (the seeded random order) below it."""
+    units = model.spec.units
+    full = sum(model.work(u) for u in units) * model.sketch
+    return [model.reach(u) if full >= REACH_FIRST_WORK else 0.0 for u in units]
 
 
 def batches(spec: PermutationSpec, order: Sequence[int]) -> list[list[Unit]]:
@@ -288,8 +294,7 @@ class _Search:
         spec = self.model.spec
         run = _Run(perm, self.model.objective(perm) if first is None else first)
         dirty = set(spec.sizes)  # groups whose cost may have changed since last solved
-        full = sum(self.model.work(u) for u in spec.units) * self.model.sketch
-        reach = [self.model.reach(u) if full >= REACH_FIRST_WORK else 0.0 for u in spec.units]
+        reach = _first_reach(self.model)
         for sweep in range(1, max_iter + 1):
             start = {g: v.clone() for g, v in run.perm.items()}
             t_sweep = time.perf_counter()
