@@ -72,13 +72,13 @@ MEMORY_BYTES = 16 << 20
 SCRATCH_RESERVE = 4 << 30
 """Free disk space that scratch files for kept products never take."""
 
-HOLD_BYTES = 192 << 20
-"""Largest size of a unit's tensors (A and B, as stored) held from its products to its
-assignment, for the gathering group's products (:meth:`CostModel.solved`). Up to two units
-are held at once (:meth:`CostModel.held_bytes`), so this bounds the memory it adds to about
-400 MB. A TinyLlama-shape MLP unit
-(138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is not: held there, the merge measured no
-faster on 2 cores (573-630 s against 557-569 s) and peaked at 4.9-10.4 GB against 3.8-4.1."""
+HOLD_BYTES = 384 << 20
+"""Most bytes of units' tensors (A and B, as stored) held from their products to their
+assignments, for the gathering group's products (:meth:`CostModel.solved`): a unit is held when
+:attr:`CostModel.in_flight` units of its size fit in it. With two in flight (one assignment at
+a time), a TinyLlama-shape MLP unit (138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is
+not: held there, the merge measured no faster on 2 cores (573-630 s against 557-569 s) and
+peaked at 4.9-10.4 GB against 3.8-4.1."""
 
 FRESH_BYTES = 256 << 20
 """Largest fresh cost (:meth:`CostModel.solved`) kept in memory: 4 n^2 bytes for a group of n."""
@@ -152,6 +152,8 @@ class CostModel:
         self._held: dict[tuple[str, ...], Held] = {}
         self._pending: list[tuple[Held, Permutation]] = []
         self._fresh: dict[str, tuple[torch.Tensor, dict[Member, torch.Tensor]]] = {}
+        self.in_flight = 2
+        """Units whose costs may be computed and not yet solved at once (:meth:`held_bytes`)."""
         if first is not None and device.type == "cpu" and first.covered:
             self._start_from(first)
 
@@ -348,10 +350,11 @@ class CostModel:
         return 2 * self._numel[p] * tensor_info(self._a, p).dtype.itemsize
 
     def held_bytes(self) -> int:
-        """The most bytes of tensors held for :meth:`solved` at once: two units' (the one being
-        solved and the next one, computed ahead), for ``--dry-run``'s memory estimate."""
+        """The most bytes of tensors held for :meth:`solved` at once: :attr:`in_flight` units'
+        (those being solved and the next one, computed ahead), for ``--dry-run``'s memory
+        estimate."""
         held = [self._unit_bytes(u) for u in self.spec.units if self._holds(u)]
-        return 2 * max(held, default=0)
+        return self.in_flight * max(held, default=0)
 
     def _unit_params(self, unit: tuple[str, ...]) -> set[str]:
         """The parameters of the unit's members that other groups also permute."""
@@ -362,13 +365,13 @@ class CostModel:
 
     def _holds(self, unit: tuple[str, ...]) -> bool:
         """Whether to hold the unit's tensors for :meth:`solved`: exact costs, a unit that
-        shares tensors with the gathering group (:attr:`gather`) and is not it, and tensors
-        within :data:`HOLD_BYTES`."""
+        shares tensors with the gathering group (:attr:`gather`) and is not it, and
+        :attr:`in_flight` units of its size within :data:`HOLD_BYTES`."""
         if self.sketch != 1 or self.gather is None or self.gather in unit:
             return False
         if not any(h == self.gather for p in self._unit_params(unit) for h, _ in self._shared[p]):
             return False
-        return self._unit_bytes(unit) <= HOLD_BYTES
+        return self.in_flight * self._unit_bytes(unit) <= HOLD_BYTES
 
     def solved(self, unit: tuple[str, ...], perm: Permutation, moved: bool) -> None:
         """The unit's assignment is done (``moved``: it changed ``perm``). Its held tensors are

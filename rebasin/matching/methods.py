@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rebasin.core.errors import ConfigError
 from rebasin.core.fields import EPOCHS_HELP, LR_HELP, option
+from rebasin.matching.assignment import check_concurrency
 from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
 
 if TYPE_CHECKING:
@@ -51,8 +52,18 @@ class WeightMatching(Matcher):
         ge=1,
         commands=ALIGN,
     )
+    assign_workers: int = option(
+        0,
+        "Assignments solved at once, in threads (0: as the cores allow, for groups of 2048 or more).",
+        ge=0,
+        commands=ALIGN,
+    )
     tol: float = 1e-12
     """Relative improvement below which a group counts as unchanged."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_concurrency(self.assign_workers, self.backend)
 
     SWEEPS: ClassVar[int] = 10
     """Sweeps assumed for one run when estimating its time."""
@@ -106,6 +117,7 @@ class WeightMatching(Matcher):
             known=problem.dots,
             settle_later=settle_later,
             first=problem.first,
+            workers=self.assign_workers,
         )
 
 

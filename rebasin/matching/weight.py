@@ -29,7 +29,9 @@ member at a time in their stored dtype, and upcast a block of columns at a time 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -39,7 +41,7 @@ import torch
 from rebasin._memory import reusing_freed_memory
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
-from rebasin.matching.assignment import resolve_backend, solve_unit
+from rebasin.matching.assignment import plan_concurrency, solve_unit
 from rebasin.matching.costs import CostModel, GroupProducts
 from rebasin.matching.result import GroupStats, MatchResult, RestartTrace, capped
 from rebasin.permutation import random_permutation
@@ -68,6 +70,7 @@ def weight_matching(
     known: Mapping[str, float] | None = None,
     settle_later: bool = False,
     first: GroupProducts | None = None,
+    workers: int = 0,
 ) -> MatchResult:
     """Find the permutation of ``b`` that aligns it with ``a`` (the options are those of
     :class:`rebasin.matching.methods.WeightMatching`; ``init`` starts run 0 there).
@@ -85,10 +88,12 @@ def weight_matching(
     over them anyway can take them along. ``known`` (:class:`CostModel`) gives the start's from
     the input scan, and ``first`` (:func:`first_products`) the first unit's products.
     ``settle_later``, with one run, leaves the end's to the caller's pass over pi(B)
-    (:attr:`MatchResult.unsettled`, :meth:`MatchResult.settle`)."""
+    (:attr:`MatchResult.unsettled`, :meth:`MatchResult.settle`). ``workers``: assignments
+    solved at once (:func:`plan_concurrency`; 0: as the machine allows)."""
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
-    backend = resolve_backend(backend)
+    largest = max(spec.sizes.values(), default=0)
+    workers, backend = plan_concurrency(workers, backend, largest, torch.device(device).type == "cpu")
     t0 = time.perf_counter()
     with (
         reusing_freed_memory(),  # tensor after tensor: the same pages, not fresh ones
@@ -97,7 +102,8 @@ def weight_matching(
         ) as model,
     ):
         deadline = t0 + time_budget if time_budget is not None else None
-        search = _Search(model, backend, tol, progress, deadline)
+        model.in_flight = workers + AHEAD
+        search = _Search(model, backend, tol, progress, deadline, workers)
         best: _Run | None = None
         traces: list[RestartTrace] = []
         best_k = 0
@@ -145,6 +151,7 @@ def weight_matching(
                 "seed": seed,
                 "device": device,
                 "backend": backend,
+                "workers": workers,
                 "time_budget": time_budget,
                 "sketch": sketch,
             },
@@ -266,10 +273,19 @@ class _Search:
     optional deadline."""
 
     def __init__(
-        self, model: CostModel, backend: str, tol: float, progress: Progress | None, deadline: float | None
+        self,
+        model: CostModel,
+        backend: str,
+        tol: float,
+        progress: Progress | None,
+        deadline: float | None,
+        workers: int = 1,
     ):
         self.model = model
         self.backend = backend
+        self.workers = workers
+        """Assignments solved at once (threads)."""
+        self._lock = threading.Lock()
         self.tol = tol
         self.progress = progress
         self.deadline = deadline
@@ -314,8 +330,8 @@ class _Search:
                 stage = [u for u in batch if not dirty.isdisjoint(u)]  # batch-mates never dirty each other
                 for u in stage:
                     dirty.difference_update(u)
-                for unit, costs in _costs_ahead(self.model, stage, run.perm):
-                    gain += self._solve(run, unit, costs, dirty)
+                for unit, costs, new in self._solutions(stage, run):
+                    gain += self._apply(run, unit, costs, new, dirty)
                     done_work += self.model.work(unit)
                     self._report(label, sweep, unit, done_work / max(total_work, 1.0), t_sweep)
             run.sweeps = sweep
@@ -355,16 +371,59 @@ class _Search:
             run.exact = True
         return run
 
-    def _solve(self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], dirty: set[str]) -> float:
-        """Solve one unit's assignment; keep it when it raises the objective, and return the gain
-        (0 when kept as it was)."""
+    def _solutions(
+        self, stage: Sequence[Unit], run: _Run
+    ) -> Iterator[tuple[Unit, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Each unit of a stage, in order, with its cost matrices and their assignments' answer.
+        The units are independent, so their costs and answers are the same whether taken before
+        or after the others are solved: a thread computes the products of the units ahead
+        (releasing the interpreter lock) while up to :attr:`workers` assignments are solved."""
         spec = self.model.spec
-        t0 = time.perf_counter()
-        near = {
-            g: run.perm[g].numpy() for g in costs if run.moved.get(g, spec.sizes[g]) <= spec.sizes[g] * NEAR
+        near = {  # a unit's solve alone changes its groups' moves and permutations
+            g: run.perm[g].numpy()
+            for u in stage
+            for g in u
+            if run.moved.get(g, spec.sizes[g]) <= spec.sizes[g] * NEAR
         }
-        new = solve_unit(costs, spec.heads, self.backend, near)
-        self.assign_s += time.perf_counter() - t0
+        if len(stage) == 1:
+            costs = self.model.unit_costs(stage[0], run.perm)
+            yield stage[0], costs, self._assign(costs, near)
+            return
+        fixed = dict(run.perm)  # the other stages' groups do not move during this stage
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs") as products,
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rebasin-assign") as solver,
+        ):
+
+            def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]:
+                costs = self.model.unit_costs(unit, fixed)
+                return costs, solver.submit(self._assign, costs, near)
+
+            todo = list(stage)
+            pending: deque[tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]]]]
+            pending = deque()
+            while todo or pending:
+                while todo and len(pending) < self.workers + AHEAD:
+                    unit = todo.pop(0)
+                    pending.append((unit, products.submit(job, unit)))
+                unit, job_done = pending.popleft()
+                costs, answer = job_done.result()
+                yield unit, costs, answer.result()
+
+    def _assign(self, costs: dict[str, np.ndarray], near: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The unit's assignments (timed into :attr:`assign_s`)."""
+        t0 = time.perf_counter()
+        new = solve_unit(costs, self.model.spec.heads, self.backend, {g: near[g] for g in costs if g in near})
+        with self._lock:
+            self.assign_s += time.perf_counter() - t0
+        return new
+
+    def _apply(
+        self, run: _Run, unit: Unit, costs: dict[str, np.ndarray], new: dict[str, np.ndarray], dirty: set[str]
+    ) -> float:
+        """Keep a unit's answer when it raises the objective, and return the gain (0 when kept
+        as it was)."""
+        spec = self.model.spec
         old_val = new_val = 0.0
         for g, c in costs.items():
             rows = np.arange(spec.sizes[g])
@@ -413,25 +472,4 @@ group's permutation (:func:`solve_assignment`'s ``near``: 1.5-2x faster near the
 slower far from it; measured on trained 3 x 512 MLP costs)."""
 
 AHEAD = 1
-"""Units whose costs are computed ahead, in a worker thread, while the current one is solved."""
-
-
-def _costs_ahead(
-    model: CostModel, stage: Sequence[Unit], perm: Permutation
-) -> Iterator[tuple[Unit, dict[str, np.ndarray]]]:
-    """Each unit of a stage with its cost matrices. The units are independent, so their costs
-    are the same whether computed before or after the others are solved: the products of the
-    next unit run (in a thread, releasing the interpreter lock) while the caller solves this one."""
-    if len(stage) == 1:
-        yield stage[0], model.unit_costs(stage[0], perm)
-        return
-    fixed = dict(perm)  # the other stages' groups do not move during this stage
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs") as pool:
-        pending: list[tuple[Unit, Future[dict[str, np.ndarray]]]] = []
-        for unit in stage:
-            pending.append((unit, pool.submit(model.unit_costs, unit, fixed)))
-            if len(pending) > AHEAD:
-                u, f = pending.pop(0)
-                yield u, f.result()
-        for u, f in pending:
-            yield u, f.result()
+"""Units whose costs are computed ahead, in a worker thread, beyond those being solved."""

@@ -270,3 +270,52 @@ def test_results_compared_between_runs_are_never_left_to_settle() -> None:
     r = weight_matching(a, b, spec, restarts=2, settle_later=True)
     assert not r.unsettled
     assert r.objective == weight_matching(a, b, spec, restarts=2).objective
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_assignments_solved_at_once_give_the_answer_of_one_at_a_time(family: str) -> None:
+    """Independent units' assignments solved in threads give the permutations, objectives and
+    group figures of solving them one after another (the same back-end), on trained-like
+    (independent) and planted pairs."""
+    from rebasin.matching.weight import weight_matching
+
+    a = dict(tiny(family, 0).state_dict())
+    config = tiny(family, 0).config.to_dict()
+    spec = infer_spec(a, config=config)
+    independent = dict(tiny(family, 1).state_dict())
+    planted = dict(permute(a, spec, random_permutation(spec, 7)))
+    for b in (independent, planted):
+        one = weight_matching(a, b, spec, seed=4, backend="scipy", workers=1)
+        many = weight_matching(a, b, spec, seed=4, backend="scipy", workers=3)
+        assert many.options["workers"] == 3 and one.options["workers"] == 1
+        assert all(torch.equal(one.perm[g], many.perm[g]) for g in spec.sizes)
+        assert one.history == many.history and one.objective == many.objective
+        assert one.groups == many.groups
+    back = permute(planted, spec, many.perm)
+    assert all(torch.equal(back[k], a[k]) for k in spec.params)
+
+
+def test_how_many_assignments_at_once(monkeypatch) -> None:
+    from rebasin.core.errors import ConfigError
+    from rebasin.matching import assignment
+    from rebasin.matching.assignment import plan_concurrency
+    from rebasin.matching.methods import WeightMatching
+
+    monkeypatch.setattr(assignment, "usable_cores", lambda: 16)
+    monkeypatch.setattr(assignment, "_available_bytes", lambda: 64 << 30)
+    lap = assignment.resolve_backend("auto")
+    assert plan_concurrency(0, "auto", 512, True) == (1, lap)  # small groups: one at a time
+    assert plan_concurrency(0, "auto", 5632, True) == (8, "scipy")  # half the cores
+    assert plan_concurrency(0, "auto", 5632, False) == (15, "scipy")  # products on a GPU
+    assert plan_concurrency(0, "auto", 11008, False) == (11, "scipy")  # 16 GiB of assignments
+    assert plan_concurrency(0, "lap", 5632, False) == (1, "lap")
+    assert plan_concurrency(2, "auto", 512, True) == (2, "scipy")  # asked for
+    assert plan_concurrency(1, "scipy", 5632, False) == (1, "scipy")
+    monkeypatch.setattr(assignment, "usable_cores", lambda: 4)
+    assert plan_concurrency(0, "auto", 5632, True) == (1, lap)
+    monkeypatch.setattr(assignment, "_available_bytes", lambda: 4 << 30)
+    assert plan_concurrency(8, "scipy", 11008, False) == (1, "scipy")  # a quarter of 4 GiB
+    with pytest.raises(ConfigError, match="'lap' solves one at a time"):
+        plan_concurrency(2, "lap", 512, True)
+    with pytest.raises(ConfigError, match="'lap' solves one at a time"):
+        WeightMatching(backend="lap", assign_workers=2)
