@@ -29,10 +29,11 @@ from rebasin.core.errors import ConfigError, RebasinError
 from rebasin.core.types import PathLike
 from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
-from rebasin.matching.assignment import solve_assignment
+from rebasin.matching.assignment import plan_concurrency, solve_assignment
 from rebasin.matching.auto import NOMINAL_FLOPS
 from rebasin.matching.costs import CostModel, exact_half_products, sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
+from rebasin.matching.weight import AHEAD
 from rebasin.options import Options
 from rebasin.options.build import PLEAS
 from rebasin.spec.core import PermutationSpec
@@ -160,13 +161,13 @@ def nominal_rate(device: str) -> float:
 
 
 @cache
-def assignment_seconds(n: int) -> float:
+def assignment_seconds(n: int, backend: str = "auto") -> float:
     """Seconds of one n x n linear assignment on weakly structured costs (measured at 256, scaled
     as n^2.5)."""
 
     c = np.random.default_rng(0).standard_normal((256, 256))
     t = time.perf_counter()
-    solve_assignment(c)
+    solve_assignment(c, backend)
     return (time.perf_counter() - t) * (n / 256) ** 2.5
 
 
@@ -179,17 +180,24 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
     hf = run.model.ref is not None and run.model.ref.config is not None
     seconds = START_S + 2 * pair_bytes / READ_BYTES_PER_S  # the scan, and the reads of the write pass
     half = False  # products of bfloat16 weights on the CPU, at its bfloat16 rate
+    workers = 1  # assignments solved at once
     peak = BASE_BYTES + 4 * 4 * largest  # float32 copies of a few tensors (the check runs apart)
     if spec is not None and run.command != "permute":
         weighed = spec.cost_params()
         sweep = sweep_products(spec, {k: shape_of(cks[0].state, k) for k in weighed}, weighed)
         half = run.device == "cpu" and all(c.dtypes[k] == torch.bfloat16 for c in cks for k in weighed)
-        laps = sum(assignment_seconds(n) for n in spec.sizes.values())
         n_max = max(spec.sizes.values())
-        peak += 12 * n_max * n_max  # the largest cost matrix (float32) and its float64 reduction
+        asked = getattr(run.matcher, "assign_workers", 0)
+        workers, backend = plan_concurrency(
+            asked, run.matcher.backend if run.matcher else "auto", n_max, run.device == "cpu"
+        )
+        laps = sum(assignment_seconds(n, backend) for n in spec.sizes.values()) / workers
+        # the largest cost matrices (float32) and their float64 reductions, solved at once
+        peak += workers * 12 * n_max * n_max
         if run.matcher is not None:
             # units' tensors held from their products to their solves
             model = CostModel(cks[0].state, cks[0].state, spec, torch.device("cpu"), scratch=False)
+            model.in_flight = workers + AHEAD
             peak += model.held_bytes()
             model.close()
             loss = 6.0 * cks[0].num_parameters() * 256  # a task-loss step: a batch of 256, both ways
@@ -215,5 +223,6 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         "peak_bytes": int(peak),
         "basis": f"{'bfloat16 weights multiplied' if half else 'float32 matmul'} at "
         f"{matmul_rate(half) / 1e9:.0f} GFLOP/s measured here, "
-        f"{EXPECTED_SWEEPS} sweeps per run, reads at {READ_BYTES_PER_S / 1e6:.0f} MB/s",
+        f"{EXPECTED_SWEEPS} sweeps per run, reads at {READ_BYTES_PER_S / 1e6:.0f} MB/s"
+        + (f", {workers} assignments at once" if workers > 1 else ""),
     }

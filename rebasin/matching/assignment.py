@@ -1,5 +1,5 @@
 """Linear assignment back-ends: maximize ``sum_i C[i, p[i]]`` over permutations ``p``. Importing
-this module imports neither torch nor scipy (option checks use it)."""
+this module imports no torch (option checks use it)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from rebasin.core.errors import ConfigError
 
@@ -133,8 +134,6 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray |
 
         _, x, _ = lap.lapjv(reduced, extend_cost=False)
         return np.asarray(x, dtype=np.int64)
-
-    from scipy.optimize import linear_sum_assignment
 
     _, cols = linear_sum_assignment(reduced)
     return np.asarray(cols, dtype=np.int64)

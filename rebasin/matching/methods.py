@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rebasin.core.errors import ConfigError
 from rebasin.core.fields import EPOCHS_HELP, LR_HELP, option
-from rebasin.matching.assignment import check_concurrency
 from rebasin.matching.registry import ALIGN, Matcher, MatchProblem, register_matcher
 
 if TYPE_CHECKING:
@@ -63,6 +62,8 @@ class WeightMatching(Matcher):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from rebasin.matching.assignment import check_concurrency
+
         check_concurrency(self.assign_workers, self.backend)
 
     SWEEPS: ClassVar[int] = 10

@@ -1,0 +1,68 @@
+"""Weight matching's assignments solved at once (``--assign-workers``) against one at a time.
+
+Costs of independent pairs are close to Gaussian (sums of many products of unrelated weights),
+so K standard-normal n x n costs stand for one stage of a transformer's MLP groups (n 5632 at
+the TinyLlama shape, 11008 at LLaMA-7B; no assignment can be read off their rows). Each is
+solved through :func:`rebasin.matching.assignment.solve_unit`, as the search solves a unit:
+one after another with LAPJV (the default one at a time) and with scipy, then in 2, 4, ...
+threads with scipy (which releases the interpreter lock) up to the cores here. Prints seconds
+per stage and the speed-up over LAPJV one at a time, and checks every way gives the same
+permutations.
+
+    python benchmarks/bench_assignments.py [--sizes 2048 5632] [--count 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from rebasin.matching.assignment import resolve_backend, solve_unit, usable_cores
+
+
+def stage_seconds(costs: list[np.ndarray], backend: str, workers: int) -> tuple[float, list[np.ndarray]]:
+    """Seconds to solve every cost, ``workers`` at a time, and the answers in order."""
+    t = time.perf_counter()
+    if workers == 1:
+        out = [solve_unit({"g": c}, {}, backend)["g"] for c in costs]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            out = [f.result()["g"] for f in [pool.submit(solve_unit, {"g": c}, {}, backend) for c in costs]]
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", type=int, default=[2048, 5632])
+    ap.add_argument("--count", type=int, default=8, help="costs in the stage")
+    args = ap.parse_args()
+    cores = usable_cores()
+    one = resolve_backend("auto")
+    print(f"{cores} cores; one at a time with {one}, at once with scipy")
+    print(f"{'n':>6} {'way':<18} {'stage s':>8} {'per solve s':>11} {'speed-up':>8}")
+    for n in args.sizes:
+        rng = np.random.default_rng(n)
+        costs = [rng.standard_normal((n, n), dtype=np.float32) for _ in range(args.count)]
+        base, ref = stage_seconds(costs, one, 1)
+        ways = [(f"{one}, 1 at a time", one, 1)]
+        if one != "scipy":
+            ways.append(("scipy, 1 at a time", "scipy", 1))
+        w = 2
+        while w <= cores:
+            ways.append((f"scipy, {w} at once", "scipy", w))
+            w *= 2
+        for label, backend, workers in ways:
+            took, got = (base, ref) if workers == 1 and backend == one else stage_seconds(costs, backend, workers)
+            same = all(np.array_equal(x, y) for x, y in zip(got, ref, strict=True))
+            print(
+                f"{n:>6} {label:<18} {took:>8.2f} {took / args.count:>11.3f} {base / took:>7.2f}x"
+                + ("" if same else "  DIFFERENT PERMUTATIONS"),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
