@@ -80,6 +80,11 @@ a time), a TinyLlama-shape MLP unit (138 MB) is held; a LLaMA-7B-shape unit (268
 not: held there, the merge measured no faster on 2 cores (573-630 s against 557-569 s) and
 peaked at 4.9-10.4 GB against 3.8-4.1."""
 
+DEVICE_RESERVE = 8 << 30
+"""GPU memory a run keeps free beyond the models it holds there (:attr:`CostModel.resident`):
+the products' blocks, the cost matrices and the allocator's slack; at least an eighth of the
+device."""
+
 FRESH_BYTES = 256 << 20
 """Largest fresh cost (:meth:`CostModel.solved`) kept in memory: 4 n^2 bytes for a group of n."""
 
@@ -102,13 +107,15 @@ class CostModel:
         scratch: bool = True,
         known: Mapping[str, float] | None = None,
         first: GroupProducts | None = None,
+        resident: bool | None = None,
     ):
         """``known``: :func:`param_dot` of parameters of A and B as stored, taken by a pass that
         read both anyway (the input scan): the objective uses them wherever every axis of the
         parameter is unmoved, instead of reading it. ``first``: a group's products at the
         identity, taken by such a pass: its cost starts from them (its members they cover are
         not read while their columns have not moved). Both only on the CPU, where they were
-        taken."""
+        taken. ``resident``: keep every tensor read on the device (:attr:`resident`; None: on
+        a GPU with room for both models)."""
         self.spec = spec
         self.device = device
         weighed = spec.cost_params(buffers)
@@ -128,11 +135,16 @@ class CostModel:
         moving_work = {
             g: self._work(g, [m for m in ms if m in self._moving]) for g, ms in self.members.items()
         }
+        room = _device_room(device)
+        pair_bytes = sum(self._bytes(p) for p in weighed)
+        self.resident = pair_bytes <= room if resident is None else resident
+        """Whether the tensors read stay on the device, each read once (a GPU with room for
+        both models: an H200 holds a LLaMA-7B pair), instead of read again for each product."""
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}
+        if memory_bytes is None:  # a GPU keeps the kept costs in the room left
+            memory_bytes = max(MEMORY_BYTES, room - (pair_bytes if self.resident else 0))
         self.kept = ProductCache(
-            {g: spec.sizes[g] for g, w in moving_work.items() if w > 0},
-            moving_work,
-            MEMORY_BYTES if memory_bytes is None else memory_bytes,
-            scratch,
+            {g: spec.sizes[g] for g, w in moving_work.items() if w > 0}, moving_work, memory_bytes, scratch
         )
         self.products = {"full": 0.0, "update": 0.0, "reused": 0.0}
         """Multiply-adds spent on full products and on updates, and those saved by reuse."""
@@ -162,12 +174,21 @@ class CostModel:
         return [m for m in self.members[g] if m in self._moving]
 
     def tensor(self, side: str, p: str) -> torch.Tensor:
-        """Parameter ``p`` of A or B on the device, as stored."""
+        """Parameter ``p`` of A or B on the device, as stored (read once when :attr:`resident`)."""
+        if self.resident:
+            with self._lock:
+                kept = self._on_device.get((side, p))
+            if kept is not None:
+                return kept
         src = self._a if side == "a" else self._b
         t = src[p]
         with self._lock:
             self.bytes_read[self._phase] += t.numel() * t.element_size()
-        return t.to(device=self.device)
+        t = t.to(device=self.device)
+        if self.resident:
+            with self._lock:
+                t = self._on_device.setdefault((side, p), t)
+        return t
 
     def _work(self, g: str, members: Collection[Member]) -> float:
         return float(sum(self.spec.sizes[g] * self._numel[m.param] for m in members))
@@ -596,7 +617,7 @@ class CostModel:
     def profile(self) -> dict[str, float | int]:
         """Where the time and the reads went: seconds and bytes read for the products and the
         exact objective, multiply-adds computed in full, by updates and saved, and the kept
-        products' memory and scratch bytes."""
+        products' memory and scratch bytes, and whether the models stayed on the device."""
         return {
             "products_s": round(self.seconds["products"], 4),
             "objective_s": round(self.seconds["objective"], 4),
@@ -609,6 +630,7 @@ class CostModel:
             "kept_scratch_bytes": self.kept.scratch_bytes,
             "scratch_read_bytes": self.kept.scratch_read,
             "scratch_written_bytes": self.kept.scratch_written,
+            "resident": int(self.resident),
         }
 
     def close(self) -> None:
@@ -618,6 +640,7 @@ class CostModel:
             self._held.clear()
             self._pending.clear()
             self._fresh.clear()
+            self._on_device.clear()
         if self._reader is not None:
             self._reader.shutdown(cancel_futures=True)
             self._reader = None
@@ -699,6 +722,15 @@ class ProductCache:
             self._items.clear()
         if self._dir is not None:
             self._finalizer()
+
+
+def _device_room(device: torch.device) -> int:
+    """Bytes a run may hold on a GPU beyond :data:`DEVICE_RESERVE` (0 elsewhere: on the CPU the
+    tensors are streamed, never held whole)."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(DEVICE_RESERVE, total // 8))
 
 
 def _free_scratch() -> int:

@@ -189,3 +189,29 @@ def test_reach_is_the_work_of_the_neighbours_costs() -> None:
     for g in spec.sizes:
         near = [h for h in spec.neighbours[g] if h != g]
         assert model.reach((g,)) == sum(model.work((h,)) for h in near)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_models_kept_on_a_device_with_room_give_the_same_answer_from_one_read(monkeypatch, name: str) -> None:
+    """Where the device has room for both models (a GPU; here the CPU made to look like one),
+    every tensor is read once and kept there: the permutations, objectives and group figures
+    are those of streaming them, bit for bit."""
+    from rebasin.matching.weight import weight_matching
+
+    a, b, spec = pair(name)
+    planted = dict(permute(a, spec, random_permutation(spec, 3)))
+    for other in (b, planted):
+        streamed = weight_matching(a, other, spec, seed=1, restarts=2)
+        monkeypatch.setattr("rebasin.matching.costs._device_room", lambda device: 1 << 40)
+        kept = weight_matching(a, other, spec, seed=1, restarts=2)
+        monkeypatch.undo()
+        assert (streamed.profile["resident"], kept.profile["resident"]) == (0, 1)
+        assert all(torch.equal(streamed.perm[g], kept.perm[g]) for g in spec.sizes)
+        assert streamed.history == kept.history and streamed.groups == kept.groups
+        pair_bytes = sum(2 * a[p].numel() * a[p].element_size() for p in spec.cost_params())
+        read = kept.profile["products_read_bytes"] + kept.profile["objective_read_bytes"]
+        assert (
+            read
+            <= pair_bytes
+            < streamed.profile["products_read_bytes"] + streamed.profile["objective_read_bytes"]
+        )
