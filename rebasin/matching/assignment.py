@@ -80,7 +80,8 @@ def check_concurrency(workers: int, backend: str) -> None:
 
 
 def plan_concurrency(workers: int, backend: str, largest: int, products_on_cpu: bool) -> tuple[int, str]:
-    """How many assignments are solved at once (threads) and by which back-end.
+    """How many assignments are solved at once (threads), and the back-end of those solved
+    beside others.
 
     ``workers`` 0 is as the machine allows: where the products run on the CPU they take its
     cores, so half of them go to assignments from 6 cores (one at a time below); where they

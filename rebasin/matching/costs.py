@@ -72,13 +72,14 @@ MEMORY_BYTES = 16 << 20
 SCRATCH_RESERVE = 4 << 30
 """Free disk space that scratch files for kept products never take."""
 
-HOLD_BYTES = 384 << 20
-"""Most bytes of units' tensors (A and B, as stored) held from their products to their
-assignments, for the gathering group's products (:meth:`CostModel.solved`): a unit is held when
-:attr:`CostModel.in_flight` units of its size fit in it. With two in flight (one assignment at
-a time), a TinyLlama-shape MLP unit (138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is
-not: held there, the merge measured no faster on 2 cores (573-630 s against 557-569 s) and
-peaked at 4.9-10.4 GB against 3.8-4.1."""
+HOLD_BYTES = 192 << 20
+"""Largest size of a unit's tensors (A and B, as stored) held from its products to its
+assignment, for the gathering group's products (:meth:`CostModel.solved`). Up to
+:attr:`CostModel.in_flight` units are held at once (:meth:`CostModel.held_bytes`): two, about
+400 MB, with one assignment at a time; with more at once, the assignments' own matrices take
+more (12 n^2 bytes each: 380 MB at a TinyLlama-shape MLP group). A TinyLlama-shape MLP unit
+(138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is not: held there, the merge measured no
+faster on 2 cores (573-630 s against 557-569 s) and peaked at 4.9-10.4 GB against 3.8-4.1."""
 
 DEVICE_RESERVE = 8 << 30
 """GPU memory a run keeps free beyond the models it holds there (:attr:`CostModel.resident`):
@@ -386,13 +387,13 @@ class CostModel:
 
     def _holds(self, unit: tuple[str, ...]) -> bool:
         """Whether to hold the unit's tensors for :meth:`solved`: exact costs, a unit that
-        shares tensors with the gathering group (:attr:`gather`) and is not it, and
-        :attr:`in_flight` units of its size within :data:`HOLD_BYTES`."""
+        shares tensors with the gathering group (:attr:`gather`) and is not it, and tensors
+        within :data:`HOLD_BYTES`."""
         if self.sketch != 1 or self.gather is None or self.gather in unit:
             return False
         if not any(h == self.gather for p in self._unit_params(unit) for h, _ in self._shared[p]):
             return False
-        return self.in_flight * self._unit_bytes(unit) <= HOLD_BYTES
+        return self._unit_bytes(unit) <= HOLD_BYTES
 
     def solved(self, unit: tuple[str, ...], perm: Permutation, moved: bool) -> None:
         """The unit's assignment is done (``moved``: it changed ``perm``). Its held tensors are

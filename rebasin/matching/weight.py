@@ -41,7 +41,7 @@ import torch
 from rebasin._memory import reusing_freed_memory
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
-from rebasin.matching.assignment import plan_concurrency, solve_unit
+from rebasin.matching.assignment import plan_concurrency, resolve_backend, solve_unit
 from rebasin.matching.costs import CostModel, GroupProducts
 from rebasin.matching.result import GroupStats, MatchResult, RestartTrace, capped
 from rebasin.permutation import random_permutation
@@ -93,7 +93,8 @@ def weight_matching(
     if max_iter < 1 or restarts < 1:
         raise MatchError("max_iter and restarts must be at least 1")
     largest = max(spec.sizes.values(), default=0)
-    workers, backend = plan_concurrency(workers, backend, largest, torch.device(device).type == "cpu")
+    workers, at_once = plan_concurrency(workers, backend, largest, torch.device(device).type == "cpu")
+    backend = resolve_backend(backend)
     t0 = time.perf_counter()
     with (
         reusing_freed_memory(),  # tensor after tensor: the same pages, not fresh ones
@@ -103,7 +104,7 @@ def weight_matching(
     ):
         deadline = t0 + time_budget if time_budget is not None else None
         model.in_flight = workers + AHEAD
-        search = _Search(model, backend, tol, progress, deadline, workers)
+        search = _Search(model, backend, tol, progress, deadline, workers, at_once)
         best: _Run | None = None
         traces: list[RestartTrace] = []
         best_k = 0
@@ -152,6 +153,7 @@ def weight_matching(
                 "device": device,
                 "backend": backend,
                 "workers": workers,
+                "backend_at_once": at_once,
                 "time_budget": time_budget,
                 "sketch": sketch,
             },
@@ -280,11 +282,17 @@ class _Search:
         progress: Progress | None,
         deadline: float | None,
         workers: int = 1,
+        at_once: str | None = None,
     ):
         self.model = model
         self.backend = backend
         self.workers = workers
         """Assignments solved at once (threads)."""
+        self.at_once = at_once or backend
+        """The back-end of a group's first solve in a run, beside others' (:meth:`_solutions`);
+        the others take :attr:`backend` (LAPJV, when installed: it starts from the rows' best
+        columns, so re-solves near the optimum, whose costs only the neighbours' moves changed,
+        are cheap; it is also faster on the heads' small blocks)."""
         self._lock = threading.Lock()
         self.tol = tol
         self.progress = progress
@@ -387,8 +395,11 @@ class _Search:
         }
         if len(stage) == 1:
             costs = self.model.unit_costs(stage[0], run.perm)
-            yield stage[0], costs, self._assign(costs, near)
+            yield stage[0], costs, self._assign(costs, near, self.backend)
             return
+        # a group's first solve in this run, beside others (not of head-structured units)
+        first = {u: not any(g in run.moved or g in spec.heads for g in u) for u in stage}
+        at_once = {u: self.at_once if first[u] else self.backend for u in stage}
         fixed = dict(run.perm)  # the other stages' groups do not move during this stage
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs") as products,
@@ -397,7 +408,7 @@ class _Search:
 
             def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]:
                 costs = self.model.unit_costs(unit, fixed)
-                return costs, solver.submit(self._assign, costs, near)
+                return costs, solver.submit(self._assign, costs, near, at_once[unit])
 
             todo = list(stage)
             pending: deque[tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]]]]
@@ -410,10 +421,12 @@ class _Search:
                 costs, answer = job_done.result()
                 yield unit, costs, answer.result()
 
-    def _assign(self, costs: dict[str, np.ndarray], near: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The unit's assignments (timed into :attr:`assign_s`)."""
+    def _assign(
+        self, costs: dict[str, np.ndarray], near: Mapping[str, np.ndarray], backend: str
+    ) -> dict[str, np.ndarray]:
+        """The unit's assignments by ``backend`` (timed into :attr:`assign_s`)."""
         t0 = time.perf_counter()
-        new = solve_unit(costs, self.model.spec.heads, self.backend, {g: near[g] for g in costs if g in near})
+        new = solve_unit(costs, self.model.spec.heads, backend, {g: near[g] for g in costs if g in near})
         with self._lock:
             self.assign_s += time.perf_counter() - t0
         return new

@@ -284,10 +284,12 @@ def test_assignments_solved_at_once_give_the_answer_of_one_at_a_time(family: str
     spec = infer_spec(a, config=config)
     independent = dict(tiny(family, 1).state_dict())
     planted = dict(permute(a, spec, random_permutation(spec, 7)))
-    for b in (independent, planted):
-        one = weight_matching(a, b, spec, seed=4, backend="scipy", workers=1)
-        many = weight_matching(a, b, spec, seed=4, backend="scipy", workers=3)
+    for b, backend in itertools.product((independent, planted), ("scipy", "auto")):
+        # auto: LAPJV one at a time, and scipy for first solves at once (no ties here)
+        one = weight_matching(a, b, spec, seed=4, backend=backend, workers=1)
+        many = weight_matching(a, b, spec, seed=4, backend=backend, workers=3)
         assert many.options["workers"] == 3 and one.options["workers"] == 1
+        assert many.options["backend_at_once"] == "scipy"
         assert all(torch.equal(one.perm[g], many.perm[g]) for g in spec.sizes)
         assert one.history == many.history and one.objective == many.objective
         assert one.groups == many.groups
