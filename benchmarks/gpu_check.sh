@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/results.md in one run on a machine with a CUDA GPU and PyTorch installed:
+# planted LLaMA-shape pairs merged with --device cuda (benchmarks/bench_scale.py), then the
+# assignments solved at once (benchmarks/bench_assignments.py) on that machine's cores.
+#
+#     bash benchmarks/gpu_check.sh [SHAPE ...]     (default: tinyllama; 7b writes a 27 GB pair)
+#
+# Runs from the source tree (no install); writes the pairs under ${SCALE_DIR:-/tmp/rebasin-scale}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+shapes=("${@:-tinyllama}")
+python3 - <<'EOF'
+import os, torch
+assert torch.cuda.is_available(), "no CUDA GPU here"
+p = torch.cuda.get_device_properties(0)
+free, total = torch.cuda.mem_get_info()
+print(f"{p.name}: {total / 2**30:.0f} GiB ({free / 2**30:.0f} free), torch {torch.__version__}, "
+      f"{len(os.sched_getaffinity(0))} cores")
+try:
+    import lap  # noqa: F401
+    print("lap installed")
+except ImportError:
+    print("lap not installed: assignments one at a time use scipy")
+EOF
+python3 benchmarks/bench_scale.py --shapes "${shapes[@]}" --device cuda --dir "${SCALE_DIR:-/tmp/rebasin-scale}"
+python3 benchmarks/bench_assignments.py --sizes 5632 --count 16
