@@ -401,18 +401,17 @@ class _Search:
         first = {u: not any(g in run.moved or g in spec.heads for g in u) for u in stage}
         at_once = {u: self.at_once if first[u] else self.backend for u in stage}
         fixed = dict(run.perm)  # the other stages' groups do not move during this stage
-        with (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs") as products,
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rebasin-assign") as solver,
-        ):
+        products = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs")
+        solver = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rebasin-assign")
 
-            def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]:
-                costs = self.model.unit_costs(unit, fixed)
-                return costs, solver.submit(self._assign, costs, near, at_once[unit])
+        def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]:
+            costs = self.model.unit_costs(unit, fixed)
+            return costs, solver.submit(self._assign, costs, near, at_once[unit])
 
-            todo = list(stage)
-            pending: deque[tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]]]]
-            pending = deque()
+        todo = list(stage)
+        pending: deque[tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]]]]
+        pending = deque()
+        try:
             while todo or pending:
                 while todo and len(pending) < self.workers + AHEAD:
                     unit = todo.pop(0)
@@ -420,6 +419,9 @@ class _Search:
                 unit, job_done = pending.popleft()
                 costs, answer = job_done.result()
                 yield unit, costs, answer.result()
+        finally:  # after an error or an interrupt, what has not started is dropped
+            products.shutdown(cancel_futures=True)
+            solver.shutdown(cancel_futures=True)
 
     def _assign(
         self, costs: dict[str, np.ndarray], near: Mapping[str, np.ndarray], backend: str

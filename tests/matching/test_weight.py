@@ -321,3 +321,29 @@ def test_how_many_assignments_at_once(monkeypatch) -> None:
         plan_concurrency(2, "lap", 512, True)
     with pytest.raises(ConfigError, match="'lap' solves one at a time"):
         WeightMatching(backend="lap", assign_workers=2)
+
+
+def test_a_failed_assignment_stops_its_stage_and_leaves_no_thread(monkeypatch) -> None:
+    import threading
+
+    from rebasin.matching import weight
+
+    model = tiny("llama", 0)
+    a = dict(model.state_dict())
+    spec = infer_spec(a, config=model.config.to_dict())
+    b = dict(tiny("llama", 1).state_dict())
+    calls = []
+    solve = weight.solve_unit
+
+    def failing(*args, **kw):  # fails in the solvers' threads (stages of several units)
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name.startswith("rebasin-assign"):
+            raise RuntimeError("solver failed")
+        return solve(*args, **kw)
+
+    monkeypatch.setattr(weight, "solve_unit", failing)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        weight.weight_matching(a, b, spec, backend="scipy", workers=3)
+    assert any(n.startswith("rebasin-assign") for n in calls)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(("rebasin-assign", "rebasin-costs"))]
+    assert alive == []
