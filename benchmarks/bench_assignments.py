@@ -55,7 +55,9 @@ def main() -> None:
             ways.append((f"scipy, {w} at once", "scipy", w))
             w *= 2
         for label, backend, workers in ways:
-            took, got = (base, ref) if workers == 1 and backend == one else stage_seconds(costs, backend, workers)
+            took, got = (
+                (base, ref) if workers == 1 and backend == one else stage_seconds(costs, backend, workers)
+            )
             same = all(np.array_equal(x, y) for x, y in zip(got, ref, strict=True))
             print(
                 f"{n:>6} {label:<18} {took:>8.2f} {took / args.count:>11.3f} {base / took:>7.2f}x"
