@@ -402,14 +402,20 @@ class _Search:
         at_once = {u: self.at_once if first[u] else self.backend for u in stage}
         fixed = dict(run.perm)  # the other stages' groups do not move during this stage
         products = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs")
-        solver = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rebasin-assign")
+        solver = (  # one at a time: solved here, while the next costs are computed
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rebasin-assign")
+            if self.workers > 1
+            else None
+        )
 
-        def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]:
+        def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]] | None]:
             costs = self.model.unit_costs(unit, fixed)
-            return costs, solver.submit(self._assign, costs, near, at_once[unit])
+            return costs, solver.submit(self._assign, costs, near, at_once[unit]) if solver else None
 
         todo = list(stage)
-        pending: deque[tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]]]]]]
+        pending: deque[
+            tuple[Unit, Future[tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]] | None]]]
+        ]
         pending = deque()
         try:
             while todo or pending:
@@ -418,10 +424,11 @@ class _Search:
                     pending.append((unit, products.submit(job, unit)))
                 unit, job_done = pending.popleft()
                 costs, answer = job_done.result()
-                yield unit, costs, answer.result()
+                yield unit, costs, answer.result() if answer else self._assign(costs, near, self.backend)
         finally:  # after an error or an interrupt, what has not started is dropped
             products.shutdown(cancel_futures=True)
-            solver.shutdown(cancel_futures=True)
+            if solver is not None:
+                solver.shutdown(cancel_futures=True)
 
     def _assign(
         self, costs: dict[str, np.ndarray], near: Mapping[str, np.ndarray], backend: str
