@@ -86,6 +86,9 @@ DEVICE_RESERVE = 8 << 30
 the products' blocks, the cost matrices and the allocator's slack; at least an eighth of the
 device."""
 
+WRITES_AHEAD = 2
+"""Kept costs that may wait, in memory, to be written to their scratch files."""
+
 FRESH_BYTES = 256 << 20
 """Largest fresh cost (:meth:`CostModel.solved`) kept in memory: 4 n^2 bytes for a group of n."""
 
@@ -654,8 +657,9 @@ class ProductCache:
     otherwise each goes to a scratch file in a temporary folder (read back from the page cache
     when it has room), while the disk keeps :data:`SCRATCH_RESERVE` free: long-lived blocks in
     the heap between the products' short-lived ones would keep it from shrinking. A group with
-    no place is recomputed each time. Scratch files are removed by :meth:`close` (or when the
-    cache is collected)."""
+    no place is recomputed each time. Scratch files are written in a thread, while the products
+    go on (a cost waiting to be written is served from memory, at most :data:`WRITES_AHEAD` of
+    them); they are removed by :meth:`close` (or when the cache is collected)."""
 
     def __init__(self, sizes: Mapping[str, int], work: Mapping[str, float], memory_bytes: int, scratch: bool):
         self._lock = threading.Lock()
@@ -674,6 +678,8 @@ class ProductCache:
         self.memory_bytes = total if total <= memory_bytes else 0
         self.scratch_bytes = disk
         self.scratch_read = self.scratch_written = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes = threading.BoundedSemaphore(WRITES_AHEAD)
         if disk:
             self._dir = Path(tempfile.mkdtemp(prefix="rebasin-products-"))
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
@@ -688,7 +694,7 @@ class ProductCache:
         if item is None or item[0] != sketch:
             return None
         value = item[1]
-        if isinstance(value, Path):
+        if isinstance(value, Path):  # written: no thread writes it until the next put
             arr = np.fromfile(value, dtype=np.float32)
             self.scratch_read += arr.nbytes
             n = math.isqrt(arr.size)
@@ -702,23 +708,50 @@ class ProductCache:
         return item[2] if item is not None and item[0] == sketch else None
 
     def put(self, g: str, sketch: int, value: torch.Tensor, maps: dict[Member, torch.Tensor]) -> None:
-        """Keep a copy of ``value`` for group ``g`` (in its place, if it has one)."""
+        """Keep ``value`` for group ``g`` (in its place, if it has one): a copy in memory; in
+        scratch, written in a thread (the caller does not change ``value`` after)."""
         place = self.place.get(g)
         if place is None:
             return
-        kept: torch.Tensor | Path
         if place == "memory":
-            kept = value.clone()
-        else:
-            assert self._dir is not None
-            kept = self._dir / f"{sorted(self.place).index(g)}.f32"
-            arr = value.detach().cpu().numpy()
-            arr.tofile(kept)
-            self.scratch_written += arr.nbytes
+            with self._lock:
+                self._items[g] = (sketch, value.clone(), maps)
+            return
+        assert self._dir is not None
+        path = self._dir / f"{sorted(self.place).index(g)}.f32"
+        self._writes.acquire()  # at most WRITES_AHEAD costs wait to be written
         with self._lock:
-            self._items[g] = (sketch, kept, maps)
+            self._items[g] = (sketch, value, maps)  # served from memory until written
+            self.scratch_written += 4 * value.numel()
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="rebasin-scratch")
+            writer = self._writer
+        writer.submit(self._write, g, value, path)
+
+    def _write(self, g: str, value: torch.Tensor, path: Path) -> None:
+        """Write a kept cost to its scratch file; it is read from there once written, unless a
+        later put has replaced it (writes run one at a time, in order). A write that fails (a
+        disk filled since the start) drops the group's kept cost: it is recomputed."""
+        try:
+            value.detach().cpu().numpy().tofile(path)
+            written = True
+        except OSError:
+            written = False
+        finally:
+            self._writes.release()
+        with self._lock:
+            item = self._items.get(g)
+            if item is None or item[1] is not value:
+                return
+            if written:
+                self._items[g] = (item[0], path, item[2])
+            else:
+                del self._items[g]
+                self.place.pop(g, None)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(cancel_futures=True)
         with self._lock:
             self._items.clear()
         if self._dir is not None:

@@ -3,13 +3,16 @@ recomputation, wherever they are kept (memory, scratch files, nowhere)."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import tiny
 
 from rebasin.matching import match
-from rebasin.matching.costs import CostModel
+from rebasin.matching.costs import CostModel, ProductCache
 from rebasin.models import build_model
 from rebasin.permutation import permute, random_permutation
 from rebasin.spec import PermutationSpec, infer_spec
@@ -44,17 +47,33 @@ def partly_moved(perm: dict[str, torch.Tensor], k: int, seed: int) -> dict[str, 
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("where", ["memory", "scratch", "none"])
+@pytest.mark.parametrize("where", ["memory", "scratch", "slow scratch", "failing scratch", "none"])
 @pytest.mark.parametrize("sketch", [1, 4])
-def test_updated_costs_equal_a_full_recomputation(name: str, where: str, sketch: int) -> None:
+def test_updated_costs_equal_a_full_recomputation(monkeypatch, name: str, where: str, sketch: int) -> None:
+    """Wherever the costs are kept: in memory, in scratch files (written in a thread; slow
+    writes serve them from memory meanwhile; failed writes drop them), or nowhere."""
     a, b, spec = pair(name)
+    write = ProductCache._write
+    if where == "slow scratch":
+
+        def slow(self: ProductCache, *args: object) -> None:
+            time.sleep(0.02)
+            write(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ProductCache, "_write", slow)
+    if where == "failing scratch":
+
+        def failing(self: ProductCache, g: str, value: torch.Tensor, path: Path) -> None:
+            write(self, g, value, path.parent / "gone" / path.name)  # the write raises OSError
+
+        monkeypatch.setattr(ProductCache, "_write", failing)
     kept = CostModel(
         a,
         b,
         spec,
         torch.device("cpu"),
         memory_bytes=1 << 30 if where == "memory" else 0,
-        scratch=where == "scratch",
+        scratch="scratch" in where,
     )
     kept.sketch = sketch
     perm = random_permutation(spec, 0)
@@ -66,7 +85,9 @@ def test_updated_costs_equal_a_full_recomputation(name: str, where: str, sketch:
             got, want = kept.cost(g, perm), fresh.cost(g, perm)
             scale = max(1.0, float(np.abs(want).max()))
             assert np.abs(got - want).max() <= 1e-5 * scale, (g, step)
-    if where != "none":
+    if where == "failing scratch":
+        assert kept.kept.place == {}  # every group recomputed after its write failed
+    elif where != "none":
         assert kept.products["update"] > 0 and kept.products["reused"] > 0
     kept.close()
 
