@@ -86,8 +86,10 @@ DEVICE_RESERVE = 8 << 30
 the products' blocks, the cost matrices and the allocator's slack; at least an eighth of the
 device."""
 
-WRITES_AHEAD = 2
-"""Kept costs that may wait, in memory, to be written to their scratch files."""
+WRITES_AHEAD = 1
+"""Kept costs that may wait, in memory, to be written to their scratch files: one is written
+while the next unit's products run (a TinyLlama MLP group's 127 MB in about 0.3 s against about
+1 s of products), so one more costs the memory of a cost (485 MB at a 7B MLP group) for nothing."""
 
 FRESH_BYTES = 256 << 20
 """Largest fresh cost (:meth:`CostModel.solved`) kept in memory: 4 n^2 bytes for a group of n."""
