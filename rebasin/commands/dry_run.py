@@ -198,8 +198,7 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         if run.matcher is not None:
             # units' tensors held from their products to their solves
             model = CostModel(cks[0].state, cks[0].state, spec, torch.device("cpu"), scratch=False)
-            model.in_flight = workers + AHEAD
-            peak += model.held_bytes()
+            peak += model.held_bytes(workers + AHEAD)
             model.close()
             loss = 6.0 * cks[0].num_parameters() * 256  # a task-loss step: a batch of 256, both ways
             sweeps = run.matcher.planned_sweeps(run.matcher_data)

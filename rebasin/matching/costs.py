@@ -74,9 +74,9 @@ SCRATCH_RESERVE = 4 << 30
 
 HOLD_BYTES = 192 << 20
 """Largest size of a unit's tensors (A and B, as stored) held from its products to its
-assignment, for the gathering group's products (:meth:`CostModel.solved`). Up to
-:attr:`CostModel.in_flight` units are held at once (:meth:`CostModel.held_bytes`): two, about
-400 MB, with one assignment at a time; with more at once, the assignments' own matrices take
+assignment, for the gathering group's products (:meth:`CostModel.solved`). The units in flight
+are held at once (:meth:`CostModel.held_bytes`): two, about 400 MB, with one assignment at a
+time; with more at once, the assignments' own matrices take
 more (12 n^2 bytes each: 380 MB at a TinyLlama-shape MLP group). A TinyLlama-shape MLP unit
 (138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is not: held there, the merge measured no
 faster on 2 cores (573-630 s against 557-569 s) and peaked at 4.9-10.4 GB against 3.8-4.1."""
@@ -170,8 +170,6 @@ class CostModel:
         self._held: dict[tuple[str, ...], Held] = {}
         self._pending: list[tuple[Held, Permutation]] = []
         self._fresh: dict[str, tuple[torch.Tensor, dict[Member, torch.Tensor]]] = {}
-        self.in_flight = 2
-        """Units whose costs may be computed and not yet solved at once (:meth:`held_bytes`)."""
         if first is not None and device.type == "cpu" and first.covered:
             self._start_from(first)
 
@@ -376,12 +374,11 @@ class CostModel:
         """Bytes of parameter ``p`` of A and B together, as stored."""
         return 2 * self._numel[p] * tensor_info(self._a, p).dtype.itemsize
 
-    def held_bytes(self) -> int:
-        """The most bytes of tensors held for :meth:`solved` at once: :attr:`in_flight` units'
-        (those being solved and the next one, computed ahead), for ``--dry-run``'s memory
-        estimate."""
+    def held_bytes(self, in_flight: int = 2) -> int:
+        """The most bytes of tensors held for :meth:`solved` at once, for ``--dry-run``'s memory
+        estimate: ``in_flight`` units' (those being solved and the next one, computed ahead)."""
         held = [self._unit_bytes(u) for u in self.spec.units if self._holds(u)]
-        return self.in_flight * max(held, default=0)
+        return in_flight * max(held, default=0)
 
     def _unit_params(self, unit: tuple[str, ...]) -> set[str]:
         """The parameters of the unit's members that other groups also permute."""

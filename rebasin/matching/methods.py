@@ -60,14 +60,14 @@ class WeightMatching(Matcher):
     tol: float = 1e-12
     """Relative improvement below which a group counts as unchanged."""
 
+    SWEEPS: ClassVar[int] = 10
+    """Sweeps assumed for one run when estimating its time."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         from rebasin.matching.assignment import check_concurrency
 
         check_concurrency(self.assign_workers, self.backend)
-
-    SWEEPS: ClassVar[int] = 10
-    """Sweeps assumed for one run when estimating its time."""
 
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.SWEEPS * sweep

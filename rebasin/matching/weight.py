@@ -103,7 +103,6 @@ def weight_matching(
         ) as model,
     ):
         deadline = t0 + time_budget if time_budget is not None else None
-        model.in_flight = workers + AHEAD
         search = _Search(model, backend, tol, progress, deadline, workers, at_once)
         best: _Run | None = None
         traces: list[RestartTrace] = []
@@ -398,8 +397,10 @@ class _Search:
             yield stage[0], costs, self._assign(costs, near, self.backend)
             return
         # a group's first solve in this run, beside others (not of head-structured units)
-        first = {u: not any(g in run.moved or g in spec.heads for g in u) for u in stage}
-        at_once = {u: self.at_once if first[u] else self.backend for u in stage}
+        backends = {
+            u: self.backend if any(g in run.moved or g in spec.heads for g in u) else self.at_once
+            for u in stage
+        }
         fixed = dict(run.perm)  # the other stages' groups do not move during this stage
         products = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebasin-costs")
         solver = (  # one at a time: solved here, while the next costs are computed
@@ -410,7 +411,7 @@ class _Search:
 
         def job(unit: Unit) -> tuple[dict[str, np.ndarray], Future[dict[str, np.ndarray]] | None]:
             costs = self.model.unit_costs(unit, fixed)
-            return costs, solver.submit(self._assign, costs, near, at_once[unit]) if solver else None
+            return costs, solver.submit(self._assign, costs, near, backends[unit]) if solver else None
 
         todo = list(stage)
         pending: deque[
@@ -424,7 +425,7 @@ class _Search:
                     pending.append((unit, products.submit(job, unit)))
                 unit, job_done = pending.popleft()
                 costs, answer = job_done.result()
-                yield unit, costs, answer.result() if answer else self._assign(costs, near, self.backend)
+                yield unit, costs, answer.result() if answer else self._assign(costs, near, backends[unit])
         finally:  # after an error or an interrupt, what has not started is dropped
             products.shutdown(cancel_futures=True)
             if solver is not None:
