@@ -4,10 +4,11 @@ Costs of independent pairs are close to Gaussian (sums of many products of unrel
 so K standard-normal n x n costs stand for one stage of a transformer's MLP groups (n 5632 at
 the TinyLlama shape, 11008 at LLaMA-7B; no assignment can be read off their rows). Each is
 solved through :func:`rebasin.matching.assignment.solve_unit`, as the search solves a unit:
-one after another with LAPJV (the default one at a time) and with scipy, then in 2, 4, ...
-threads with scipy (which releases the interpreter lock) up to the cores here. Prints seconds
-per stage and the speed-up over LAPJV one at a time, and checks every way gives the same
-permutations.
+one after another with LAPJV (the default one at a time) and with scipy, then 2, 4, ... at
+once up to the cores here: LAPJV in worker processes (the default at once; started before the
+clock, as a run starts them at its first stage) and scipy in threads (it releases the
+interpreter lock). Prints seconds per stage and the speed-up over LAPJV one at a time, and
+checks every way gives the same permutations.
 
     python benchmarks/bench_assignments.py [--sizes 2048 5632] [--count 8]
 """
@@ -15,22 +16,38 @@ permutations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from rebasin.matching.assignment import resolve_backend, solve_unit, usable_cores
+from rebasin.matching.assignment import PROCESSES, resolve_backend, solve_unit, usable_cores
+from rebasin.matching.lapjv_workers import LapjvWorkers
 
 
 def stage_seconds(costs: list[np.ndarray], backend: str, workers: int) -> tuple[float, list[np.ndarray]]:
     """Seconds to solve every cost, ``workers`` at a time, and the answers in order."""
-    t = time.perf_counter()
+
+    def unit(c: np.ndarray) -> np.ndarray:
+        return solve_unit({"g": c}, {}, backend)["g"]
+
     if workers == 1:
-        out = [solve_unit({"g": c}, {}, backend)["g"] for c in costs]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            out = [f.result()["g"] for f in [pool.submit(solve_unit, {"g": c}, {}, backend) for c in costs]]
+        return timed(lambda: [unit(c) for c in costs])
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers))
+        solve = unit
+        if backend == PROCESSES:
+            procs = stack.enter_context(contextlib.closing(LapjvWorkers(workers)))
+            list(pool.map(procs.solve, [c[:2, :2] for c in costs[:workers]]))  # started off the clock
+            solve = procs.solve
+        return timed(lambda: list(pool.map(solve, costs)))
+
+
+def timed(work: Callable[[], list[np.ndarray]]) -> tuple[float, list[np.ndarray]]:
+    t = time.perf_counter()
+    out = work()
     return time.perf_counter() - t, out
 
 
@@ -41,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     cores = usable_cores()
     one = resolve_backend("auto")
-    print(f"{cores} cores; one at a time with {one}, at once with scipy")
+    print(f"{cores} cores; one at a time with {one}; at once in worker processes (LAPJV) and scipy threads")
     print(f"{'n':>6} {'way':<18} {'stage s':>8} {'per solve s':>11} {'speed-up':>8}")
     for n in args.sizes:
         rng = np.random.default_rng(n)
@@ -52,7 +69,9 @@ def main() -> None:
             ways.append(("scipy, 1 at a time", "scipy", 1))
         w = 2
         while w <= cores:
-            ways.append((f"scipy, {w} at once", "scipy", w))
+            if one == "lap":
+                ways.append((f"lap, {w} processes", PROCESSES, w))
+            ways.append((f"scipy, {w} threads", "scipy", w))
             w *= 2
         for label, backend, workers in ways:
             took, got = (

@@ -29,7 +29,7 @@ from rebasin.core.errors import ConfigError, RebasinError
 from rebasin.core.types import PathLike
 from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
-from rebasin.matching.assignment import plan_concurrency, solve_assignment
+from rebasin.matching.assignment import PROCESSES, assignment_bytes, plan_concurrency, solve_assignment
 from rebasin.matching.auto import NOMINAL_FLOPS
 from rebasin.matching.costs import WRITES_AHEAD, CostModel, exact_half_products, sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
@@ -191,10 +191,11 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
         workers, backend = plan_concurrency(
             asked, run.matcher.backend if run.matcher else "auto", n_max, run.device == "cpu"
         )
-        laps = sum(assignment_seconds(n, backend) for n in spec.sizes.values()) / workers
-        # the largest cost matrices (float32) and their float64 reductions, solved at once, and
-        # kept costs waiting to be written to scratch files
-        peak += (workers * 12 + WRITES_AHEAD * 4) * n_max * n_max
+        solver = "lap" if backend == PROCESSES else backend  # LAPJV there as here
+        laps = sum(assignment_seconds(n, solver) for n in spec.sizes.values()) / workers
+        # the largest assignments, solved at once, and kept costs waiting to be written to
+        # scratch files (float32)
+        peak += workers * assignment_bytes(n_max, workers > 1) + WRITES_AHEAD * 4 * n_max * n_max
         if run.matcher is not None:
             # units' tensors held from their products to their solves
             model = CostModel(cks[0].state, cks[0].state, spec, torch.device("cpu"), scratch=False)

@@ -17,19 +17,20 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "scipy", "lap")
 
-CONCURRENT_BACKEND = "scipy"
-"""The back-end of assignments solved at once: scipy's solver releases the interpreter lock
-(two threads, two solves: 0.37 s against 0.71 s one after the other at 2000 x 2000); ``lap``
-holds it, so its threads take turns."""
+PROCESSES = "lap-processes"
+"""The back-end of assignments solved at once where ``lap`` is installed: LAPJV in worker
+processes (:mod:`rebasin.matching.lapjv_workers`). ``lap`` holds the interpreter lock, so its
+threads take turns; scipy's solver releases it (two threads, two solves: 0.37 s against 0.71 s
+one after the other at 2000 x 2000) but is 1.6x slower per solve, so ``scipy`` asked for by
+name solves at once in threads."""
 
 CONCURRENT_MIN = 2048
 """Smallest group for which assignments are solved at once by default: below it a solve takes
 milliseconds (threads would cost more than they save) and LAPJV, faster per solve, stays."""
 
 ASSIGN_BYTES = 16 << 30
-"""Most memory the assignments solved at once take together, and at most a quarter of what is
-available when they start: about 12 n^2 bytes each for a group of n (its float32 cost and the
-float64 matrix solved), 1.45 GB at a LLaMA-7B MLP group (11008)."""
+"""Most memory the assignments solved at once take together (:func:`assignment_bytes`), and at
+most a quarter of what is available when they start."""
 
 
 def _have_lap() -> bool:
@@ -67,41 +68,54 @@ def _available_bytes() -> int:
         return ASSIGN_BYTES * 4
 
 
-def check_concurrency(workers: int, backend: str) -> None:
-    """Several assignments at once need a back-end that releases the interpreter lock."""
+def assignment_bytes(n: int, at_once: bool) -> int:
+    """Memory of an n x n assignment: its float32 cost and the float64 matrix solved (12 n^2
+    bytes, 1.45 GB at a LLaMA-7B MLP group of 11008); solved at once, the cost is also sent to a
+    worker process (16 n^2)."""
+    return (16 if at_once else 12) * n * n
+
+
+def check_concurrency(workers: int) -> None:
+    """``--assign-workers`` is 0 (as the machine allows) or a count."""
     if workers < 0:
         raise ConfigError(f"--assign-workers must be 0 (as the cores allow) or more, got {workers}")
-    if workers > 1 and backend == "lap":
-        raise ConfigError(
-            f"--assign-workers {workers} needs a back-end that releases the interpreter lock: "
-            "'lap' solves one at a time",
-            "use --backend auto or scipy, or --assign-workers 1",
-        )
 
 
 def plan_concurrency(workers: int, backend: str, largest: int, products_on_cpu: bool) -> tuple[int, str]:
-    """How many assignments are solved at once (threads), and the back-end of those solved
-    beside others.
+    """How many assignments are solved at once, and the back-end of those solved beside others:
+    :data:`PROCESSES` (LAPJV in worker processes) where ``lap`` is the back-end, else scipy in
+    threads.
 
     ``workers`` 0 is as the machine allows: where the products run on the CPU they take its
     cores, so half of them go to assignments from 6 cores (one at a time below); where they
     run on a GPU, every core but one. Only for groups of at least :data:`CONCURRENT_MIN`, and
-    within :data:`ASSIGN_BYTES`. Several at once take :data:`CONCURRENT_BACKEND` where the
-    back-end is ``auto``; ``lap`` asked for by name solves one at a time."""
-    check_concurrency(workers, backend)
+    within :data:`ASSIGN_BYTES`."""
+    check_concurrency(workers)
+    backend = resolve_backend(backend)
     if workers == 0:
         cores = usable_cores()
-        if backend == "lap" or largest < CONCURRENT_MIN:
+        if largest < CONCURRENT_MIN:
             workers = 1
         elif products_on_cpu:
             workers = cores // 2 if cores >= 6 else 1
         else:
             workers = max(1, cores - 1)
     budget = min(ASSIGN_BYTES, _available_bytes() // 4)
-    workers = max(1, min(workers, budget // max(12 * largest * largest, 1)))
-    if workers > 1 and backend == "auto":
-        backend = CONCURRENT_BACKEND
-    return workers, resolve_backend(backend)
+    workers = max(1, min(workers, budget // max(assignment_bytes(largest, True), 1)))
+    return workers, PROCESSES if workers > 1 and backend == "lap" else backend
+
+
+def read_off(cost: np.ndarray) -> np.ndarray | None:
+    """Every row's best column (int64) when they all differ, else None. Then no assignment sums
+    more: aligned models (two fine-tunes of one base, planted pairs) are solved in one pass."""
+    if not cost.size:
+        return None
+    best = cost.argmax(axis=1)
+    return best.astype(np.int64) if _all_differ(best) else None
+
+
+def _all_differ(cols: np.ndarray) -> bool:
+    return bool(np.bincount(cols, minlength=len(cols)).max() == 1)
 
 
 def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray | None = None) -> np.ndarray:
@@ -117,9 +131,7 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray |
     if not c.size:
         return np.zeros(0, dtype=np.int64)
     best = c.argmax(axis=1)
-    if np.bincount(best, minlength=len(c)).max() == 1:
-        # every row's best column, all different: no assignment sums more (aligned models,
-        # such as two fine-tunes of one base, and planted pairs), found in one pass
+    if _all_differ(best):  # read off the rows (:func:`read_off`)
         return best.astype(np.int64)
     # Minimize a reduced cost (a value per row minus the entry, then minus each column's
     # minimum): the same optimum, non-negative, with a zero in every column. The row's value is

@@ -17,11 +17,12 @@ touches are computed once.
 What moved a lot is paid for while it is in memory. One group shares more tensors with the
 others than any (a transformer's residual stream: every layer's). The tensors of a unit that
 shares some with it are held from the unit's products to its assignment (up to
-:data:`HOLD_BYTES`); when the assignment moved the unit, that group's products of them, stale past
-an update, are computed at once under the new order into its *fresh* cost
-(:meth:`CostModel.solved`). Its next cost sums them and reads only the members no solve covered:
-on a planted TinyLlama-shape pair the residual stream's second cost reads nothing, where it read
-the whole model.
+:data:`HOLD_BYTES`, or larger when the assignment is quick: read off the rows, or in blocks of
+heads); when the assignment moved the unit, that group's products of them, stale past an update,
+are computed under the new order into its *fresh* cost (:meth:`CostModel.solved`), as soon as
+the thread that computes costs is between two members. Its next cost sums them and reads only
+the members no solve covered: on planted TinyLlama- and 7B-shape pairs the residual stream's
+second cost reads nothing, where it read the whole model.
 
 Half-precision inputs are multiplied at the hardware's half-precision rate where that is exact:
 on CUDA, bfloat16 and float16 in TF32 (which holds their mantissas); on CPUs with bfloat16 matrix
@@ -50,6 +51,7 @@ import torch
 from rebasin.checkpoint.state import shape_of, tensor_info
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation
+from rebasin.matching.assignment import read_off
 from rebasin.permutation import permute_tensor, take
 from rebasin.spec.core import Member, PermutationSpec, parts
 
@@ -73,13 +75,15 @@ SCRATCH_RESERVE = 4 << 30
 """Free disk space that scratch files for kept products never take."""
 
 HOLD_BYTES = 192 << 20
-"""Largest size of a unit's tensors (A and B, as stored) held from its products to its
+"""Largest size of a unit's tensors (A and B, as stored) held from its products to any
 assignment, for the gathering group's products (:meth:`CostModel.solved`). The units in flight
 are held at once (:meth:`CostModel.held_bytes`): two, about 400 MB, with one assignment at a
-time; with more at once, the assignments' own matrices take
-more (12 n^2 bytes each: 380 MB at a TinyLlama-shape MLP group). A TinyLlama-shape MLP unit
-(138 MB) is held; a LLaMA-7B-shape unit (268-540 MB) is not: held there, the merge measured no
-faster on 2 cores (573-630 s against 557-569 s) and peaked at 4.9-10.4 GB against 3.8-4.1."""
+time; with more at once, the assignments' own matrices take more (16 n^2 bytes each: 510 MB at
+a TinyLlama-shape MLP group). A TinyLlama-shape MLP unit (138 MB) is held. A larger unit (a
+LLaMA-7B-shape unit's 268-540 MB) is held only through a quick assignment (:meth:`CostModel._quick`),
+and released as soon as the next unit's first product is done: held through every assignment,
+the 7B merge measured no faster on 2 cores (573-630 s against 557-569 s) and peaked at
+4.9-10.4 GB against 3.8-4.1."""
 
 DEVICE_RESERVE = 8 << 30
 """GPU memory a run keeps free beyond the models it holds there (:attr:`CostModel.resident`):
@@ -210,9 +214,9 @@ class CostModel:
         """The cost matrix of every group of ``unit`` (float32 numpy, for the assignment). The
         tensors read for them are held for :meth:`solved` when a neighbour has use for them."""
         self._gather()
-        hold: Held | None = {} if self._holds(unit) else None
+        hold: Held | None = {} if self._shares_gather(unit) else None
         costs = {g: self.cost(g, perm, hold) for g in unit}
-        if hold:
+        if hold and (self._unit_bytes(unit) <= HOLD_BYTES or self._quick(unit, costs)):
             with self._lock:
                 self._held[unit] = hold
         return costs
@@ -376,9 +380,12 @@ class CostModel:
 
     def held_bytes(self, in_flight: int = 2) -> int:
         """The most bytes of tensors held for :meth:`solved` at once, for ``--dry-run``'s memory
-        estimate: ``in_flight`` units' (those being solved and the next one, computed ahead)."""
-        held = [self._unit_bytes(u) for u in self.spec.units if self._holds(u)]
-        return in_flight * max(held, default=0)
+        estimate: ``in_flight`` units' (those being solved and the next one, computed ahead),
+        or one larger unit's, held while its products run and its quick solve
+        (:meth:`_quick`)."""
+        sizes = [self._unit_bytes(u) for u in self.spec.units if self._shares_gather(u)]
+        small = [b for b in sizes if b <= HOLD_BYTES]
+        return max(in_flight * max(small, default=0), max(sizes, default=0))
 
     def _unit_params(self, unit: tuple[str, ...]) -> set[str]:
         """The parameters of the unit's members that other groups also permute."""
@@ -387,15 +394,22 @@ class CostModel:
     def _unit_bytes(self, unit: tuple[str, ...]) -> int:
         return sum(self._bytes(p) for p in self._unit_params(unit))
 
-    def _holds(self, unit: tuple[str, ...]) -> bool:
-        """Whether to hold the unit's tensors for :meth:`solved`: exact costs, a unit that
-        shares tensors with the gathering group (:attr:`gather`) and is not it, and tensors
-        within :data:`HOLD_BYTES`."""
+    def _shares_gather(self, unit: tuple[str, ...]) -> bool:
+        """Whether the unit's tensors are of use to the gathering group (:attr:`gather`) after its
+        assignment: exact costs, a unit that is not that group and shares tensors with it. They
+        are held for :meth:`solved` within :data:`HOLD_BYTES`, or when the solve is quick."""
         if self.sketch != 1 or self.gather is None or self.gather in unit:
             return False
-        if not any(h == self.gather for p in self._unit_params(unit) for h, _ in self._shared[p]):
-            return False
-        return self._unit_bytes(unit) <= HOLD_BYTES
+        return any(h == self.gather for p in self._unit_params(unit) for h, _ in self._shared[p])
+
+    def _quick(self, unit: tuple[str, ...], costs: Mapping[str, np.ndarray]) -> bool:
+        """Whether the unit's assignment takes a moment, so that its tensors, however large, are
+        held through it (and the residual stream's next cost does not read them again): every
+        cost read off the rows (:func:`read_off`: a planted or aligned pair), or a head-structured
+        unit, solved in blocks of one head's units (0.24 s at a LLaMA-7B attention unit)."""
+        if any(g in self.spec.heads for g in unit):
+            return True
+        return all(read_off(c) is not None for c in costs.values())
 
     def solved(self, unit: tuple[str, ...], perm: Permutation, moved: bool) -> None:
         """The unit's assignment is done (``moved``: it changed ``perm``). Its held tensors are
@@ -407,7 +421,7 @@ class CostModel:
             if held and moved and self.sketch == 1:
                 self._pending.append((held, dict(perm)))
 
-    def _gather(self) -> None:
+    def _gather(self, timed: bool = True) -> None:
         """The gathering group's products of the tensors of units solved since the last cost,
         each under the permutation its solve left, into the group's fresh cost, where its kept
         cost could not be updated by them (more than :data:`UPDATE_SHARE` of a member's columns
@@ -424,7 +438,8 @@ class CostModel:
                     if g == self.gather:
                         self._contribute(g, m, ta, tb, perm, kept)
             del held
-            self.seconds["products"] += time.perf_counter() - t0
+            if timed:
+                self.seconds["products"] += time.perf_counter() - t0
 
     def _contribute(
         self,
@@ -490,6 +505,8 @@ class CostModel:
         ahead = pool.submit(self._operands, g, members[0], hold)
         try:
             for i, m in enumerate(members):
+                if i and g != self.gather:  # units solved meanwhile release their tensors
+                    self._gather(timed=False)  # inside the cost's own time
                 ra, rb = ahead.result()
                 if i + 1 < len(members):
                     ahead = pool.submit(self._operands, g, members[i + 1], hold)

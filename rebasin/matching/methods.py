@@ -53,7 +53,7 @@ class WeightMatching(Matcher):
     )
     assign_workers: int = option(
         0,
-        "Assignments solved at once, in threads (0: as the cores allow, for groups of 2048 or more).",
+        "Assignments solved at once, in worker processes (0: as the cores allow, from groups of 2048).",
         ge=0,
         commands=ALIGN,
     )
@@ -67,7 +67,7 @@ class WeightMatching(Matcher):
         super().__post_init__()
         from rebasin.matching.assignment import check_concurrency
 
-        check_concurrency(self.assign_workers, self.backend)
+        check_concurrency(self.assign_workers)
 
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.SWEEPS * sweep

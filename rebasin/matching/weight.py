@@ -41,8 +41,9 @@ import torch
 from rebasin._memory import reusing_freed_memory
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
-from rebasin.matching.assignment import plan_concurrency, resolve_backend, solve_unit
+from rebasin.matching.assignment import PROCESSES, plan_concurrency, resolve_backend, solve_unit
 from rebasin.matching.costs import CostModel, GroupProducts
+from rebasin.matching.lapjv_workers import LapjvWorkers
 from rebasin.matching.result import GroupStats, MatchResult, RestartTrace, capped
 from rebasin.permutation import random_permutation
 from rebasin.spec.core import PermutationSpec
@@ -101,9 +102,10 @@ def weight_matching(
         contextlib.closing(
             CostModel(a, b, spec, torch.device(device), buffers, known=known, first=first)
         ) as model,
+        contextlib.closing(LapjvWorkers(workers if at_once == PROCESSES else 0)) as processes,
     ):
         deadline = t0 + time_budget if time_budget is not None else None
-        search = _Search(model, backend, tol, progress, deadline, workers, at_once)
+        search = _Search(model, backend, tol, progress, deadline, workers, at_once, processes)
         best: _Run | None = None
         traces: list[RestartTrace] = []
         best_k = 0
@@ -282,16 +284,20 @@ class _Search:
         deadline: float | None,
         workers: int = 1,
         at_once: str | None = None,
+        processes: LapjvWorkers | None = None,
     ):
         self.model = model
         self.backend = backend
         self.workers = workers
-        """Assignments solved at once (threads)."""
+        """Assignments solved at once (threads, each waiting on a worker process or on scipy)."""
         self.at_once = at_once or backend
-        """The back-end of a group's first solve in a run, beside others' (:meth:`_solutions`);
-        the others take :attr:`backend` (LAPJV, when installed: it starts from the rows' best
-        columns, so re-solves near the optimum, whose costs only the neighbours' moves changed,
-        are cheap; it is also faster on the heads' small blocks)."""
+        """The back-end of a group's first solve in a run, beside others' (:meth:`_solutions`):
+        LAPJV in worker processes (:data:`PROCESSES`) or scipy. The others take :attr:`backend`
+        here (re-solves near the optimum, whose costs only the neighbours' moves changed, are
+        cheap from the rows' best columns, cheaper than sending the cost to a process; the
+        heads' small blocks too)."""
+        self.processes = processes
+        """Worker processes for :data:`PROCESSES` solves."""
         self._lock = threading.Lock()
         self.tol = tol
         self.progress = progress
@@ -426,7 +432,11 @@ class _Search:
                 unit, job_done = pending.popleft()
                 costs, answer = job_done.result()
                 yield unit, costs, answer.result() if answer else self._assign(costs, near, backends[unit])
-        finally:  # after an error or an interrupt, what has not started is dropped
+        except BaseException:  # an error or an interrupt: solves in worker processes end now
+            if self.processes is not None:
+                self.processes.close()
+            raise
+        finally:  # and what has not started is dropped
             products.shutdown(cancel_futures=True)
             if solver is not None:
                 solver.shutdown(cancel_futures=True)
@@ -436,7 +446,11 @@ class _Search:
     ) -> dict[str, np.ndarray]:
         """The unit's assignments by ``backend`` (timed into :attr:`assign_s`)."""
         t0 = time.perf_counter()
-        new = solve_unit(costs, self.model.spec.heads, backend, {g: near[g] for g in costs if g in near})
+        hints = {g: near[g] for g in costs if g in near}
+        if backend == PROCESSES and self.processes is not None:  # plain groups (heads stay here)
+            new = {g: self.processes.solve(c, hints.get(g)) for g, c in costs.items()}
+        else:
+            new = solve_unit(costs, self.model.spec.heads, backend, hints)
         with self._lock:
             self.assign_s += time.perf_counter() - t0
         return new

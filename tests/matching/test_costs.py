@@ -12,6 +12,7 @@ import torch
 from helpers import tiny
 
 from rebasin.matching import match
+from rebasin.matching.assignment import solve_unit
 from rebasin.matching.costs import CostModel, ProductCache
 from rebasin.models import build_model
 from rebasin.permutation import permute, random_permutation
@@ -181,6 +182,48 @@ def test_a_transformer_s_residual_stream_is_not_read_again_after_its_neighbours_
     fresh = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
     for g, c in got.items():
         want = fresh.cost(g, ident)
+        assert np.abs(c - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    model.close()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["planted", "independent"])
+def test_units_too_large_to_hold_are_held_through_a_quick_assignment(
+    monkeypatch, name: str, kind: str
+) -> None:
+    """Units past HOLD_BYTES (every unit here) are still held when their assignment is quick:
+    head-structured, or read off the rows (a planted pair once the residual stream is solved).
+    The residual stream's second cost then reads nothing on a planted pair; an independent
+    pair's plain units are not held, and their tensors are read again. Either way the cost
+    equals a full recomputation."""
+    monkeypatch.setattr("rebasin.matching.costs.HOLD_BYTES", 0)
+    a, b, spec = pair(name)
+    if kind == "planted":
+        b = dict(permute(a, spec, random_permutation(spec, 7)))
+    model = CostModel(a, b, spec, torch.device("cpu"))
+    perm = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    residual = (model.gather,)
+
+    def solve(unit: tuple[str, ...]) -> None:
+        costs = model.unit_costs(unit, perm)
+        held.append(unit in model._held)
+        perm.update({g: torch.from_numpy(p) for g, p in solve_unit(costs, spec.heads).items()})
+        model.solved(unit, perm, True)
+
+    held: list[bool] = []
+    solve(residual)
+    held.clear()
+    for unit in spec.units:
+        if unit != residual:
+            solve(unit)
+    heads = [any(g in spec.heads for g in u) for u in spec.units if u != residual]
+    assert held == [True] * len(held) if kind == "planted" else held == heads
+    before = model.bytes_read["products"]
+    got = model.unit_costs(residual, perm)
+    assert (model.bytes_read["products"] == before) == (kind == "planted")
+    fresh = CostModel(a, b, spec, torch.device("cpu"), memory_bytes=0, scratch=False)
+    for g, c in got.items():
+        want = fresh.cost(g, perm)
         assert np.abs(c - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
     model.close()
 

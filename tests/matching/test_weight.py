@@ -11,7 +11,7 @@ from cases import CASES
 from helpers import tiny
 
 from rebasin.matching import match
-from rebasin.matching.assignment import solve_assignment
+from rebasin.matching.assignment import PROCESSES, solve_assignment
 from rebasin.models import build_model
 from rebasin.permutation import permute, random_permutation
 from rebasin.spec import infer_spec
@@ -285,11 +285,11 @@ def test_assignments_solved_at_once_give_the_answer_of_one_at_a_time(family: str
     independent = dict(tiny(family, 1).state_dict())
     planted = dict(permute(a, spec, random_permutation(spec, 7)))
     for b, backend in itertools.product((independent, planted), ("scipy", "auto")):
-        # auto: LAPJV one at a time, and scipy for first solves at once (no ties here)
+        # auto: LAPJV, one at a time here and in worker processes at once
         one = weight_matching(a, b, spec, seed=4, backend=backend, workers=1)
         many = weight_matching(a, b, spec, seed=4, backend=backend, workers=3)
         assert many.options["workers"] == 3 and one.options["workers"] == 1
-        assert many.options["backend_at_once"] == "scipy"
+        assert many.options["backend_at_once"] == ("scipy" if backend == "scipy" else PROCESSES)
         assert all(torch.equal(one.perm[g], many.perm[g]) for g in spec.sizes)
         assert one.history == many.history and one.objective == many.objective
         assert one.groups == many.groups
@@ -307,20 +307,82 @@ def test_how_many_assignments_at_once(monkeypatch) -> None:
     monkeypatch.setattr(assignment, "_available_bytes", lambda: 64 << 30)
     lap = assignment.resolve_backend("auto")
     assert plan_concurrency(0, "auto", 512, True) == (1, lap)  # small groups: one at a time
-    assert plan_concurrency(0, "auto", 5632, True) == (8, "scipy")  # half the cores
-    assert plan_concurrency(0, "auto", 5632, False) == (15, "scipy")  # products on a GPU
-    assert plan_concurrency(0, "auto", 11008, False) == (11, "scipy")  # 16 GiB of assignments
-    assert plan_concurrency(0, "lap", 5632, False) == (1, "lap")
-    assert plan_concurrency(2, "auto", 512, True) == (2, "scipy")  # asked for
+    assert plan_concurrency(0, "auto", 5632, True) == (8, PROCESSES)  # half the cores
+    assert plan_concurrency(0, "auto", 5632, False) == (15, PROCESSES)  # products on a GPU
+    assert plan_concurrency(0, "auto", 11008, False) == (8, PROCESSES)  # 16 GiB of assignments
+    assert plan_concurrency(0, "lap", 5632, False) == (15, PROCESSES)
+    assert plan_concurrency(0, "scipy", 5632, False) == (15, "scipy")  # threads
+    assert plan_concurrency(2, "auto", 512, True) == (2, PROCESSES)  # asked for
     assert plan_concurrency(1, "scipy", 5632, False) == (1, "scipy")
     monkeypatch.setattr(assignment, "usable_cores", lambda: 4)
     assert plan_concurrency(0, "auto", 5632, True) == (1, lap)
     monkeypatch.setattr(assignment, "_available_bytes", lambda: 4 << 30)
     assert plan_concurrency(8, "scipy", 11008, False) == (1, "scipy")  # a quarter of 4 GiB
-    with pytest.raises(ConfigError, match="'lap' solves one at a time"):
-        plan_concurrency(2, "lap", 512, True)
-    with pytest.raises(ConfigError, match="'lap' solves one at a time"):
-        WeightMatching(backend="lap", assign_workers=2)
+    with pytest.raises(ConfigError, match=r"--assign-workers must be 0 .* or more, got -1"):
+        plan_concurrency(-1, "auto", 512, True)
+    with pytest.raises(ConfigError, match="--assign-workers must be at least 0, got -2"):
+        WeightMatching(assign_workers=-2)
+
+
+def test_worker_processes_give_lapjv_s_answers() -> None:
+    """LAPJV in worker processes answers as in this process: any size, with a near hint, from
+    threads at once, and a cost that is not finite raises the same error (the worker goes on)."""
+    import contextlib
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rebasin.matching.lapjv_workers import LapjvWorkers
+
+    rng = np.random.default_rng(0)
+    with contextlib.closing(LapjvWorkers(2)) as workers:
+        for n in (0, 1, 7, 300):
+            c = rng.standard_normal((n, n)).astype(np.float32)
+            want = solve_assignment(c, "lap")
+            assert np.array_equal(workers.solve(c), want)
+            assert np.array_equal(workers.solve(c, want), solve_assignment(c, "lap", want))
+        costs = [rng.standard_normal((200, 200)).astype(np.float32) for _ in range(6)]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(workers.solve, costs))
+        assert all(np.array_equal(g, solve_assignment(c, "lap")) for g, c in zip(got, costs, strict=True))
+        with pytest.raises(ValueError, match="cost matrix holds NaN or Inf"):
+            workers.solve(np.full((3, 3), np.nan, dtype=np.float32))
+        assert np.array_equal(workers.solve(costs[0]), got[0])
+        procs = list(workers._all)
+        assert 1 <= len(procs) <= 2
+    assert all(p.poll() is not None for p in procs)  # closed: none left
+    code = "import sys, rebasin.matching.lapjv_workers; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # a worker imports no torch
+
+
+def test_a_worker_process_that_ends_stops_the_run_with_one_clear_error(monkeypatch) -> None:
+    """A worker process that ends mid-run (killed, out of memory) stops the run with a
+    MatchError naming it; no thread or process is left."""
+    import subprocess
+    import sys
+    import threading
+
+    from rebasin.core.errors import MatchError
+    from rebasin.matching import lapjv_workers
+    from rebasin.matching.weight import weight_matching
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def dying() -> subprocess.Popen[bytes]:
+        pipe = subprocess.PIPE
+        started.append(subprocess.Popen([sys.executable, "-c", "pass"], stdin=pipe, stdout=pipe))
+        return started[-1]
+
+    monkeypatch.setattr(lapjv_workers, "_start", dying)
+    model = tiny("llama", 0)
+    a = dict(model.state_dict())
+    spec = infer_spec(a, config=model.config.to_dict())
+    b = dict(tiny("llama", 1).state_dict())
+    with pytest.raises(MatchError, match="an assignment worker process ended unexpectedly"):
+        weight_matching(a, b, spec, workers=2)
+    assert started and all(p.poll() is not None for p in started)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(("rebasin-assign", "rebasin-costs"))]
+    assert alive == []
 
 
 def test_a_failed_assignment_stops_its_stage_and_leaves_no_thread(monkeypatch) -> None:
