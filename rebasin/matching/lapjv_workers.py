@@ -111,12 +111,18 @@ class LapjvWorkers:
 
 def _start() -> subprocess.Popen[bytes]:
     code = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import main; main()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as e:  # no interpreter to start (an embedded Python), no processes left
+        raise MatchError(
+            f"cannot start an assignment worker process: {e}",
+            "run with --assign-workers 1 to solve in this process",
+        ) from None
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:
