@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from rebasin.spec.core import PermutationSpec
 
 EXPECTED_SWEEPS = 4
-"""Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3, and
-2 where the first sweep goes by reach, the second computing little; trained pairs: 3-8)."""
+"""Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3;
+trained pairs: 3-8), where the first sweep does not go by reach
+(:func:`rebasin.matching.weight.expected_sweeps`)."""
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
 STEPS_HELP = "Optimizer steps."
 EPOCHS_TEXT = "steps (sets them when given)"
@@ -72,8 +73,10 @@ class WeightMatching(Matcher):
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.SWEEPS * sweep
 
-    def planned_sweeps(self, with_data: bool) -> float:
-        return self.restarts * EXPECTED_SWEEPS
+    def planned_sweeps(self, with_data: bool, sweep: float = 0.0) -> float:
+        from rebasin.matching.weight import expected_sweeps
+
+        return self.restarts * expected_sweeps(sweep)
 
     def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
         return 0.0
@@ -179,7 +182,7 @@ class StraightThrough(Matcher):
     def auto_flops(self, sweep: float, loss: float) -> float:
         return self.steps * (loss + 3 * sweep)  # steps x (task loss + projection)
 
-    def planned_sweeps(self, with_data: bool) -> float:
+    def planned_sweeps(self, with_data: bool, sweep: float = 0.0) -> float:
         return self.restarts * EXPECTED_SWEEPS  # each run starts from weight matching
 
     def solve(self, problem: MatchProblem, progress: Progress | None = None) -> MatchResult:
@@ -264,7 +267,7 @@ class AutoMatch(Matcher):
     def wants_data(self) -> bool:
         return True
 
-    def planned_sweeps(self, with_data: bool) -> float:
+    def planned_sweeps(self, with_data: bool, sweep: float = 0.0) -> float:
         from rebasin.matching.auto import RESTARTS
 
         return RESTARTS * EXPECTED_SWEEPS

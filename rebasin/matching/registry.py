@@ -153,8 +153,9 @@ class Matcher(Checked):
         sweep and of one task-loss step (forward and backward); None: cheap, always tried."""
         return None
 
-    def planned_sweeps(self, with_data: bool) -> float:
-        """Weight-matching sweeps this configuration is expected to run (for ``--dry-run``)."""
+    def planned_sweeps(self, with_data: bool, sweep: float = 0.0) -> float:
+        """Weight-matching sweeps of products this configuration is expected to run (for
+        ``--dry-run``), given the floating-point operations of one sweep's products."""
         return 0.0
 
     def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:

@@ -409,3 +409,15 @@ def test_a_failed_assignment_stops_its_stage_and_leaves_no_thread(monkeypatch) -
     assert any(n.startswith("rebasin-assign") for n in calls)
     alive = [t.name for t in threading.enumerate() if t.name.startswith(("rebasin-assign", "rebasin-costs"))]
     assert alive == []
+
+
+def test_a_dry_run_counts_the_sweeps_of_products_a_run_takes() -> None:
+    """Where the first sweep goes by reach (a sweep of products of at least REACH_FIRST_WORK
+    multiply-adds, twice that in flops), later sweeps pay only for what moved: 1.5 sweeps of
+    products per run; below it, EXPECTED_SWEEPS."""
+    from rebasin.matching.methods import EXPECTED_SWEEPS, WeightMatching
+    from rebasin.matching.weight import REACH_FIRST_WORK, REACH_SWEEPS, expected_sweeps
+
+    assert expected_sweeps(2 * REACH_FIRST_WORK) == REACH_SWEEPS < EXPECTED_SWEEPS
+    assert expected_sweeps(REACH_FIRST_WORK) == EXPECTED_SWEEPS
+    assert WeightMatching(restarts=2).planned_sweeps(False, 2 * REACH_FIRST_WORK) == 2 * REACH_SWEEPS
