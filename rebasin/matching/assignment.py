@@ -4,6 +4,7 @@ this module imports no torch (option checks use it)."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -83,8 +84,8 @@ def check_concurrency(workers: int) -> None:
 
 def plan_concurrency(workers: int, backend: str, largest: int, products_on_cpu: bool) -> tuple[int, str]:
     """How many assignments are solved at once, and the back-end of those solved beside others:
-    :data:`PROCESSES` (LAPJV in worker processes) where ``lap`` is the back-end, else scipy in
-    threads.
+    :data:`PROCESSES` (LAPJV in worker processes) where ``lap`` is the back-end and a plain
+    ``python`` can be started, else scipy in threads.
 
     ``workers`` 0 is as the machine allows: where the products run on the CPU they take its
     cores, so half of them go to assignments from 6 cores (one at a time below); where they
@@ -102,7 +103,15 @@ def plan_concurrency(workers: int, backend: str, largest: int, products_on_cpu: 
             workers = max(1, cores - 1)
     budget = min(ASSIGN_BYTES, _available_bytes() // 4)
     workers = max(1, min(workers, budget // max(assignment_bytes(largest, True), 1)))
-    return workers, PROCESSES if workers > 1 and backend == "lap" else backend
+    if workers > 1 and backend == "lap":
+        return workers, PROCESSES if _can_start_python() else "scipy"
+    return workers, backend
+
+
+def _can_start_python() -> bool:
+    """Whether worker processes can be started as plain ``python`` (not from a frozen
+    application, whose executable is the application itself; not an embedded interpreter)."""
+    return bool(sys.executable) and not getattr(sys, "frozen", False)
 
 
 def read_off(cost: np.ndarray) -> np.ndarray | None:

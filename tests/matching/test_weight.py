@@ -318,6 +318,8 @@ def test_how_many_assignments_at_once(monkeypatch) -> None:
     assert plan_concurrency(0, "auto", 5632, True) == (1, lap)
     monkeypatch.setattr(assignment, "_available_bytes", lambda: 4 << 30)
     assert plan_concurrency(8, "scipy", 11008, False) == (1, "scipy")  # a quarter of 4 GiB
+    monkeypatch.setattr(assignment.sys, "frozen", True, raising=False)  # a frozen application
+    assert plan_concurrency(2, "auto", 512, True) == (2, "scipy")  # threads, no processes
     with pytest.raises(ConfigError, match=r"--assign-workers must be 0 .* or more, got -1"):
         plan_concurrency(-1, "auto", 512, True)
     with pytest.raises(ConfigError, match="--assign-workers must be at least 0, got -2"):
