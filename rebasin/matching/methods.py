@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 EXPECTED_SWEEPS = 4
 """Sweeps a run of weight matching is expected to take, for ``--dry-run`` (planted pairs: 3;
 trained pairs: 3-8), where the first sweep does not go by reach
-(:func:`rebasin.matching.weight.expected_sweeps`)."""
+(:data:`rebasin.matching.weight.REACH_SWEEPS`)."""
 RESTARTS_HELP = "Runs of weight matching (the first from the identity); the best objective wins."
 STEPS_HELP = "Optimizer steps."
 EPOCHS_TEXT = "steps (sets them when given)"
@@ -74,9 +74,9 @@ class WeightMatching(Matcher):
         return self.SWEEPS * sweep
 
     def planned_sweeps(self, with_data: bool, sweep: float = 0.0) -> float:
-        from rebasin.matching.weight import expected_sweeps
+        from rebasin.matching.weight import REACH_FIRST_WORK, REACH_SWEEPS
 
-        return self.restarts * expected_sweeps(sweep)
+        return self.restarts * (REACH_SWEEPS if sweep / 2 >= REACH_FIRST_WORK else EXPECTED_SWEEPS)
 
     def planned_flops(self, sweep: float, loss: float, with_data: bool) -> float:
         return 0.0

@@ -495,20 +495,12 @@ def _clock(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def expected_sweeps(sweep: float) -> float:
-    """Sweeps of products a weight-matching run is expected to take (``--dry-run``), given the
-    floating-point operations of one: where the first goes by reach, the later ones pay only for
-    what moved (:data:`REACH_SWEEPS`), else :data:`rebasin.matching.methods.EXPECTED_SWEEPS`."""
-    from rebasin.matching.methods import EXPECTED_SWEEPS
-
-    return REACH_SWEEPS if sweep / 2 >= REACH_FIRST_WORK else EXPECTED_SWEEPS
-
-
 REACH_SWEEPS = 1.5
-"""Sweeps of products of a run whose first sweep goes by reach, for ``--dry-run``: measured
-0.96-1.07 inside matching, plus the residual stream's first products taken by the scan (about a
-third of a sweep), on planted and independent TinyLlama-shape pairs and a planted 7B-shape pair;
-1.3 on the planted small shape."""
+"""Sweeps of products of a run whose first sweep goes by reach, for ``--dry-run``
+(:meth:`rebasin.matching.methods.WeightMatching.planned_sweeps`; later sweeps pay only for what
+moved): measured 0.96-1.07 inside matching, plus the residual stream's first products taken by
+the scan (about a third of a sweep), on planted and independent TinyLlama-shape pairs and a
+planted 7B-shape pair; 1.3 on the planted small shape."""
 
 REACH_FIRST_WORK = 1e10
 """Multiply-adds of a full sweep's products from which the first sweep goes by reach (about a
