@@ -406,7 +406,9 @@ class CostModel:
         """Whether the unit's assignment takes a moment, so that its tensors, however large, are
         held through it (and the residual stream's next cost does not read them again): every
         cost read off the rows (:func:`read_off`: a planted or aligned pair), or a head-structured
-        unit, solved in blocks of one head's units (0.24 s at a LLaMA-7B attention unit)."""
+        unit, solved in blocks of one head's units (0.24 s at a LLaMA-7B attention unit). Only
+        units past :data:`HOLD_BYTES` ask; the solver reads the rows again (one pass over the
+        cost, about 0.1 s at a 7B MLP group, where it may run in a worker process)."""
         if any(g in self.spec.heads for g in unit):
             return True
         return all(read_off(c) is not None for c in costs.values())

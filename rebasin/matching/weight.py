@@ -282,15 +282,15 @@ class _Search:
         tol: float,
         progress: Progress | None,
         deadline: float | None,
-        workers: int = 1,
-        at_once: str | None = None,
-        processes: LapjvWorkers | None = None,
+        workers: int,
+        at_once: str,
+        processes: LapjvWorkers,
     ):
         self.model = model
         self.backend = backend
         self.workers = workers
         """Assignments solved at once (threads, each waiting on a worker process or on scipy)."""
-        self.at_once = at_once or backend
+        self.at_once = at_once
         """The back-end of a group's first solve in a run, beside others' (:meth:`_solutions`):
         LAPJV in worker processes (:data:`PROCESSES`) or scipy. The others take :attr:`backend`
         here (re-solves near the optimum, whose costs only the neighbours' moves changed, are
@@ -433,8 +433,7 @@ class _Search:
                 costs, answer = job_done.result()
                 yield unit, costs, answer.result() if answer else self._assign(costs, near, backends[unit])
         except BaseException:  # an error or an interrupt: solves in worker processes end now
-            if self.processes is not None:
-                self.processes.close()
+            self.processes.close()
             raise
         finally:  # and what has not started is dropped
             products.shutdown(cancel_futures=True)
@@ -447,7 +446,7 @@ class _Search:
         """The unit's assignments by ``backend`` (timed into :attr:`assign_s`)."""
         t0 = time.perf_counter()
         hints = {g: near[g] for g in costs if g in near}
-        if backend == PROCESSES and self.processes is not None:  # plain groups (heads stay here)
+        if backend == PROCESSES:  # plain groups (heads stay here)
             new = {g: self.processes.solve(c, hints.get(g)) for g, c in costs.items()}
         else:
             new = solve_unit(costs, self.model.spec.heads, backend, hints)
