@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "rebasin"
-LAZY_PLACES = ("cli/__init__.py", "matching/methods.py", "__init__.py")
+LAZY_PLACES = ("cli/__init__.py", "matching/methods.py", "matching/assignment.py", "__init__.py")
 """Modules that import torch-heavy modules inside functions, so that --help imports no torch."""
 OPTIONAL = ("lap", "transformers", "ray", "matplotlib", "mnist1d", "sklearn")
 """Packages imported where they are used: extras, or heavy and needed by one data set or plot."""

@@ -1,5 +1,6 @@
 """Linear assignment back-ends: maximize ``sum_i C[i, p[i]]`` over permutations ``p``. Importing
-this module imports no torch (option checks use it)."""
+this module imports no torch (option checks use it); the ``auction`` back-end imports it when it
+solves."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from rebasin.core.errors import ConfigError
 if TYPE_CHECKING:
     from rebasin.spec.core import Heads, PermutationSpec
 
-BACKENDS = ("auto", "scipy", "lap")
+BACKENDS = ("auto", "scipy", "lap", "auction")
+
+AUCTION = "auction"
+"""The back-end that solves on the GPU when there is one (else with torch on the CPU): the
+exact auction of :mod:`rebasin.matching.auction`, one assignment at a time, for costs of at
+least :data:`AUCTION_MIN` rows; smaller ones (heads' blocks, small layers) take LAPJV or scipy
+here, in milliseconds, where a device's rounds of bids would each wait on a kernel launch."""
+
+AUCTION_MIN = 1024
 
 PROCESSES = "lap-processes"
 """The back-end of assignments solved at once where ``lap`` is installed: LAPJV in worker
@@ -93,6 +102,8 @@ def plan_concurrency(workers: int, backend: str, largest: int, products_on_cpu: 
     within :data:`ASSIGN_BYTES`."""
     check_concurrency(workers)
     backend = resolve_backend(backend)
+    if backend == AUCTION:  # one device, one solve at a time
+        return 1, backend
     if workers == 0:
         cores = usable_cores()
         if largest < CONCURRENT_MIN:
@@ -139,6 +150,12 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray |
         raise ValueError("cost matrix holds NaN or Inf")
     if not c.size:
         return np.zeros(0, dtype=np.int64)
+    if backend == AUCTION:
+        if len(c) >= AUCTION_MIN:
+            from rebasin.matching.auction import solve_on_device
+
+            return solve_on_device(c)
+        backend = "auto"
     best = c.argmax(axis=1)
     if _all_differ(best):  # read off the rows (:func:`read_off`)
         return best.astype(np.int64)
@@ -151,6 +168,12 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray |
     rows = c[np.arange(len(c)), best if near is None else near][:, None]
     reduced = np.subtract(rows.astype(np.float64), c, dtype=np.float64)
     reduced -= reduced.min(axis=0, keepdims=True)
+    # LAPJV (``lap``) starts its searches at a fixed "large" value (1e6): past a span of about
+    # 1e7 its answer is wrong (measured: Gaussian costs times 1e7). A power of two brings the
+    # largest entry to [0.5, 1) exactly, which changes no comparison.
+    top = float(reduced.max())
+    if top > 0:
+        reduced *= 2.0 ** -np.frexp(top)[1]
     if resolve_backend(backend) == "lap":
         import lap
 

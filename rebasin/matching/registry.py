@@ -135,8 +135,9 @@ class Matcher(Checked):
 
     backend: str = option(
         "auto",
-        "Linear-assignment back-end: auto (lap when installed, else scipy), scipy, lap.",
-        choices=("auto", "scipy", "lap"),
+        "Linear-assignment back-end: auto (lap when installed, else scipy), scipy, lap, auction "
+        "(exact, on the GPU when there is one).",
+        choices=("auto", "scipy", "lap", "auction"),  # assignment.BACKENDS (that module imports scipy)
         commands=("merge", "barrier", "merge-many"),
     )
 

@@ -91,6 +91,18 @@ def test_assignment_backends_agree(n: int) -> None:
         assert c[np.arange(n), p1].sum() >= c[np.arange(n), q].sum() - 1e-12
 
 
+@pytest.mark.parametrize("backend", ["scipy", "lap", "auction"])
+@pytest.mark.parametrize("scale", [1e-200, 1e-6, 1e7, 1e30, 1e200])
+def test_the_optimum_at_any_scale_of_costs(backend: str, scale: float) -> None:
+    """LAPJV starts its searches at a fixed large value: unscaled, past a span of about 1e7 its
+    answer was wrong. Every back-end finds scipy's optimum at any scale."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = np.random.default_rng(0).standard_normal((300, 300)) * scale
+    want = linear_sum_assignment(c, maximize=True)[1]
+    assert np.array_equal(solve_assignment(c, backend), want)
+
+
 @pytest.mark.parametrize("backend", ["scipy", "lap"])
 def test_a_hint_near_the_optimum_changes_nothing_but_the_speed(backend: str) -> None:
     """Rows reduced at a hint (the optimum itself, a few swaps from it, or a random
