@@ -7,10 +7,11 @@ solved through :func:`rebasin.matching.assignment.solve_unit`, as the search sol
 one after another with LAPJV (the default one at a time) and with scipy, then 2, 4, ... at
 once up to the cores here: LAPJV in worker processes (the default at once; started before the
 clock, as a run starts them at its first stage) and scipy in threads (it releases the
-interpreter lock). Prints seconds per stage and the speed-up over LAPJV one at a time, and
-checks every way gives the same permutations.
+interpreter lock), and the exact auction (``--backend auction``) one at a time, on the GPU when
+there is one (a warm-up solve off the clock). Prints seconds per stage and the speed-up over
+LAPJV one at a time, and checks every way gives the same permutations.
 
-    python benchmarks/bench_assignments.py [--sizes 2048 5632] [--count 8]
+    python benchmarks/bench_assignments.py [--sizes 2048 5632] [--count 8] [--no-auction]
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from rebasin.matching.assignment import PROCESSES, resolve_backend, solve_unit, usable_cores
+from rebasin.matching.assignment import (
+    AUCTION,
+    AUCTION_MIN,
+    PROCESSES,
+    resolve_backend,
+    solve_unit,
+    usable_cores,
+)
 from rebasin.matching.lapjv_workers import LapjvWorkers
 
 
@@ -45,6 +53,14 @@ def stage_seconds(costs: list[np.ndarray], backend: str, workers: int) -> tuple[
         return timed(lambda: list(pool.map(solve, costs)))
 
 
+def auction_device() -> str:
+    """Where the auction solves, after a warm-up solve there (kernels loaded, off the clock)."""
+    import torch
+
+    solve_unit({"g": np.random.default_rng(0).standard_normal((AUCTION_MIN, AUCTION_MIN))}, {}, AUCTION)
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def timed(work: Callable[[], list[np.ndarray]]) -> tuple[float, list[np.ndarray]]:
     t = time.perf_counter()
     out = work()
@@ -55,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", type=int, default=[2048, 5632])
     ap.add_argument("--count", type=int, default=8, help="costs in the stage")
+    ap.add_argument("--no-auction", action="store_true", help="leave out the auction")
     args = ap.parse_args()
     cores = usable_cores()
     one = resolve_backend("auto")
@@ -73,6 +90,8 @@ def main() -> None:
                 ways.append((f"lap, {w} processes", PROCESSES, w))
             ways.append((f"scipy, {w} threads", "scipy", w))
             w *= 2
+        if not args.no_auction:
+            ways.append((f"auction, {auction_device()}", AUCTION, 1))
         for label, backend, workers in ways:
             took, got = (
                 (base, ref) if workers == 1 and backend == one else stage_seconds(costs, backend, workers)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/results.md in one run on a machine with a CUDA GPU and PyTorch installed:
 # planted LLaMA-shape pairs merged with --device cuda (benchmarks/bench_scale.py), then the
-# assignments solved at once (benchmarks/bench_assignments.py) on that machine's cores.
+# independent TinyLlama-shape pair with the GPU's auction (--backend auction) against LAPJV on the
+# cores, then the assignments alone (benchmarks/bench_assignments.py): LAPJV at once on that
+# machine's cores and the auction on the GPU.
 #
 #     bash benchmarks/gpu_check.sh [SHAPE ...]     (default: tinyllama; 7b writes a 27 GB pair)
 #
@@ -24,4 +26,8 @@ except ImportError:
     print("lap not installed: assignments one at a time use scipy")
 EOF
 python3 benchmarks/bench_scale.py --shapes "${shapes[@]}" --device cuda --dir "${SCALE_DIR:-/tmp/rebasin-scale}"
-python3 benchmarks/bench_assignments.py --sizes 5632 --count 16
+for backend in auto auction; do
+  python3 benchmarks/bench_scale.py --shapes tinyllama --pair independent --device cuda \
+    --dir "${SCALE_DIR:-/tmp/rebasin-scale}" --extra "--backend $backend"
+done
+python3 benchmarks/bench_assignments.py --sizes 5632 11008 --count 16

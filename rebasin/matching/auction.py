@@ -111,7 +111,9 @@ def _best_profit(a: torch.Tensor, prices: torch.Tensor) -> torch.Tensor:
     return torch.cat([(a[i : i + step] - prices).amax(dim=1) for i in range(0, n, step)])
 
 
-def _bid(a: torch.Tensor, prices: torch.Tensor, row_col: torch.Tensor, col_row: torch.Tensor, eps: float) -> int:
+def _bid(
+    a: torch.Tensor, prices: torch.Tensor, row_col: torch.Tensor, col_row: torch.Tensor, eps: float
+) -> int:
     """Bid until every row holds a column (one phase at ``eps``; updates the tensors in place);
     return the rounds of bids."""
     n = a.shape[0]
