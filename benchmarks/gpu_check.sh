@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/results.md in one run on a machine with a CUDA GPU and PyTorch installed:
-# planted LLaMA-shape pairs merged with --device cuda (benchmarks/bench_scale.py), then the
-# independent TinyLlama-shape pair with the GPU's auction (--backend auction) against LAPJV on the
-# cores, then the assignments alone (benchmarks/bench_assignments.py): LAPJV at once on that
+# the GPU's own tests (tests/matching/test_gpu.py, where pytest is installed), then planted
+# LLaMA-shape pairs merged with --device cuda (benchmarks/bench_scale.py), then the independent
+# TinyLlama-shape pair with the GPU's auction (--backend auction) against LAPJV on the cores, then
+# the assignments alone (benchmarks/bench_assignments.py): LAPJV at once on that
 # machine's cores and the auction on the GPU.
 #
 #     bash benchmarks/gpu_check.sh [SHAPE ...]     (default: tinyllama; 7b writes a 27 GB pair)
@@ -25,6 +26,9 @@ try:
 except ImportError:
     print("lap not installed: assignments one at a time use scipy")
 EOF
+if python3 -c "import pytest" 2>/dev/null; then  # pinned copies, the GPU's permutations, its auction
+  python3 -m pytest -q -p no:cacheprovider tests/matching/test_gpu.py
+fi
 python3 benchmarks/bench_scale.py --shapes "${shapes[@]}" --device cuda --dir "${SCALE_DIR:-/tmp/rebasin-scale}"
 for backend in auto auction; do
   python3 benchmarks/bench_scale.py --shapes tinyllama --pair independent --device cuda \

@@ -160,10 +160,10 @@ def nominal_rate(device: str) -> float:
     return NOMINAL_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def assignment_seconds(n: int, backend: str = "auto") -> float:
+def assignment_seconds(n: int, backend: str = "auto", device: str = "cpu") -> float:
     """Seconds of one n x n linear assignment on weakly structured costs (measured once at
-    :data:`ASSIGNMENT_N`, scaled as n^2.5)."""
-    return _assignment_base(backend) * (n / ASSIGNMENT_N) ** 2.5
+    :data:`ASSIGNMENT_N`, on ``device`` for the auction, scaled as n^2.5)."""
+    return _assignment_base(backend, device) * (n / ASSIGNMENT_N) ** 2.5
 
 
 ASSIGNMENT_N = 1024
@@ -173,11 +173,11 @@ as before, 0.16 and 2.0 s (below 1024 the solve is too short to scale from)."""
 
 
 @cache
-def _assignment_base(backend: str) -> float:
+def _assignment_base(backend: str, device: str) -> float:
     c = np.random.default_rng(0).standard_normal((ASSIGNMENT_N, ASSIGNMENT_N)).astype(np.float32)
-    solve_assignment(c[:64, :64], backend)  # the back-end's first call, off the clock
+    solve_assignment(c[:64, :64], backend, device=device)  # the back-end's first call, off the clock
     t = time.perf_counter()
-    solve_assignment(c, backend)
+    solve_assignment(c, backend, device=device)
     return time.perf_counter() - t
 
 
@@ -203,7 +203,7 @@ def estimate(run: Run, spec: PermutationSpec | None) -> dict[str, Any]:
             asked, run.matcher.backend if run.matcher else "auto", n_max, run.device == "cpu"
         )
         solver = "lap" if backend == PROCESSES else backend  # LAPJV there as here
-        laps = sum(assignment_seconds(n, solver) for n in spec.sizes.values()) / workers
+        laps = sum(assignment_seconds(n, solver, run.device) for n in spec.sizes.values()) / workers
         # the largest assignments, solved at once, and kept costs waiting to be written to
         # scratch files (float32)
         peak += workers * assignment_bytes(n_max, workers > 1) + WRITES_AHEAD * 4 * n_max * n_max

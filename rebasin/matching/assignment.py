@@ -138,9 +138,12 @@ def _all_differ(cols: np.ndarray) -> bool:
     return bool(np.bincount(cols, minlength=len(cols)).max() == 1)
 
 
-def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray | None = None) -> np.ndarray:
+def solve_assignment(
+    cost: np.ndarray, backend: str = "auto", near: np.ndarray | None = None, device: str | None = None
+) -> np.ndarray:
     """Return ``p`` (int64) maximizing ``sum_i cost[i, p[i]]`` for a square float matrix.
-    ``near``: a permutation believed close to the optimum (a hint for speed only)."""
+    ``near``: a permutation believed close to the optimum (a hint for speed only). ``device``:
+    where the ``auction`` back-end solves (a torch device; None: a GPU when there is one)."""
     c = np.asarray(cost)
     if c.dtype not in (np.float32, np.float64):
         c = c.astype(np.float64)
@@ -154,7 +157,7 @@ def solve_assignment(cost: np.ndarray, backend: str = "auto", near: np.ndarray |
         if len(c) >= AUCTION_MIN:
             from rebasin.matching.auction import solve_on_device
 
-            return solve_on_device(c)
+            return solve_on_device(c, device)
         backend = "auto"
     best = c.argmax(axis=1)
     if _all_differ(best):  # read off the rows (:func:`read_off`)
@@ -189,6 +192,7 @@ def solve_unit(
     heads: Mapping[str, Heads],
     backend: str = "auto",
     near: Mapping[str, np.ndarray] | None = None,
+    device: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Maximize ``sum_g sum_i costs[g][i, p_g[i]]`` over the permutations of a unit of groups.
 
@@ -197,9 +201,10 @@ def solve_unit(
     and group, an inner assignment of the head's units gives the best within-head matching and
     its value; the values summed over the groups form a K x K head cost, whose assignment picks
     the heads; each group's permutation is then the chosen heads with their inner matchings.
-    ``near``: permutations of plain groups believed close to the optimum (for speed only)."""
+    ``near``: permutations of plain groups believed close to the optimum (for speed only);
+    ``device``: as :func:`solve_assignment` takes it."""
     if not any(g in heads for g in costs):
-        return {g: solve_assignment(c, backend, (near or {}).get(g)) for g, c in costs.items()}
+        return {g: solve_assignment(c, backend, (near or {}).get(g), device) for g, c in costs.items()}
     counts = {heads[g].count for g in costs}
     if len(counts) != 1 or any(g not in heads for g in costs):
         raise ValueError("a unit of groups must share one head count")

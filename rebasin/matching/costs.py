@@ -1,7 +1,8 @@
 """Weight-matching costs with bounded memory: ``C_g[i, j] = <A unit i, pi(B) unit j>``.
 
 Tensors are taken from the mappings one member at a time, in their stored dtype (a lazy
-checkpoint reads them from disk then), moved to the device, and multiplied a block of columns
+checkpoint reads them from disk then), moved to the device (a GPU's through pinned memory on a
+copy stream of their own: :mod:`rebasin.matching.transfer`), and multiplied a block of columns
 at a time, each block upcast to float32 only for its product: the memory a product needs is one
 member's tensors plus a block, never a model. State dicts in memory and checkpoints read from
 disk take the same path and give the same bits.
@@ -52,6 +53,7 @@ from rebasin.checkpoint.state import shape_of, tensor_info
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation
 from rebasin.matching.assignment import read_off
+from rebasin.matching.transfer import Uploader
 from rebasin.permutation import permute_tensor, take
 from rebasin.spec.core import Member, PermutationSpec, parts
 
@@ -151,6 +153,7 @@ class CostModel:
         """Whether the tensors read stay on the device, each read once (a GPU with room for
         both models: an H200 holds a LLaMA-7B pair), instead of read again for each product."""
         self._on_device: dict[tuple[str, str], torch.Tensor] = {}
+        self._upload = Uploader(device)
         if memory_bytes is None:  # a GPU keeps the kept costs in the room left
             memory_bytes = max(MEMORY_BYTES, room - (pair_bytes if self.resident else 0))
         self.kept = ProductCache(
@@ -192,7 +195,7 @@ class CostModel:
         t = src[p]
         with self._lock:
             self.bytes_read[self._phase] += t.numel() * t.element_size()
-        t = t.to(device=self.device)
+        t = self._upload(t)
         if self.resident:
             with self._lock:
                 t = self._on_device.setdefault((side, p), t)

@@ -449,7 +449,7 @@ class _Search:
         if backend == PROCESSES:  # plain groups (heads stay here)
             new = {g: self.processes.solve(c, hints.get(g)) for g, c in costs.items()}
         else:
-            new = solve_unit(costs, self.model.spec.heads, backend, hints)
+            new = solve_unit(costs, self.model.spec.heads, backend, hints, str(self.model.device))
         with self._lock:
             self.assign_s += time.perf_counter() - t0
         return new

@@ -125,3 +125,23 @@ def test_weight_matching_by_auction_finds_lapjvs_permutations(monkeypatch: pytes
     assert by_auction.objective == by_lap.objective
     for g in spec.sizes:
         assert torch.equal(by_auction.perm[g], by_lap.perm[g])
+
+
+def test_the_auction_solves_on_the_models_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The auction runs where the run's products are: on a CUDA device that device (not the
+    current one), anywhere else the CPU (MPS has no float64)."""
+    monkeypatch.setattr(assignment, "AUCTION_MIN", 2)
+    seen: list[str] = []
+    real = auction.auction_assignment
+    monkeypatch.setattr(auction, "auction_assignment", lambda c: seen.append(str(c.device)) or real(c))
+    c = np.random.default_rng(6).standard_normal((30, 30)).astype(np.float32)
+    for device in ("cpu", "mps"):
+        assert np.array_equal(solve_assignment(c, "auction", device=device), _lap(c))
+    assert seen == ["cpu", "cpu"]
+    torch.manual_seed(0)
+    a = build_model("mlp", in_features=16, hidden=48).state_dict()
+    torch.manual_seed(1)
+    b = build_model("mlp", in_features=16, hidden=48).state_dict()
+    seen.clear()
+    match(a, b, infer_spec(a), seed=3, backend="auction", device="cpu")
+    assert seen and set(seen) == {"cpu"}
