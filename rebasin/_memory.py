@@ -11,6 +11,9 @@ Heap memory is kept in one arena: glibc otherwise gives each thread that allocat
 arena (the product thread of weight matching, torch's workers), each keeping its own freed
 pages. One arena held a planted TinyLlama-shape merge at 1.47 GB instead of 1.76 GB, at the
 same speed.
+
+Passes that reuse freed heap pages for speed (:func:`reusing_freed_memory`) return them at the
+end, and weight matching, between units, once a second (:func:`now_and_then_trim`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,9 +71,33 @@ def reusing_freed_memory() -> Iterator[None]:
     if libc is None:
         yield
         return
+    global _reusing, _trimmed
     libc.mallopt(_M_MMAP_THRESHOLD, REUSE_THRESHOLD)
+    _reusing, _trimmed = True, time.monotonic()
     try:
         yield
     finally:
+        _reusing = False
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.malloc_trim(0)
+
+
+TRIM_EVERY_S = 1.0
+"""Least seconds between two of :func:`now_and_then_trim`'s returns of free heap pages."""
+
+_reusing = False
+_trimmed = 0.0
+
+
+def now_and_then_trim() -> None:
+    """Within :func:`reusing_freed_memory`, return the heap's free pages to the system when the
+    last return is :data:`TRIM_EVERY_S` old (called between units of work). The heap reuses
+    freed pages, but blocks of other sizes fragment it: a weight-matching sweep over a 24-layer
+    model grew the heap by 150-250 MB of free pages by its end (the peak of the run); returned
+    once a second, they are refaulted at a few percent of the time."""
+    global _trimmed
+    libc = _libc() if _reusing else None
+    if libc is None or time.monotonic() - _trimmed < TRIM_EVERY_S:
+        return
+    libc.malloc_trim(0)
+    _trimmed = time.monotonic()

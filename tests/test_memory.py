@@ -40,3 +40,29 @@ def test_reusing_freed_memory_restores_the_threshold_and_trims(monkeypatch) -> N
         ("mallopt", _memory.MMAP_THRESHOLD),
         ("trim", 0),
     ]
+
+
+def test_the_heap_is_trimmed_now_and_then_within_reuse_only(monkeypatch) -> None:
+    trims: list[float] = []
+    clock = [100.0]
+
+    class Libc:
+        def mallopt(self, what: int, value: int) -> int:
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(clock[0])
+            return 1
+
+    monkeypatch.setattr(_memory, "_fixed", True)
+    monkeypatch.setattr(_memory, "_libc", Libc)
+    monkeypatch.setattr(_memory.time, "monotonic", lambda: clock[0])
+    _memory.now_and_then_trim()
+    assert trims == []  # outside the reuse context: nothing
+    with _memory.reusing_freed_memory():
+        for _ in range(10):
+            clock[0] += 0.25
+            _memory.now_and_then_trim()
+    assert trims == [101.0, 102.0, 102.5]  # once a second, then on leaving
+    _memory.now_and_then_trim()
+    assert len(trims) == 3

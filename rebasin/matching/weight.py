@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from rebasin._memory import reusing_freed_memory
+from rebasin._memory import now_and_then_trim, reusing_freed_memory
 from rebasin.core.errors import MatchError
 from rebasin.core.types import Permutation, Progress
 from rebasin.matching.assignment import PROCESSES, plan_concurrency, resolve_backend, solve_unit
@@ -345,6 +345,7 @@ class _Search:
                     dirty.difference_update(u)
                 for unit, costs, new in self._solutions(stage, run):
                     gain += self._apply(run, unit, costs, new, dirty)
+                    now_and_then_trim()
                     done_work += self.model.work(unit)
                     self._report(label, sweep, unit, done_work / max(total_work, 1.0), t_sweep)
             run.sweeps = sweep
