@@ -53,8 +53,7 @@ class Plan:
     items: list[dict[str, Any]]
 
 
-def _check(where: str, key: str, value: Any, problems: list[str]) -> None:
-    want = item_keys()[key]
+def _check(where: str, want: OptionInfo | type, key: str, value: Any, problems: list[str]) -> None:
     if isinstance(want, OptionInfo):
         try:
             check_value(want, value, "plan", "batch")
@@ -78,6 +77,7 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
     src = str(path)
     data = read_data(p, "plan")
     problems: list[str] = []
+    keys = item_keys()  # once: the options are gathered anew on each call
     if not isinstance(data, dict):
         raise ConfigError("a plan must be a mapping with 'format_version' and 'items'", source=src)
     for k in data:
@@ -89,11 +89,12 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
     if not isinstance(defaults, dict):
         problems.append("'defaults' must be a mapping")
         defaults = {}
+    allowed = default_keys()
     for k, v in defaults.items():
-        if k not in default_keys():
+        if k not in allowed:
             problems.append(f"defaults: unknown key '{k}'")
         else:
-            _check("defaults", k, v, problems)
+            _check("defaults", keys[k], k, v, problems)
     items = data.get("items")
     if not isinstance(items, list) or not items:
         problems.append("'items' must be a non-empty list")
@@ -113,10 +114,10 @@ def load_plan(path: str | os.PathLike[str], allow_code: bool = False) -> Plan:
         for k, v in item.items():
             if k == "align":
                 problems.append(f"{where}: unknown key 'align' (use 'method: none' for the naive path only)")
-            elif k not in item_keys():
+            elif k not in keys:
                 problems.append(f"{where}: unknown key '{k}'")
             else:
-                _check(where, k, v, problems)
+                _check(where, keys[k], k, v, problems)
         for req in ("a", "b"):
             if req not in item:
                 problems.append(f"{where}: missing '{req}'")
