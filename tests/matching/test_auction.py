@@ -98,7 +98,8 @@ def test_bad_costs_are_refused() -> None:
 
 
 def test_the_back_end_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auction`` solves one at a time; below :data:`AUCTION_MIN` rows, LAPJV solves here."""
+    """``auction`` solves one at a time; below :data:`AUCTION_MIN` rows, and near a known
+    permutation, LAPJV solves here."""
     assert plan_concurrency(0, "auction", 11008, False) == (1, "auction")
     assert plan_concurrency(4, "auction", 11008, True) == (1, "auction")
     calls: list[int] = []
@@ -109,6 +110,9 @@ def test_the_back_end_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []
     monkeypatch.setattr(assignment, "AUCTION_MIN", 8)
     assert np.array_equal(solve_assignment(c, "auction"), _lap(c))
+    assert calls == [40]
+    near = _lap(c)  # a re-solve near a known permutation: LAPJV starts from it
+    assert np.array_equal(solve_assignment(c, "auction", near), near)
     assert calls == [40]
 
 
