@@ -33,7 +33,12 @@ FINAL_EPS = 1e-10
 certificate are then those within a ten-billionth of the span of the assignment's own."""
 
 BLOCK = 1 << 25
-"""Entries of the cost handled in one block (256 MiB of float64): bounds the working memory."""
+"""Entries of the cost handled in one block on a GPU (256 MiB of float64): bounds the working
+memory, in few kernel launches."""
+
+CPU_BLOCK = 1 << 20
+"""The same on the CPU (8 MiB), where blocks that stay in cache are faster: 3.5-3.8 s against
+5.5 s at 4096 rows (low-rank costs, 2 cores), the process's peak 640 MB against 865 MB."""
 
 TIGHT_PER_ROW = 4
 """The phases stop early once the tight edges are at most this many per row: their sparse
@@ -108,10 +113,14 @@ def solve_on_device(cost: np.ndarray, device: str | torch.device | None = None) 
     return auction_assignment(torch.from_numpy(np.ascontiguousarray(cost)).to(dev)).cpu().numpy()
 
 
+def _rows_per_block(a: torch.Tensor) -> int:
+    return max(1, (BLOCK if a.is_cuda else CPU_BLOCK) // a.shape[1])
+
+
 def _best_profit(a: torch.Tensor, prices: torch.Tensor) -> torch.Tensor:
     """Each row's best ``C[i, j] - price[j]``, in blocks of rows."""
     n = a.shape[0]
-    step = max(1, BLOCK // n)
+    step = _rows_per_block(a)
     return torch.cat([(a[i : i + step] - prices).amax(dim=1) for i in range(0, n, step)])
 
 
@@ -121,7 +130,7 @@ def _bid(
     """Bid until every row holds a column (one phase at ``eps``; updates the tensors in place);
     return the rounds of bids."""
     n = a.shape[0]
-    step = max(1, BLOCK // n)
+    step = _rows_per_block(a)
     lowest = torch.tensor(-torch.inf, dtype=torch.float64, device=a.device)
     rounds = 0
     while True:
@@ -166,7 +175,7 @@ def _tight(
     # the slacks' rounding: a few ulps of the largest magnitudes summed
     tol = 64 * torch.finfo(torch.float64).eps * float(a.abs().max() + prices.abs().max() + own.abs().max())
     bound = n * eps + tol
-    step = max(1, BLOCK // n)
+    step = _rows_per_block(a)
     rows, cols, slacks = [], [], []
     count = 0
     for i in range(0, n, step):

@@ -149,3 +149,10 @@ def test_the_auction_solves_on_the_models_device(monkeypatch: pytest.MonkeyPatch
     seen.clear()
     match(a, b, infer_spec(a), seed=3, backend="auction", device="cpu")
     assert seen and set(seen) == {"cpu"}
+
+
+def test_costs_handled_in_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows (as a large cost is handled) give the same optimum."""
+    monkeypatch.setattr(auction, "CPU_BLOCK", 3 * 97)
+    c = np.random.default_rng(8).standard_normal((97, 97))
+    assert np.array_equal(_auction(c), _lap(c))
