@@ -29,7 +29,13 @@ from rebasin.core.errors import ConfigError, RebasinError
 from rebasin.core.types import PathLike
 from rebasin.data import load_data
 from rebasin.evaluate.setup import check_evaluation
-from rebasin.matching.assignment import PROCESSES, assignment_bytes, plan_concurrency, solve_assignment
+from rebasin.matching.assignment import (
+    AUCTION,
+    PROCESSES,
+    assignment_bytes,
+    plan_concurrency,
+    solve_assignment,
+)
 from rebasin.matching.auto import NOMINAL_FLOPS
 from rebasin.matching.costs import WRITES_AHEAD, CostModel, exact_half_products, sweep_products
 from rebasin.matching.methods import EXPECTED_SWEEPS
@@ -163,7 +169,8 @@ def nominal_rate(device: str) -> float:
 def assignment_seconds(n: int, backend: str = "auto", device: str = "cpu") -> float:
     """Seconds of one n x n linear assignment on weakly structured costs (measured once at
     :data:`ASSIGNMENT_N`, on ``device`` for the auction, scaled as n^2.5)."""
-    return _assignment_base(backend, device) * (n / ASSIGNMENT_N) ** 2.5
+    where = device if backend == AUCTION else "cpu"  # the others solve here whatever the device
+    return _assignment_base(backend, where) * (n / ASSIGNMENT_N) ** 2.5
 
 
 ASSIGNMENT_N = 1024

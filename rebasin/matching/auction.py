@@ -105,9 +105,7 @@ def auction_assignment(cost: torch.Tensor, stats: dict[str, int] | None = None) 
 def solve_on_device(cost: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
     """:func:`auction_assignment` of a numpy cost on ``device`` when it is a CUDA device (None:
     the current one when there is one), else on the CPU (MPS has no float64), as int64 numpy."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda":
         dev = torch.device("cpu")
     return auction_assignment(torch.from_numpy(np.ascontiguousarray(cost)).to(dev)).cpu().numpy()

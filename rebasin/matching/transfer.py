@@ -25,8 +25,8 @@ class Uploader:
         self._users: list[torch.cuda.Stream] = []
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device)
-            users = [torch.cuda.default_stream(device), torch.cuda.current_stream(device)]
-            self._users = [s for i, s in enumerate(users) if s not in users[:i]]
+            default, current = torch.cuda.default_stream(device), torch.cuda.current_stream(device)
+            self._users = [default] if current == default else [default, current]
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the device (``t`` itself when it is there already)."""
