@@ -3,9 +3,11 @@ model can be built; headless models (whose output is the residual stream) keep t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,39 @@ def test_the_verdict_does_not_depend_on_where_the_check_runs(
     code, stdout, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors", "--json")
     assert code == 0, err
     assert json.loads(stdout)["equivalence"] == first and first["ok"] is True
+
+
+def test_a_worker_that_hangs_before_it_is_ready_is_replaced(
+    trained_mlp_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked worker whose first matrix product never returns (a lock its parent held at the
+    fork) says nothing: the command stops it and checks in its own process, with the same verdict."""
+    if not check_worker.forking():
+        pytest.skip("the check runs in a worker process only where the system forks")
+    a, b = trained_mlp_pair
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m1.safetensors", "--json")
+    assert code == 0, err
+    first = json.loads(stdout)["equivalence"]
+    monkeypatch.setattr(check_worker, "READY_S", 0.2)
+    monkeypatch.setattr(check_worker, "_die_with_parent", lambda parent: time.sleep(3600))
+    code, stdout, err = run("merge", a, b, "-o", tmp_path / "m2.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["equivalence"] == first and first["ok"] is True
+
+
+def test_a_fork_waits_for_ending_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a fork, the process's set of threads must stay the same over one gap: a thread
+    still ending (its libraries' exit handlers hold locks) is waited for; a set that never
+    settles is waited for at most ``most`` seconds."""
+    seen = iter([["1", "2", "3"], ["1", "2"], ["1", "2"]])
+    monkeypatch.setattr(check_worker.os, "listdir", lambda path: next(seen))
+    check_worker.settle_threads(gap=0.0, most=10.0)
+    assert next(seen, None) is None  # read three times: changed, then the same
+    count = itertools.count()
+    monkeypatch.setattr(check_worker.os, "listdir", lambda path: [str(next(count))])
+    t0 = time.monotonic()
+    check_worker.settle_threads(gap=0.001, most=0.05)
+    assert 0.05 <= time.monotonic() - t0 < 5
 
 
 def test_without_a_model_the_report_says_so(mlp_pair: tuple[Path, Path], tmp_path: Path) -> None:

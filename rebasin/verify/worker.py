@@ -41,8 +41,8 @@ class Check:
     the lowest priority where the system forks safely (Linux), which takes only what the command
     leaves idle and never its interpreter lock, else in a thread. ``submit(perm, i)`` hands target
     ``i``'s permutation over and ``result(i)`` waits for its verdict: the report's
-    ``equivalence``, or the CheckpointError naming the group that breaks it. Should the worker stop
-    or fail unexpectedly, the check runs again in this process."""
+    ``equivalence``, or the CheckpointError naming the group that breaks it. Should the worker stop,
+    fail or hang before it is ready (:data:`READY`), the check runs again in this process."""
 
     def __init__(self, plan: VerifyPlan, seed: int, spec: PermutationSpec, targets: list[Target]):
         self._args = (plan, seed, spec, targets)
@@ -53,6 +53,7 @@ class Check:
         self._recv: Callable[[], Answer] | None = None
         self._stop: Callable[[], None] = lambda: None
         self._local: tuple[Verifier | None, str] | None = None
+        self._ready: Callable[[], bool] = lambda: True
         self.waited = 0.0
         """Seconds spent waiting for verdicts, beyond the work done beside the command."""
         if plan.model is not None:
@@ -62,6 +63,7 @@ class Check:
         if fork:
             ctx = multiprocessing.get_context("fork")
             mine, theirs = ctx.Pipe()
+            settle_threads()
             proc = ctx.Process(target=_serve_forked, args=(theirs, self._args, os.getpid()), daemon=True)
             held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # until the worker has its own
             try:
@@ -86,7 +88,13 @@ class Check:
                     t.join()
                 mine.close()
 
-            self._send, self._recv, self._stop = send, mine.recv, stop
+            def ready() -> bool:  # its first message, once (the parent may wait only now)
+                try:
+                    return bool(mine.poll(READY_S)) and mine.recv() == READY
+                except (EOFError, OSError):
+                    return False
+
+            self._send, self._recv, self._stop, self._ready = send, mine.recv, stop, ready
             return
         asks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
@@ -130,6 +138,9 @@ class Check:
         return self.result(i)
 
     def _receive(self) -> Answer | None:
+        ready, self._ready = self._ready, lambda: True
+        if self._recv is not None and not ready():
+            self.close()  # a worker that never came up: killed, the check runs here
         if self._recv is not None:
             try:
                 n, kind, value = self._recv()
@@ -166,6 +177,37 @@ AHEAD_BYTES = 1 << 30
 """Largest model (float32 parameters) loaded and run on the unpermuted checkpoints before the
 permutations are known, beside the matching; a larger one is built ahead (its memory untouched)
 but loaded only afterwards, so that it never adds to the matching's own peak."""
+
+
+READY = "ready"
+"""A forked worker's first message: its thread ran a matrix product (:func:`_serve_forked`)."""
+
+READY_S = 10.0
+"""Seconds a forked worker has to say it is ready, counted from when the command first waits for
+it (the worker runs at the lowest priority, so it may get no core while the command computes)."""
+
+SETTLE_S = 0.5
+"""Most seconds :func:`settle_threads` waits before a fork."""
+
+
+def settle_threads(gap: float = 0.01, most: float = SETTLE_S) -> None:
+    """Wait until no thread of this process is starting or ending: its set of threads (Linux's
+    ``/proc/self/task``) the same over ``gap`` seconds; at most ``most`` seconds. A thread that
+    ends after ``join()`` returns still runs its libraries' exit handlers: MKL's frees its buffers
+    under a lock, and a fork in that moment leaves the lock held in the child, whose first matrix
+    product then spins forever (measured: 5 to 7 forks in 40 right after a product thread ended,
+    none in 100 after this wait)."""
+    try:
+        before = set(os.listdir("/proc/self/task"))
+        end = time.monotonic() + most
+        while time.monotonic() < end:
+            time.sleep(gap)
+            now = set(os.listdir("/proc/self/task"))
+            if now == before:
+                return
+            before = now
+    except OSError:  # no /proc: nothing to wait on
+        return
 
 
 def _quietly(send: Callable[[Any], None], payload: Any) -> None:
@@ -219,8 +261,10 @@ def _serve(recv: Callable[[], Ask | None], send: Callable[[Answer], None], args:
 
 def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
     """``_serve`` in a forked worker at the lowest priority, on one thread (a forked OpenMP pool
-    would hang); Ctrl-C is left to the parent, which stops the worker, SIGTERM ends it at once,
-    and so does the parent's end."""
+    would hang), after a first matrix product and :data:`READY` (a lock inherited held would
+    hang its first product: then the parent finds no READY and checks itself); Ctrl-C is left
+    to the parent, which stops the worker, SIGTERM ends it at once, and so does the parent's
+    end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: it has no files
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by the parent across the fork
@@ -228,6 +272,9 @@ def _serve_forked(conn: Any, args: tuple[Any, ...], parent: int) -> None:
     with suppress(OSError):
         os.nice(19)  # it takes what the command leaves idle, not a share of its cores
     torch.set_num_threads(1)
+    canary = torch.ones(256, 256)
+    conn.send(READY if bool((canary @ canary)[0, 0] == 256) else "wrong")  # the BLAS works here
+    del canary
 
     def recv() -> Ask | None:
         try:
